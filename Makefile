@@ -1,0 +1,37 @@
+# The two commands: `make run` and `make test`. Both create .venv when missing and install the project.
+# TORCH is the pip spec for PyTorch: the default is the CPU build these machines have on disk;
+# on a CUDA machine use e.g. `make test TORCH=torch` (or a pinned CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.manualbp-installed
+
+.PHONY: install run test test-all lint bench clean
+
+# Reinstall when pyproject.toml changes or when TORCH names another spec than the last install.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@echo "$(TORCH)" > $(STAMP)
+
+install:
+	@if [ ! -f $(STAMP) ] || [ "$$(cat $(STAMP))" != "$(TORCH)" ]; then rm -f $(STAMP); fi
+	@$(MAKE) --no-print-directory $(STAMP) TORCH="$(TORCH)"
+
+run: install
+	$(PY) scripts/demo.py
+
+test: install
+	$(PY) -m ruff check manualbp tests scripts experiments
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: install
+	$(PY) -m ruff check manualbp tests scripts experiments
+
+clean:
+	rm -rf $(VENV) outputs multirun wandb .pytest_cache .hypothesis

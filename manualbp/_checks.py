@@ -1,0 +1,153 @@
+"""Input validation shared by the public API: clear errors naming the argument, raised before arithmetic."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .functional import REDUCTIONS
+
+
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def is_tracing(*tensors: Tensor) -> bool:
+    """True under torch.compile or a torch.func transform, where value-dependent checks cannot run."""
+    if torch.compiler.is_compiling():
+        return True
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(is_wrapped(t) for t in tensors)
+
+
+def check_tensor(value: object, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_floating(t: Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
+        )
+
+
+def check_features(input: object, in_features: int, weight: Tensor, name: str = "input") -> Tensor:
+    """A layer's input: a floating tensor of shape (*, in_features) matching the weight's device and dtype."""
+    t = check_tensor(input, name)
+    check_floating(t, name)
+    if t.dim() == 0 or t.shape[-1] != in_features:
+        raise ValueError(
+            f"{name}: expected shape (*, {in_features}) (last dimension = in_features = {in_features}), got {_shape(t)}"
+        )
+    check_same_device(t, name, weight, "the weights")
+    if t.dtype != weight.dtype:
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but the weights have dtype {weight.dtype}; "
+            f"convert one of them (for example model.to({t.dtype}) or {name}.to({weight.dtype}))"
+        )
+    return t
+
+
+def check_same_device(t: Tensor, name: str, other: Tensor, other_name: str) -> None:
+    if t.device != other.device:
+        verb = "are" if other_name.endswith("s") else "is"
+        raise ValueError(f"{name} is on {t.device} but {other_name} {verb} on {other.device}; move them to one device")
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def _check_not_empty_mean(input: Tensor, reduction: str, examples: int) -> None:
+    if reduction == "mean" and examples == 0:
+        raise ValueError(
+            f"input: an empty batch (shape {_shape(input)}) has no mean; "
+            "use reduction='sum' (gives 0) or reduction='none' (gives an empty tensor)"
+        )
+
+
+def check_regression_loss(input: object, target: object, reduction: object) -> None:
+    """Squared-error losses: floating input (*, K) and a floating target of the very same shape."""
+    check_reduction(reduction)
+    i = check_tensor(input, "input")
+    t = check_tensor(target, "target")
+    check_floating(i, "input")
+    if i.dim() == 0:
+        raise ValueError("input: expected shape (*, K) with at least one dimension, got a 0-d tensor")
+    if not t.is_floating_point():
+        raise TypeError(f"target must be a floating-point tensor for a regression loss, got {t.dtype}")
+    if t.shape != i.shape:
+        hint = ""
+        if t.shape == i.shape[:-1]:
+            hint = " (add the output dimension with target.unsqueeze(-1))"
+        raise ValueError(f"target: expected shape {_shape(i)} (the shape of input), got {_shape(t)}{hint}")
+    check_same_device(t, "target", i, "input")
+    if t.dtype != i.dtype:
+        raise TypeError(f"target has dtype {t.dtype} but input has dtype {i.dtype}; they must match")
+    _check_not_empty_mean(i, reduction, i[..., 0].numel())  # type: ignore[arg-type]
+
+
+def check_classification_loss(input: object, target: object, reduction: object) -> None:
+    """Cross-entropy: floating logits (*, C); class indices (*) of an integer dtype in [0, C), or
+    probabilities (*, C) of input's dtype."""
+    check_reduction(reduction)
+    i = check_tensor(input, "input")
+    t = check_tensor(target, "target")
+    check_floating(i, "input")
+    if i.dim() == 0:
+        raise ValueError("input: expected logits of shape (*, C) with at least one dimension, got a 0-d tensor")
+    check_same_device(t, "target", i, "input")
+    n_classes = i.shape[-1]
+    if t.is_floating_point():
+        if t.shape != i.shape:
+            raise ValueError(
+                f"target: probabilities must have the shape of input {_shape(i)}, got {_shape(t)} "
+                f"(class indices must have shape {tuple(i.shape[:-1])} and an integer dtype)"
+            )
+        if t.dtype != i.dtype:
+            raise TypeError(f"target has dtype {t.dtype} but input has dtype {i.dtype}; they must match")
+    elif t.dtype in (torch.bool,) or t.is_complex():
+        raise TypeError(f"target must hold class indices (an integer dtype) or probabilities, got {t.dtype}")
+    else:
+        if t.shape != i.shape[:-1]:
+            raise ValueError(
+                f"target: class indices must have shape {tuple(i.shape[:-1])} (input's shape without the "
+                f"class dimension C={n_classes}), got {_shape(t)}"
+            )
+        if t.numel() and not is_tracing(t):
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or high >= n_classes:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"target: class index {bad} is out of range for C={n_classes} classes [0, {n_classes})"
+                )
+    _check_not_empty_mean(i, reduction, i[..., 0].numel())  # type: ignore[arg-type]
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_int_list(values: object, name: str) -> list[int]:
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = [values]
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(values).__name__}")
+    return [check_positive_int(v, f"{name}[{k}]") for k, v in enumerate(values)]
+
+
+def check_negative_slope(value: object, name: str = "negative_slope") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(
+            f"{name} must be a number >= 0 (the derivative is read from the saved output, "
+            f"which needs a > 0 exactly when z > 0), got {value!r}"
+        )
+    return float(value)

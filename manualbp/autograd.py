@@ -1,0 +1,272 @@
+"""``torch.autograd.Function`` classes whose backward is the hand-derived math of ``manualbp.functional``.
+
+All use the ``forward`` + ``setup_context`` style, so they work with ``torch.func`` (``generate_vmap_rule``)
+and ``torch.compile``. Each backward is written with differentiable ops on saved inputs and outputs only
+(never on intermediates stored on ``ctx``), so double backward (``create_graph=True``) is correct.
+
+:class:`MLPFunction` is the whole network in one Function: its backward is the notes' two-pass algorithm,
+one sweep over all layers. To keep double backward correct it returns the hidden activations a^l as extra
+outputs (PyTorch's "Double Backward with Custom Functions" recipe for intermediates); ``manualbp.nn.MLP``
+hands only the first output, o, to the user.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from torch import Tensor
+from torch.autograd import Function
+
+from . import functional as F
+
+__all__ = [
+    "LinearFunction",
+    "SigmoidFunction",
+    "TanhFunction",
+    "ReLUFunction",
+    "LeakyReLUFunction",
+    "IdentityFunction",
+    "ACTIVATION_FUNCTIONS",
+    "SquaredErrorLossFunction",
+    "MSELossFunction",
+    "CrossEntropyFunction",
+    "SoftmaxFunction",
+    "CrossEntropyOnProbabilitiesFunction",
+    "MLPFunction",
+    "split_params",
+]
+
+
+class LinearFunction(Function):
+    """z = input @ weight.T + bias. ``apply(input, weight, bias)``; bias may be None."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        input, weight, _ = inputs
+        ctx.save_for_backward(input, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
+        input, weight = ctx.saved_tensors
+        return F.linear_backward(
+            grad_output,
+            input,
+            weight,
+            needs_input_grad=ctx.needs_input_grad[0],
+            needs_weight_grad=ctx.needs_input_grad[1],
+            needs_bias_grad=ctx.needs_input_grad[2],
+        )
+
+
+def _activation_function(name: str, class_name: str) -> type[Function]:
+    """One Function per activation; extra apply arguments (leaky_relu's negative_slope) are constants."""
+
+    def forward(input: Tensor, *args: float) -> Tensor:
+        return F.activation(name, input, *args)
+
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.args = inputs[1:]
+        if name != "identity":  # identity's derivative needs nothing saved
+            ctx.save_for_backward(output)
+
+    def backward(ctx: Any, grad_output: Tensor):
+        output = ctx.saved_tensors[0] if name != "identity" else grad_output
+        return (F.activation_backward(name, grad_output, output, *ctx.args), *([None] * len(ctx.args)))
+
+    doc = f"a = {name}(z) with the hand-derived backward from the saved output. ``apply(input{', negative_slope' if name == 'leaky_relu' else ''})``."
+    return type(
+        class_name,
+        (Function,),
+        {
+            "__doc__": doc,
+            "__module__": __name__,
+            "generate_vmap_rule": True,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
+
+
+SigmoidFunction = _activation_function("sigmoid", "SigmoidFunction")
+TanhFunction = _activation_function("tanh", "TanhFunction")
+ReLUFunction = _activation_function("relu", "ReLUFunction")
+LeakyReLUFunction = _activation_function("leaky_relu", "LeakyReLUFunction")
+IdentityFunction = _activation_function("identity", "IdentityFunction")
+ACTIVATION_FUNCTIONS: dict[str, type[Function]] = {
+    "sigmoid": SigmoidFunction,
+    "tanh": TanhFunction,
+    "relu": ReLUFunction,
+    "leaky_relu": LeakyReLUFunction,
+    "identity": IdentityFunction,
+}
+
+
+def _loss_function(forward_fn, backward_fn, class_name: str, doc: str) -> type[Function]:
+    """A loss Function ``apply(input, target, reduction)`` from a functional forward/backward pair."""
+
+    def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+        return forward_fn(input, target, reduction)
+
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        input, target, reduction = inputs
+        ctx.save_for_backward(input, target)
+        ctx.reduction = reduction
+
+    def backward(ctx: Any, grad_output: Tensor):
+        input, target = ctx.saved_tensors
+        grad_input, grad_target = backward_fn(grad_output, input, target, ctx.reduction)
+        return (
+            grad_input if ctx.needs_input_grad[0] else None,
+            grad_target if ctx.needs_input_grad[1] else None,
+            None,
+        )
+
+    return type(
+        class_name,
+        (Function,),
+        {
+            "__doc__": doc,
+            "__module__": __name__,
+            "generate_vmap_rule": True,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
+
+
+SquaredErrorLossFunction = _loss_function(
+    F.squared_error_loss,
+    F.squared_error_loss_backward,
+    "SquaredErrorLossFunction",
+    "The notes' L = 1/2 sum_k (o_k - y_k)^2 per example. ``apply(input, target, reduction)``.",
+)
+MSELossFunction = _loss_function(
+    F.mse_loss, F.mse_loss_backward, "MSELossFunction", "PyTorch's mse_loss. ``apply(input, target, reduction)``."
+)
+CrossEntropyFunction = _loss_function(
+    F.cross_entropy,
+    F.cross_entropy_backward,
+    "CrossEntropyFunction",
+    "Fused softmax + cross-entropy on logits; dL/do = softmax(o) - y. ``apply(input, target, reduction)``.",
+)
+CrossEntropyOnProbabilitiesFunction = _loss_function(
+    F.cross_entropy_on_probabilities,
+    F.cross_entropy_on_probabilities_backward,
+    "CrossEntropyOnProbabilitiesFunction",
+    "The notes' unfused L = sum_k -y_k log yhat_k on probabilities. ``apply(input, target, reduction)``.",
+)
+
+
+class SoftmaxFunction(Function):
+    """yhat = softmax(o) over the last dimension; backward from the saved output. ``apply(input)``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: Tensor) -> Tensor:
+        return F.softmax(input)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
+        (output,) = ctx.saved_tensors
+        return F.softmax_backward(grad_output, output)
+
+
+def split_params(params: Sequence[Tensor], bias: bool) -> tuple[list[Tensor], list[Optional[Tensor]]]:
+    """(W1, b1, W2, b2, ...) -> ([W1, W2, ...], [b1, b2, ...]); without bias (W1, W2, ...) -> (Ws, [None]*L)."""
+    if bias:
+        return list(params[0::2]), list(params[1::2])
+    return list(params), [None] * len(params)
+
+
+def _param_needs(needs: Sequence[bool], bias: bool, n_layers: int) -> tuple[list[bool], list[bool]]:
+    """MLPFunction's needs_input_grad for its parameters -> (weights' flags, biases' flags)."""
+    if bias:
+        return list(needs[0::2]), list(needs[1::2])
+    return list(needs), [False] * n_layers
+
+
+class MLPFunction(Function):
+    """The whole MLP in one Function; backward is the notes' two-pass algorithm.
+
+    ``apply(input, activations, bias, *params)`` where ``activations`` is a tuple of
+    ``(name, negative_slope)`` pairs, one per hidden layer, ``bias`` says whether ``params`` interleaves
+    biases (W1, b1, W2, b2, ...) or holds weights only, and ``input`` has shape (*, in_features).
+
+    Returns ``(o, a_1, ..., a_{L-1})``: the output of shape (*, out_features) and each hidden
+    activation of shape (N, width) with N the flattened batch. Saved for backward: the input, the
+    weights and the hidden activations (never the pre-activations).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: Tensor, activations: tuple, bias: bool, *params: Tensor):  # type: ignore[override]
+        weights, biases = split_params(params, bias)
+        x = input.reshape(-1, input.shape[-1])  # (N, in)
+        result = F.mlp_forward(x, weights, biases, activations)
+        output = result.output.reshape(*input.shape[:-1], result.output.shape[-1])  # (*, out)
+        return (output, *result.hidden)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        input, activations, bias, *params = inputs
+        weights, _ = split_params(params, bias)
+        needs_w, needs_b = _param_needs(ctx.needs_input_grad[3:], bias, len(weights))
+        below = F.needs_below(ctx.needs_input_grad[0], needs_w, needs_b)
+        hidden = output[1:]
+        # Save only what the backward will read, as native autograd does: x for dL/dW^1; W^l when a
+        # gradient must pass below layer l; a^l for dL/dW^{l+1} or for sigma' on the way down.
+        ctx.save_for_backward(
+            input if needs_w[0] else None,
+            *(w if below[k] else None for k, w in enumerate(weights)),
+            *(a if (needs_w[k + 1] or below[k + 1]) else None for k, a in enumerate(hidden)),
+        )
+        ctx.input_shape = input.shape
+        ctx.activations = activations
+        ctx.bias = bias
+        ctx.n_layers = len(weights)
+        ctx.out_features = weights[-1].shape[0]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Optional[Tensor], *grad_hidden: Optional[Tensor]):  # type: ignore[override]
+        n_layers = ctx.n_layers
+        saved = ctx.saved_tensors
+        input, weights, hidden = saved[0], saved[1 : 1 + n_layers], saved[1 + n_layers :]
+        x = None if input is None else input.reshape(-1, input.shape[-1])
+        if grad_output is None:  # o was not used downstream
+            ref = next((a for a in grad_hidden if a is not None), None)
+            if ref is None:  # nothing was: every gradient is zero
+                return (None,) * (3 + len(ctx.needs_input_grad[3:]))
+            grad_output = ref.new_zeros(ref.shape[0], ctx.out_features)
+        needs_w, needs_b = _param_needs(ctx.needs_input_grad[3:], ctx.bias, n_layers)
+        grads = F.mlp_backward(
+            grad_output.reshape(-1, ctx.out_features),  # dL/do, (N, out)
+            x,  # type: ignore[arg-type]
+            weights,
+            hidden,
+            ctx.activations,
+            grad_hidden=grad_hidden,
+            needs_input_grad=ctx.needs_input_grad[0],
+            needs_weight_grad=needs_w,
+            needs_bias_grad=needs_b,
+        )
+        grad_input = None if grads.grad_input is None else grads.grad_input.reshape(ctx.input_shape)
+        if ctx.bias:
+            param_grads = [g for pair in zip(grads.grad_weights, grads.grad_biases) for g in pair]
+        else:
+            param_grads = grads.grad_weights
+        return (grad_input, None, None, *param_grads)

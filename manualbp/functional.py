@@ -1,0 +1,444 @@
+"""Pure math: every op's forward and its hand-derived backward, side by side.
+
+No autograd, no ``nn.Parameter``, no state: plain tensors in, tensors out. The notation follows the
+seed notes (CS 725): ``z = W a_prev + b`` (pre-activation), ``a = sigma(z)`` (activation), ``o`` the
+output pre-activation (logits), ``L`` the loss. A weight has shape ``(out_features, in_features)`` as in
+``torch.nn.Linear``; batches are rows, so in code ``z = a_prev @ W.T + b``.
+
+Every ``*_backward`` takes ``grad_output`` (dL/d(output)) and returns dL/d(input) (and parameter
+gradients where the op has parameters). The backward formulas are written with differentiable torch ops
+on their arguments only, so that the autograd Functions built on them (``manualbp.autograd``) support
+double backward.
+
+Activation derivatives are taken from the saved *output*, never the pre-activation:
+sigmoid' = a (1 - a), tanh' = 1 - a^2, relu' = [a > 0], leaky_relu' = [a > 0] + slope [a <= 0].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "linear",
+    "linear_backward",
+    "sigmoid",
+    "sigmoid_backward",
+    "tanh",
+    "tanh_backward",
+    "relu",
+    "relu_backward",
+    "leaky_relu",
+    "leaky_relu_backward",
+    "identity",
+    "identity_backward",
+    "ACTIVATIONS",
+    "activation",
+    "activation_backward",
+    "squared_error_loss",
+    "squared_error_loss_backward",
+    "mse_loss",
+    "mse_loss_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "softmax",
+    "softmax_backward",
+    "cross_entropy_on_probabilities",
+    "cross_entropy_on_probabilities_backward",
+    "mlp_forward",
+    "mlp_backward",
+    "needs_below",
+    "MLPForward",
+    "MLPGradients",
+    "REDUCTIONS",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear: z = W a_prev + b
+# --------------------------------------------------------------------------------------------------
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """z = a_prev W^T + b for a batch of rows; ``input`` (*, in), ``weight`` (out, in) -> (*, out)."""
+    z = input @ weight.T  # z_i = sum_j w_ij x_j, (*, out)
+    if bias is not None:
+        z = z + bias  # + b_i
+    return z
+
+
+def linear_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    *,
+    needs_input_grad: bool = True,
+    needs_weight_grad: bool = True,
+    needs_bias_grad: bool = True,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``linear``: returns (grad_input, grad_weight, grad_bias); None where not needed.
+
+    ``grad_output`` is dL/dz of shape (*, out), ``input`` a_prev of shape (*, in) (only read for
+    grad_weight), ``weight`` (out, in) (only read for grad_input).
+    """
+    g = grad_output.reshape(-1, grad_output.shape[-1])  # dL/dz, (N, out)
+    grad_input = grad_weight = grad_bias = None
+    if needs_input_grad:
+        grad_input = (g @ weight).reshape(
+            *grad_output.shape[:-1], weight.shape[1]
+        )  # dL/da_j = sum_i dL/dz_i w_ij, (*, in)
+    if needs_weight_grad:
+        grad_weight = g.T @ input.reshape(-1, input.shape[-1])  # dL/dw_ij = dL/dz_i a_j, (out, in)
+    if needs_bias_grad:
+        grad_bias = g.sum(0)  # dL/db_i = dL/dz_i, summed over the batch, (out,)
+    return grad_input, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations a = sigma(z); backward from the saved output a.
+# --------------------------------------------------------------------------------------------------
+def sigmoid(input: Tensor) -> Tensor:
+    """a = 1 / (1 + exp(-z))."""
+    return torch.sigmoid(input)
+
+
+def sigmoid_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    return grad_output * output * (1 - output)  # dL/dz = dL/da * a (1 - a), like z
+
+
+def tanh(input: Tensor) -> Tensor:
+    """a = tanh(z)."""
+    return torch.tanh(input)
+
+
+def tanh_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    return grad_output * (1 - output * output)  # dL/dz = dL/da * (1 - a^2), like z
+
+
+def relu(input: Tensor) -> Tensor:
+    """a = max(z, 0)."""
+    return torch.relu(input)
+
+
+def relu_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    return grad_output * (output > 0).to(grad_output.dtype)  # dL/dz = dL/da * [a > 0], like z
+
+
+def leaky_relu(input: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """a = z if z > 0 else negative_slope * z (negative_slope >= 0, so a > 0 exactly when z > 0)."""
+    return torch.where(input > 0, input, input * negative_slope)
+
+
+def leaky_relu_backward(grad_output: Tensor, output: Tensor, negative_slope: float = 0.01) -> Tensor:
+    # dL/dz = dL/da * ([a > 0] + slope [a <= 0]), like z
+    return torch.where(output > 0, grad_output, grad_output * negative_slope)
+
+
+def identity(input: Tensor) -> Tensor:
+    """a = z (a linear 'activation')."""
+    return input
+
+
+def identity_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    return grad_output  # dL/dz = dL/da, like z
+
+
+#: name -> (forward, backward-from-output); leaky_relu takes ``negative_slope`` as a keyword.
+ACTIVATIONS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
+    "sigmoid": (sigmoid, sigmoid_backward),
+    "tanh": (tanh, tanh_backward),
+    "relu": (relu, relu_backward),
+    "leaky_relu": (leaky_relu, leaky_relu_backward),
+    "identity": (identity, identity_backward),
+}
+
+
+def activation(name: str, input: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """Apply the activation called ``name`` (a key of ``ACTIVATIONS``)."""
+    forward = ACTIVATIONS[name][0]
+    return forward(input, negative_slope) if name == "leaky_relu" else forward(input)
+
+
+def activation_backward(name: str, grad_output: Tensor, output: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """dL/dz from dL/da and the saved output a of the activation called ``name``."""
+    backward = ACTIVATIONS[name][1]
+    if name == "leaky_relu":
+        return backward(grad_output, output, negative_slope)
+    return backward(grad_output, output)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses. ``input`` is the network output o of shape (*, K); "examples" are the leading dimensions.
+# ``grad_output`` is dL_total/dL: a scalar for "mean"/"sum", one value per reduced element for "none".
+# --------------------------------------------------------------------------------------------------
+def _reduce(per_item: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_item.mean()
+    if reduction == "sum":
+        return per_item.sum()
+    return per_item
+
+
+def _expand_grad(grad_output: Tensor, reduction: str, count: int) -> Tensor:
+    """d(reduced)/d(per-item) times grad_output, shaped to broadcast against the per-item tensor."""
+    if reduction == "mean":
+        return grad_output / count  # d mean / d L_n = 1/N
+    return grad_output  # "sum": 1; "none": grad_output is already per item
+
+
+def squared_error_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """The notes' regression loss: L_n = 1/2 sum_k (o_k - y_k)^2 for each example n.
+
+    "mean" averages L_n over the examples (leading dims), "sum" sums them, "none" returns L_n (shape ``*``).
+    Compared with :func:`mse_loss` (PyTorch's convention): sum reductions differ by a factor 2,
+    mean reductions by 2 / K.
+    """
+    per_example = 0.5 * ((input - target) ** 2).sum(-1)  # L_n = 1/2 sum_k (o_k - y_k)^2, (*)
+    return _reduce(per_example, reduction)
+
+
+def squared_error_loss_backward(
+    grad_output: Tensor, input: Tensor, target: Tensor, reduction: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """Returns (dL/do, dL/dy). dL/do_k = o_k - y_k (the notes' formula), scaled by the reduction."""
+    count = input[..., 0].numel()
+    scale = _expand_grad(grad_output, reduction, count)
+    if reduction == "none":
+        scale = scale.unsqueeze(-1)  # one factor per example, broadcast over k
+    grad_input = (input - target) * scale  # dL/do_k = o_k - y_k, (*, K)
+    return grad_input, -grad_input  # dL/dy_k = -(o_k - y_k)
+
+
+def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """PyTorch's convention: (o - y)^2 per element; "mean" averages over every element."""
+    per_element = (input - target) ** 2  # (o - y)^2, like input
+    return _reduce(per_element, reduction)
+
+
+def mse_loss_backward(
+    grad_output: Tensor, input: Tensor, target: Tensor, reduction: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """Returns (dL/do, dL/dy). dL/do = 2 (o - y), divided by the element count for "mean"."""
+    scale = _expand_grad(grad_output, reduction, input.numel())
+    grad_input = 2 * (input - target) * scale  # dL/do = 2 (o - y), like input
+    return grad_input, -grad_input
+
+
+def _log_softmax(input: Tensor) -> Tensor:
+    # log yhat_k = (o_k - m) - log sum_j exp(o_j - m) with m = max_j o_j: no overflow, and exact shifts.
+    # m is a constant of the formula (the result does not depend on it), so it carries no gradient.
+    shifted = input - input.detach().amax(dim=-1, keepdim=True)
+    return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
+
+
+def _target_distribution(input: Tensor, target: Tensor) -> Tensor:
+    """Class indices (*,) -> one-hot (*, K) in input's dtype; probabilities pass through."""
+    if target.is_floating_point():
+        return target
+    classes = torch.arange(input.shape[-1], device=input.device)
+    return (target.unsqueeze(-1) == classes).to(input.dtype)  # y_k = [k = target], (*, K)
+
+
+def cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Fused softmax + cross-entropy on logits o: L_n = -sum_k y_k log softmax(o)_k.
+
+    ``target`` holds class indices (shape ``*``, an integer dtype) or probabilities (shape ``(*, K)``,
+    floating). "mean" divides by the number of examples, as ``torch.nn.functional.cross_entropy`` does.
+    Numerically stable through log-sum-exp.
+    """
+    y = _target_distribution(input, target)
+    per_example = -(y * _log_softmax(input)).sum(-1)  # L_n = -sum_k y_k log yhat_k, (*)
+    return _reduce(per_example, reduction)
+
+
+def cross_entropy_backward(
+    grad_output: Tensor, input: Tensor, target: Tensor, reduction: str = "mean"
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Returns (dL/do, dL/dy); dL/dy is None for class-index targets.
+
+    dL/do_k = yhat_k * sum_j y_j - y_k, which is the familiar softmax(o) - y when y is a distribution.
+    """
+    count = input[..., 0].numel()
+    scale = _expand_grad(grad_output, reduction, count)
+    if reduction == "none":
+        scale = scale.unsqueeze(-1)
+    y = _target_distribution(input, target)
+    log_probs = _log_softmax(input)
+    probs = log_probs.exp()  # yhat = softmax(o), (*, K)
+    grad_input = (probs * y.sum(-1, keepdim=True) - y) * scale  # dL/do = yhat sum_j y_j - y, (*, K)
+    grad_target = -log_probs * scale if target.is_floating_point() else None  # dL/dy_k = -log yhat_k
+    return grad_input, grad_target
+
+
+def softmax(input: Tensor) -> Tensor:
+    """yhat_k = exp(o_k) / sum_j exp(o_j), over the last dimension (stable)."""
+    return _log_softmax(input).exp()
+
+
+def softmax_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    # dL/do_k = sum_j dL/dyhat_j yhat_j ([j = k] - yhat_k) = yhat_k (dL/dyhat_k - sum_j dL/dyhat_j yhat_j)
+    return output * (grad_output - (grad_output * output).sum(-1, keepdim=True))
+
+
+def cross_entropy_on_probabilities(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """The notes' unfused loss on probabilities yhat: L_n = sum_k -y_k log yhat_k.
+
+    ``input`` are probabilities (for example ``softmax(o)``); ``target`` class indices or probabilities.
+    """
+    y = _target_distribution(input, target)
+    per_example = -(y * torch.log(input)).sum(-1)  # L_n = -sum_k y_k log yhat_k, (*)
+    return _reduce(per_example, reduction)
+
+
+def cross_entropy_on_probabilities_backward(
+    grad_output: Tensor, input: Tensor, target: Tensor, reduction: str = "mean"
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Returns (dL/dyhat, dL/dy). dL/dyhat_k = -y_k / yhat_k."""
+    count = input[..., 0].numel()
+    scale = _expand_grad(grad_output, reduction, count)
+    if reduction == "none":
+        scale = scale.unsqueeze(-1)
+    y = _target_distribution(input, target)
+    grad_input = -y / input * scale  # dL/dyhat_k = -y_k / yhat_k, (*, K)
+    grad_target = -torch.log(input) * scale if target.is_floating_point() else None
+    return grad_input, grad_target
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole MLP: the notes' two-pass algorithm.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class MLPForward:
+    """Result of :func:`mlp_forward` on a batch of rows.
+
+    ``output`` is o (N, out); ``hidden`` the activations a^1 .. a^{L-1} (each (N, width));
+    ``pre_activations`` z^1 .. z^{L-1} when asked for (otherwise empty).
+    """
+
+    output: Tensor
+    hidden: list[Tensor]
+    pre_activations: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class MLPGradients:
+    """Result of :func:`mlp_backward`.
+
+    ``grad_weights[l]``/``grad_biases[l]`` are dL/dW and dL/db of layer l (0-based; None where not asked),
+    ``grad_input`` dL/dx (None where not asked). With ``return_intermediates`` also
+    ``grad_hidden[l]`` = dL/da of hidden layer l and ``grad_pre_activations[l]`` = dL/dz of layer l
+    (the last entry is dL/do).
+    """
+
+    grad_input: Optional[Tensor]
+    grad_weights: list[Optional[Tensor]]
+    grad_biases: list[Optional[Tensor]]
+    grad_hidden: list[Tensor] = field(default_factory=list)
+    grad_pre_activations: list[Tensor] = field(default_factory=list)
+
+
+def mlp_forward(
+    input: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Optional[Tensor]],
+    activations: Sequence[tuple[str, float]],
+    *,
+    return_pre_activations: bool = False,
+) -> MLPForward:
+    """Forward pass: z^l = W^l a^{l-1} + b^l, a^l = sigma_l(z^l), o = W^L a^{L-1} + b^L.
+
+    Args:
+        input: x of shape (N, in_features).
+        weights: W^1 .. W^L, each (out, in).
+        biases: b^1 .. b^L (entries may be None).
+        activations: one ``(name, negative_slope)`` per hidden layer (L - 1 of them).
+    """
+    a = input
+    hidden: list[Tensor] = []
+    pre: list[Tensor] = []
+    for (weight, bias), (name, slope) in zip(zip(weights[:-1], biases[:-1]), activations):
+        z = linear(a, weight, bias)  # z_i = sum_j w_ij a_j + b_i
+        a = activation(name, z, slope)  # a_i = sigma(z_i)
+        hidden.append(a)
+        if return_pre_activations:
+            pre.append(z)
+    output = linear(a, weights[-1], biases[-1])  # o_k = sum_i w_ki a_i + b_k
+    return MLPForward(output, hidden, pre)
+
+
+def needs_below(
+    needs_input_grad: bool, needs_weight_grad: Sequence[bool], needs_bias_grad: Sequence[bool]
+) -> list[bool]:
+    """For each layer l: does the input or any parameter of a layer below l need a gradient?
+
+    Layer l's backward must pass dL/da^{l-1} down only then; it decides which weights (W^l is needed for
+    dL/da^{l-1} only) and activations must be saved for backward, as native autograd decides.
+    """
+    below = [needs_input_grad]
+    for w, b in zip(needs_weight_grad[:-1], needs_bias_grad[:-1]):
+        below.append(below[-1] or w or b)
+    return below
+
+
+def mlp_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weights: Sequence[Tensor],
+    hidden: Sequence[Tensor],
+    activations: Sequence[tuple[str, float]],
+    *,
+    grad_hidden: Optional[Sequence[Optional[Tensor]]] = None,
+    needs_input_grad: bool = True,
+    needs_weight_grad: Optional[Sequence[bool]] = None,
+    needs_bias_grad: Optional[Sequence[bool]] = None,
+    return_intermediates: bool = False,
+) -> MLPGradients:
+    """Backward pass of the two-pass algorithm, one sweep from the output layer down.
+
+    Starts from ``grad_output`` = dL/do (N, out) and, for each layer from the last:
+    dL/dW = (dL/dz)^T a_prev, dL/db = sum_n dL/dz, dL/da_prev = dL/dz W, dL/dz_prev = dL/da_prev * sigma'
+    (sigma' from the saved activation a_prev). ``grad_hidden`` adds extra gradients arriving directly at
+    a hidden activation (used for double backward; None entries mean zero).
+    """
+    n_layers = len(weights)
+    needs_weight_grad = needs_weight_grad or [True] * n_layers
+    needs_bias_grad = needs_bias_grad or [True] * n_layers
+    below = needs_below(needs_input_grad, needs_weight_grad, needs_bias_grad)
+    grad_weights: list[Optional[Tensor]] = [None] * n_layers
+    grad_biases: list[Optional[Tensor]] = [None] * n_layers
+    grad_hidden_out: list[Tensor] = [None] * (n_layers - 1)  # type: ignore[list-item]
+    grad_pre: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    grad_input = None
+    g = grad_output  # dL/do: the base case dL/dL = 1 times dL/do
+    for layer in reversed(range(n_layers)):
+        a_prev = hidden[layer - 1] if layer > 0 else input
+        if return_intermediates:
+            grad_pre[layer] = g
+        grad_a, grad_weights[layer], grad_biases[layer] = linear_backward(
+            g,
+            a_prev,
+            weights[layer],
+            needs_input_grad=below[layer],
+            needs_weight_grad=needs_weight_grad[layer],
+            needs_bias_grad=needs_bias_grad[layer],
+        )
+        if layer == 0 or not below[layer]:  # nothing further down needs a gradient
+            grad_input = grad_a if layer == 0 else None
+            break
+        extra = grad_hidden[layer - 1] if grad_hidden is not None else None
+        if extra is not None:
+            grad_a = grad_a + extra  # a gradient arriving directly at a_prev (double backward)
+        if return_intermediates:
+            grad_hidden_out[layer - 1] = grad_a
+        name, slope = activations[layer - 1]
+        g = activation_backward(name, grad_a, a_prev, slope)  # dL/dz = dL/da * sigma'(z), from a
+    return MLPGradients(
+        grad_input,
+        grad_weights,
+        grad_biases,
+        grad_hidden_out if return_intermediates else [],
+        grad_pre if return_intermediates else [],
+    )

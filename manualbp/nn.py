@@ -1,0 +1,469 @@
+"""``nn.Module`` front: drop-in layers, activations, losses and the MLP, backed by ``manualbp.autograd``.
+
+Each module validates its input (clear ``ValueError``/``TypeError`` naming the argument) and then calls
+the matching hand-derived Function. Under ``torch.autocast`` the modules cast as native PyTorch does
+(linear layers to the autocast dtype, losses to float32), with the casts recorded by autograd so
+float32 parameters get float32 gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks as C
+from .autograd import (
+    ACTIVATION_FUNCTIONS,
+    CrossEntropyFunction,
+    LinearFunction,
+    MLPFunction,
+    MSELossFunction,
+    SoftmaxFunction,
+    SquaredErrorLossFunction,
+)
+from .functional import ACTIVATIONS
+
+__all__ = [
+    "Linear",
+    "Sigmoid",
+    "Tanh",
+    "ReLU",
+    "LeakyReLU",
+    "Identity",
+    "Softmax",
+    "SquaredErrorLoss",
+    "MSELoss",
+    "CrossEntropyLoss",
+    "MLP",
+    "make_activation",
+]
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(value, dtype: torch.dtype):
+    """Autocast's rule for its lower-precision ops: floating tensors other than float64 go to ``dtype``."""
+    if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+        return value.to(dtype)
+    return value
+
+
+def _apply_autocast(function, *args):
+    """``function.apply(*args)``, with autocast's casts done explicitly (and differentiably) first.
+
+    Inside the Function autocast is off, so its forward and backward run in the cast dtype as the
+    native ops would, and the casts in the graph give float32 parameters float32 gradients.
+    """
+    device_type = args[0].device.type
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return function.apply(*args)
+    with torch.autocast(device_type, enabled=False):
+        return function.apply(*[_cast(a, dtype) for a in args])
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+class Linear(nn.Module):
+    r"""z = x W^T + b with the hand-derived backward; a drop-in for ``torch.nn.Linear``.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: if False, the layer learns no additive bias. Default: True.
+
+    Shape:
+        - Input: (*, in_features). Output: (*, out_features).
+
+    Example:
+        >>> m = Linear(20, 30)
+        >>> m(torch.randn(128, 20)).shape
+        torch.Size([128, 30])
+    """
+
+    __constants__ = ["in_features", "out_features"]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = C.check_positive_int(in_features, "in_features")
+        self.out_features = C.check_positive_int(out_features, "out_features")
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The same initialization as ``torch.nn.Linear``: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor) -> Tensor:
+        C.check_features(input, self.in_features, self.weight)
+        return _apply_autocast(LinearFunction, input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _Activation(nn.Module):
+    name: str = ""
+    negative_slope: float = 0.0
+
+    def _args(self) -> tuple:
+        return (self.negative_slope,) if self.name == "leaky_relu" else ()
+
+    def forward(self, input: Tensor) -> Tensor:
+        C.check_tensor(input, "input")
+        C.check_floating(input, "input")
+        return ACTIVATION_FUNCTIONS[self.name].apply(input, *self._args())
+
+    @property
+    def spec(self) -> tuple[str, float]:
+        """``(name, negative_slope)`` as :class:`~manualbp.autograd.MLPFunction` takes it."""
+        return (self.name, self.negative_slope)
+
+
+class Sigmoid(_Activation):
+    """a = 1 / (1 + exp(-z)); backward a (1 - a) from the saved output."""
+
+    name = "sigmoid"
+
+
+class Tanh(_Activation):
+    """a = tanh(z); backward 1 - a^2 from the saved output."""
+
+    name = "tanh"
+
+
+class ReLU(_Activation):
+    """a = max(z, 0); backward [a > 0] from the saved output."""
+
+    name = "relu"
+
+
+class Identity(_Activation):
+    """a = z."""
+
+    name = "identity"
+
+
+class LeakyReLU(_Activation):
+    """a = z for z > 0, negative_slope * z otherwise (negative_slope >= 0)."""
+
+    name = "leaky_relu"
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.negative_slope = C.check_negative_slope(negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+
+class Softmax(nn.Module):
+    """yhat = softmax(o) over the last dimension (the unfused path of the notes)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        C.check_tensor(input, "input")
+        C.check_floating(input, "input")
+        return SoftmaxFunction.apply(input)
+
+
+_ACTIVATION_MODULES: dict[str, type[_Activation]] = {
+    "sigmoid": Sigmoid,
+    "tanh": Tanh,
+    "relu": ReLU,
+    "leaky_relu": LeakyReLU,
+    "identity": Identity,
+}
+_TORCH_ACTIVATIONS: dict[type, str] = {
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.Identity: "identity",
+}
+
+
+def make_activation(name: str, negative_slope: float = 0.01) -> _Activation:
+    """The activation module called ``name`` (sigmoid, tanh, relu, leaky_relu, identity)."""
+    if name not in _ACTIVATION_MODULES:
+        raise ValueError(f"activation must be one of {', '.join(sorted(ACTIVATIONS))}, got {name!r}")
+    if name == "leaky_relu":
+        return LeakyReLU(negative_slope)
+    return _ACTIVATION_MODULES[name]()
+
+
+def _to_torch_activation(spec: tuple[str, float]) -> nn.Module:
+    name, slope = spec
+    if name == "leaky_relu":
+        return nn.LeakyReLU(slope)
+    return {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "identity": nn.Identity}[name]()
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+class _Loss(nn.Module):
+    _function: type = None  # type: ignore[assignment]
+    _check = staticmethod(C.check_regression_loss)
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = C.check_reduction(reduction)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        self._check(input, target, self.reduction)
+        dtype = _autocast_dtype(input.device.type)
+        if dtype is not None and input.dtype in (torch.float16, torch.bfloat16):
+            input = input.float()  # autocast runs losses in float32, as PyTorch's losses do
+            if target.is_floating_point():
+                target = target.float()
+        return self._function.apply(input, target, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+
+class SquaredErrorLoss(_Loss):
+    """The notes' regression loss L = 1/2 sum_k (o_k - y_k)^2 per example, so dL/do_k = o_k - y_k.
+
+    Args:
+        reduction: "mean" (average over examples), "sum" or "none" (one value per example).
+
+    Shape:
+        - input: (*, K); target: (*, K), floating; output: scalar, or (*) for "none".
+    """
+
+    _function = SquaredErrorLossFunction
+
+
+class MSELoss(_Loss):
+    """PyTorch's ``nn.MSELoss`` (mean over every element), with the hand-derived backward 2 (o - y) / numel.
+
+    Against :class:`SquaredErrorLoss`: "sum" is 2x, "mean" is 2/K x the notes' loss.
+    """
+
+    _function = MSELossFunction
+
+
+class CrossEntropyLoss(_Loss):
+    """Fused softmax + cross-entropy on logits, as ``nn.CrossEntropyLoss``; dL/do = softmax(o) - y.
+
+    Shape:
+        - input: (*, C) logits; target: class indices (*) of an integer dtype, or probabilities (*, C).
+    """
+
+    _function = CrossEntropyFunction
+    _check = staticmethod(C.check_classification_loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    r"""A multi-layer perceptron whose backward is the hand-derived two-pass algorithm, in one Function.
+
+    Layers: z^l = W^l a^{l-1} + b^l, a^l = sigma(z^l) for each hidden layer, o = W^L a^{L-1} + b^L.
+    ``state_dict()`` has exactly the keys and shapes of the equivalent
+    ``nn.Sequential(nn.Linear, act, ..., nn.Linear)`` ("0.weight", "0.bias", "2.weight", ...), so weights
+    load both ways with ``strict=True``; see :meth:`to_torch` and :meth:`from_torch`.
+
+    Args:
+        in_features: size of each input sample.
+        hidden_features: width of each hidden layer: an int, or a sequence (may be empty: a linear model).
+        out_features: size of each output (classes or regression targets).
+        activation: "sigmoid", "tanh", "relu", "leaky_relu" or "identity", or one name per hidden layer.
+        bias: whether every layer has a bias. Default: True.
+        negative_slope: slope of leaky_relu for z < 0 (>= 0). Default: 0.01.
+
+    Shape:
+        - Input: (*, in_features). Output: (*, out_features).
+
+    Example:
+        >>> model = MLP(64, [64], 10, activation="sigmoid")
+        >>> loss = CrossEntropyLoss()(model(torch.randn(32, 64)), torch.randint(0, 10, (32,)))
+        >>> loss.backward()  # the hand-derived two-pass algorithm fills every .grad
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Union[int, Sequence[int]],
+        out_features: int,
+        activation: Union[str, Sequence[str]] = "sigmoid",
+        bias: bool = True,
+        negative_slope: float = 0.01,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = C.check_positive_int(in_features, "in_features")
+        self.out_features = C.check_positive_int(out_features, "out_features")
+        hidden = C.check_int_list(hidden_features, "hidden_features")
+        if isinstance(activation, str):
+            names = [activation] * len(hidden)
+        elif isinstance(activation, Sequence):
+            names = list(activation)
+            if len(names) != len(hidden):
+                raise ValueError(
+                    f"activation: expected one name per hidden layer ({len(hidden)}), got {len(names)}: {names}"
+                )
+        else:
+            raise TypeError(f"activation must be a name or a list of names, got {type(activation).__name__}")
+        acts = [make_activation(n, negative_slope) for n in names]
+        widths = [self.in_features, *hidden, self.out_features]
+        self.bias = bool(bias)
+        index = 0
+        for layer in range(len(widths) - 1):
+            self.add_module(str(index), Linear(widths[layer], widths[layer + 1], bias, device, dtype))
+            index += 1
+            if layer < len(hidden):
+                self.add_module(str(index), acts[layer])
+                index += 1
+
+    # -- structure ---------------------------------------------------------------------------------
+    @property
+    def linears(self) -> list[Linear]:
+        """The Linear layers, input to output."""
+        return [m for m in self._modules.values() if isinstance(m, Linear)]
+
+    @property
+    def activations(self) -> list[_Activation]:
+        """The activation modules, one per hidden layer."""
+        return [m for m in self._modules.values() if isinstance(m, _Activation)]
+
+    @property
+    def hidden_features(self) -> list[int]:
+        return [lin.out_features for lin in self.linears[:-1]]
+
+    @property
+    def activation_specs(self) -> tuple[tuple[str, float], ...]:
+        """``(name, negative_slope)`` per hidden layer, as :class:`~manualbp.autograd.MLPFunction` takes it."""
+        return tuple(act.spec for act in self.activations)
+
+    def flat_parameters(self) -> list[Tensor]:
+        """(W1, b1, W2, b2, ...) with bias, (W1, W2, ...) without: MLPFunction's parameter order."""
+        params: list[Tensor] = []
+        for lin in self.linears:
+            params.append(lin.weight)
+            if self.bias:
+                params.append(lin.bias)
+        return params
+
+    def reset_parameters(self) -> None:
+        for lin in self.linears:
+            lin.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+            f"out_features={self.out_features}, bias={self.bias}"
+        )
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward_with_hidden(self, input: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Like :meth:`forward`, also returning the hidden activations a^1 .. a^{L-1}, each (N, width)."""
+        params = self.flat_parameters()
+        C.check_features(input, self.in_features, params[0])
+        output, *hidden = _apply_autocast(MLPFunction, input, self.activation_specs, self.bias, *params)
+        return output, hidden
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.forward_with_hidden(input)[0]
+
+    # -- interop with torch.nn ---------------------------------------------------------------------
+    def to_torch(self) -> nn.Sequential:
+        """The equivalent ``nn.Sequential`` of ``nn.Linear`` and activation modules, with copied weights."""
+        first = self.linears[0].weight
+        layers: list[nn.Module] = []
+        specs = self.activation_specs
+        for k, lin in enumerate(self.linears):
+            layers.append(nn.Linear(lin.in_features, lin.out_features, self.bias, first.device, first.dtype))
+            if k < len(specs):
+                layers.append(_to_torch_activation(specs[k]))
+        seq = nn.Sequential(*layers)
+        seq.load_state_dict(self.state_dict(), strict=True)
+        return seq
+
+    @classmethod
+    def from_torch(cls, sequential: nn.Module) -> MLP:
+        """Build an MLP from ``nn.Sequential(nn.Linear, act, nn.Linear, ..., nn.Linear)``, copying weights.
+
+        Supported activations: nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU (negative_slope >= 0),
+        nn.Identity (and manualbp's own). Every Linear must have a bias, or none may.
+        """
+        if not isinstance(sequential, nn.Sequential):
+            raise TypeError(f"sequential must be an nn.Sequential, got {type(sequential).__name__}")
+        mods = list(sequential)
+        if len(mods) % 2 == 0:
+            raise ValueError(
+                "sequential: expected Linear, activation, Linear, ..., Linear (an odd number of modules), "
+                f"got {len(mods)} modules"
+            )
+        linears = []
+        names: list[str] = []
+        slopes: list[float] = []
+        for k, m in enumerate(mods):
+            if k % 2 == 0:
+                if type(m) not in (nn.Linear, Linear):
+                    raise ValueError(f"sequential[{k}]: expected nn.Linear, got {type(m).__name__}")
+                linears.append(m)
+            else:
+                if isinstance(m, _Activation):
+                    name, slope = m.spec
+                elif type(m) in _TORCH_ACTIVATIONS:
+                    name = _TORCH_ACTIVATIONS[type(m)]
+                    slope = getattr(m, "negative_slope", 0.0)
+                else:
+                    raise ValueError(
+                        f"sequential[{k}]: expected one of nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, "
+                        f"nn.Identity, got {type(m).__name__}"
+                    )
+                if name == "leaky_relu":
+                    C.check_negative_slope(slope, f"sequential[{k}].negative_slope")
+                names.append(name)
+                slopes.append(slope)
+        for k in range(1, len(linears)):
+            if linears[k].in_features != linears[k - 1].out_features:
+                raise ValueError(
+                    f"sequential[{2 * k}]: in_features={linears[k].in_features} does not match the previous "
+                    f"Linear's out_features={linears[k - 1].out_features}"
+                )
+        has_bias = {lin.bias is not None for lin in linears}
+        if len(has_bias) != 1:
+            raise ValueError("sequential: every Linear must have a bias, or none may (mixed bias is not supported)")
+        first = linears[0].weight
+        model = cls(
+            linears[0].in_features,
+            [lin.out_features for lin in linears[:-1]],
+            linears[-1].out_features,
+            activation=names,
+            bias=has_bias.pop(),
+            device=first.device,
+            dtype=first.dtype,
+        )
+        for act, slope in zip(model.activations, slopes):
+            act.negative_slope = float(slope)
+        model.load_state_dict(sequential.state_dict(), strict=True)
+        return model

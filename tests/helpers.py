@@ -1,0 +1,28 @@
+"""Reference computations for the tests: the native nn.Sequential twin and relative errors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute error relative to the reference's largest magnitude."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def native_loss(name: str, output: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The reference losses written with PyTorch's own ops."""
+    if name == "cross_entropy":
+        return TF.cross_entropy(
+            output.reshape(-1, output.shape[-1]),
+            target.reshape(-1) if not target.is_floating_point() else target.reshape(-1, output.shape[-1]),
+            reduction=reduction,
+        ).reshape(output.shape[:-1] if reduction == "none" else ())
+    if name == "mse":
+        return TF.mse_loss(output, target, reduction=reduction)
+    per_example = 0.5 * ((output - target) ** 2).sum(-1)  # the notes' 1/2 sum_k (o_k - y_k)^2
+    return {"mean": per_example.mean, "sum": per_example.sum, "none": lambda: per_example}[reduction]()

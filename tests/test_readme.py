@@ -1,0 +1,24 @@
+"""The README's drop-in example runs as written, and the console script answers --version."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import manualbp
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_example_runs():
+    text = README.read_text()
+    block = re.search(r"<!-- readme-example -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its example"
+    exec(compile(block.group(1), "README.md", "exec"), {})
+
+
+def test_version_flag():
+    out = subprocess.run([sys.executable, "-m", "manualbp.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"manualbp {manualbp.__version__}"
