@@ -326,7 +326,7 @@ def _plot_stop_epochs(jobs: list[Job], out: Path, plt) -> Optional[Path]:
     for job in finished:
         groups[job.stopping_label].append(job)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.8 * len(groups) + 2), 3.8))
-    for i, (label, group) in enumerate(sorted(groups.items())):
+    for i, (_rule, group) in enumerate(sorted(groups.items())):
         epochs = [j.metrics["epochs"] for j in group]
         colors = ["tab:red" if j.status == "diverged" else "tab:blue" for j in group]
         xs = [i + 0.08 * ((k % 5) - 2) for k in range(len(epochs))]
