@@ -3,6 +3,11 @@
 The entry point stays thin (``@hydra.main`` + :func:`train_job`); everything a job does beyond
 ``run(config)`` lives here: the W&B run's group and name from the sweep, a ``metrics.json`` with
 status "failed" and the error when a job raises (so ``report.py`` lists it), and the printed headline.
+
+Errors: a failing single run prints one line (``error: ValueError: data.path ...``) and exits 1; in a
+multirun the failing job is recorded and the sweep goes on, and :class:`SweepFailureReport` (a Hydra
+callback in ``conf/train.yaml``) lists the failed jobs at the end and exits 1. Set ``MANUALBP_TRACEBACK=1``
+(or Hydra's ``HYDRA_FULL_ERROR=1``) to get the full traceback instead.
 """
 
 from __future__ import annotations
@@ -11,13 +16,19 @@ import json
 import logging
 import math
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+try:  # Hydra is a dependency; the callback base class only matters when Hydra loads this module
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover
+    Callback = object  # type: ignore[assignment,misc]
+
 log = logging.getLogger("manualbp")
 
-__all__ = ["train_job", "objective", "headline", "prepare_config"]
+__all__ = ["train_job", "objective", "headline", "prepare_config", "SweepFailureReport"]
 
 
 def prepare_config(cfg: Any) -> dict:
@@ -93,8 +104,15 @@ def _write_failure(output_dir: Optional[str], exc: BaseException) -> None:
         pass  # the output dir itself is the problem; the raised error says so
 
 
+def _want_traceback() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("MANUALBP_TRACEBACK", "HYDRA_FULL_ERROR"))
+
+
 def train_job(cfg: Any) -> float:
     """Run one configured training job; returns the objective (see :func:`objective`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from .train import run
 
     config = prepare_config(cfg)
@@ -102,7 +120,34 @@ def train_job(cfg: Any) -> float:
         result = run(config)
     except Exception as exc:
         _write_failure(config.get("output_dir"), exc)
-        log.error("job failed: %s: %s", type(exc).__name__, exc)
-        raise
+        if _want_traceback():
+            raise
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("job %s failed: %s", HydraConfig.get().job.num, message)
+            return math.inf  # the sweep goes on; SweepFailureReport lists this job at the end
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(headline(result, config.get("output_dir")), flush=True)
     return objective(result, config)
+
+
+class SweepFailureReport(Callback):
+    """Hydra callback: after a multirun, list the jobs that failed and exit with status 1 if any did."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        failed = []
+        for metrics in sorted(sweep.glob("*/metrics.json")):
+            try:
+                record = json.loads(metrics.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if record.get("status") == "failed":
+                failed.append((metrics.parent, record.get("error", "")))
+        if failed:
+            print(f"{len(failed)} job(s) of the sweep failed:", file=sys.stderr)
+            for path, error in failed:
+                print(f"  {path}: {error}", file=sys.stderr)
+            print(f"the other jobs finished; see: python experiments/report.py {sweep}", file=sys.stderr, flush=True)
+            sys.exit(1)
