@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import is_number
+from .config import DEFAULTS, is_number
 
 __all__ = ["Dataset", "load_dataset", "DATASETS", "check_data_cfg", "read_idx"]
 
@@ -108,7 +108,7 @@ def check_data_cfg(cfg: object) -> dict[str, Any]:
     for key in cfg:
         if key not in allowed:
             raise ValueError(f"unknown config key 'data.{key}' for data set {name!r}; known keys: {', '.join(allowed)}")
-    out = {**_SYNTH_DEFAULTS.get(name, {}), **cfg}
+    out = {**DEFAULTS["data"], **_SYNTH_DEFAULTS.get(name, {}), **cfg}
     for key in ("val_fraction", "test_fraction"):
         v = out.get(key, 0.0)
         if not (is_number(v) and 0 <= v < 1):
