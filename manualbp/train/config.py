@@ -89,7 +89,7 @@ def _check_keys(tree: Mapping, reference: Mapping, where: str) -> None:
         if key not in reference:
             prefix = f"{where}." if where else ""
             raise ValueError(
-                f"unknown config key {prefix}{key!r}; known keys{' of ' + where if where else ''}: "
+                f"unknown config key '{prefix}{key}'; known keys{' of ' + where if where else ''}: "
                 f"{', '.join(sorted(reference))}"
             )
 
