@@ -138,6 +138,11 @@ def test_divergence_check_every():
     assert all(r.needs_step_loss(s) for s in range(6))  # until the initial loss is known
     r.check_step(1.0, StopContext(0, 1))
     assert [r.needs_step_loss(s) for s in range(1, 6)] == [False, False, False, True, False]
+    auto = build_stopping({"max_epochs": 10})
+    auto.check_step(1.0, StopContext(0, 1))
+    assert auto.check_every == 1 and all(auto.needs_step_loss(s) for s in range(1, 5))
+    auto.device_type = "cuda"
+    assert auto.check_every == 100 and not auto.needs_step_loss(1) and auto.needs_step_loss(200)
 
 
 def test_max_steps_and_time_budget_per_step():

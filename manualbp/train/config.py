@@ -45,8 +45,6 @@ DEFAULTS: dict[str, Any] = {
     "logger": {"name": "none"},
 }
 
-# Sub-trees whose keys are checked elsewhere (they depend on a chosen name).
-_OPEN = {"data", "init", "optim", "lr_schedule", "stopping", "logger", "model"}
 LOSSES = ("auto", "cross_entropy", "squared_error", "mse")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 

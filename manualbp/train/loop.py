@@ -245,6 +245,7 @@ def run(config: Any = None) -> RunResult:
     data = load_dataset(cfg["data"], seed, dtype, device)
     loss = _resolve_loss(cfg["loss"], data)
     stopping = build_stopping(cfg["stopping"])
+    stopping.device_type = device.type
     score = "accuracy" if data.task == "classification" else "r2"
     for monitor in stopping.monitors:
         if not monitor.endswith(("_loss", f"_{score}")):
@@ -349,7 +350,7 @@ def run(config: Any = None) -> RunResult:
                     xb, yb = x_tr, y_tr
                 batch_loss = backend.step(xb, yb)
                 count = xb.shape[0]
-                running += batch_loss.to(torch.float64) * count
+                running.add_(batch_loss, alpha=count)  # float64 accumulator, no host sync
                 seen += count
                 step += 1
                 check_loss = batch_loss if stopping.needs_step_loss(step - 1) else None

@@ -8,7 +8,8 @@ rule                   fires when                                               
 =====================  ==============================================================  =========
 divergence             a step loss is NaN/inf (always on), or above ``factor`` x the   diverged
                        first step's loss (``divergence: {factor: 100}``); also a
-                       non-finite epoch train/val loss
+                       non-finite epoch train/val loss. ``check_every`` (auto: 1 on
+                       CPU, 100 on CUDA) spaces the per-step reads (host syncs)
 loss_below             ``monitor`` (train_loss | val_loss) < ``value``                  stopped
 grad_norm_below        the total weight-gradient norm of the epoch's last step          stopped
                        < ``value``
@@ -45,7 +46,7 @@ _RULE_DEFAULTS: dict[str, dict[str, Any]] = {
     "early_stopping": {"patience": 10, "min_delta": 0.0, "monitor": "val_loss", "restore_best": True, "mode": "auto"},
     "relative_improvement": {"tol": 1e-4, "n_iter_no_change": 10, "monitor": "train_loss"},
     "time_budget": {"seconds": None},
-    "divergence": {"factor": None, "check_every": 1},
+    "divergence": {"factor": None, "check_every": "auto"},
 }
 RULES = ("max_epochs", *_RULE_DEFAULTS)
 # a bare number is accepted for these rules: loss_below: 0.01, time_budget: 60, max_steps: 500
@@ -124,8 +125,8 @@ def check_stopping_cfg(cfg: object) -> dict[str, Any]:
             if f is not None and not (is_number(f) and f > 1):
                 raise _err(where + "factor", "a number > 1 or null (non-finite losses only)", f)
             ce = params["check_every"]
-            if isinstance(ce, bool) or not isinstance(ce, int) or ce < 1:
-                raise _err(where + "check_every", "a positive integer", ce)
+            if ce != "auto" and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
+                raise _err(where + "check_every", "a positive integer or 'auto'", ce)
         out[rule] = params
     out.setdefault("divergence", dict(_RULE_DEFAULTS["divergence"]))  # non-finite losses always end a run
     return out
@@ -189,9 +190,20 @@ class StoppingRules:
         return status, rule
 
     # -- per step ----------------------------------------------------------------------------------
+    #: the device type the run trains on; ``check_every: auto`` reads every step's loss on CPU (free) and
+    #: every 100th on an accelerator (each read is a host sync). The loop sets it.
+    device_type: str = "cpu"
+
+    @property
+    def check_every(self) -> int:
+        ce = self.rules["divergence"]["check_every"]
+        if ce == "auto":
+            return 1 if self.device_type == "cpu" else 100
+        return ce
+
     def needs_step_loss(self, step: int) -> bool:
-        """Whether :meth:`check_step` will read the loss at this (0-based) step (a device sync on CUDA)."""
-        return self.initial_loss is None or step % self.rules["divergence"]["check_every"] == 0
+        """Whether :meth:`check_step` will read the loss at this (0-based) step (a host sync off the CPU)."""
+        return self.initial_loss is None or step % self.check_every == 0
 
     def check_step(self, loss: Union[float, Tensor, None], context: StopContext) -> Decision:
         """After each optimizer step: divergence of the step loss, time_budget, max_steps.
