@@ -104,8 +104,11 @@ def resolve_config(config: object = None) -> dict[str, Any]:
         # a bare name is accepted for the named sub-trees: init: kaiming_normal, data: iris
         if isinstance(plain.get(key), str):
             plain = {**plain, key: {"name": plain[key]}}
-    # a named sub-tree that switches name does not inherit the default's scheme-specific keys
-    merged = deep_merge(DEFAULTS, {k: v for k, v in plain.items() if k not in ("init", "lr_schedule", "logger")})
+    # a named sub-tree that switches name does not inherit the default's scheme-specific keys, and a
+    # given stopping set replaces the default rules (stopping: {max_epochs: 50} means max_epochs alone)
+    merged = deep_merge(DEFAULTS, {k: v for k, v in plain.items() if k not in ("init", "lr_schedule", "logger", "stopping")})
+    if isinstance(plain.get("stopping"), Mapping):
+        merged["stopping"] = {"max_epochs": DEFAULTS["stopping"]["max_epochs"], **copy.deepcopy(plain["stopping"])}
     for key in ("init", "lr_schedule", "logger"):
         if key in plain:
             value = plain[key]

@@ -7,7 +7,8 @@ null (or false) is off. The first rule to fire wins; its name is the run's ``sto
 rule                   fires when                                                      status
 =====================  ==============================================================  =========
 divergence             a step loss is NaN/inf (always on), or above ``factor`` x the   diverged
-                       first step's loss (``divergence: {factor: 100}``); also a
+                       first step's loss (default 1e4: an exploded run; null turns
+                       the factor check off; ``divergence: {factor: 100}``); also a
                        non-finite epoch train/val loss. ``check_every`` (auto: 1 on
                        CPU, 100 on CUDA) spaces the per-step reads (host syncs)
 loss_below             ``monitor`` (train_loss | val_loss) < ``value``                  stopped
@@ -46,7 +47,7 @@ _RULE_DEFAULTS: dict[str, dict[str, Any]] = {
     "early_stopping": {"patience": 10, "min_delta": 0.0, "monitor": "val_loss", "restore_best": True, "mode": "auto"},
     "relative_improvement": {"tol": 1e-4, "n_iter_no_change": 10, "monitor": "train_loss"},
     "time_budget": {"seconds": None},
-    "divergence": {"factor": None, "check_every": "auto"},
+    "divergence": {"factor": 1e4, "check_every": "auto"},
 }
 RULES = ("max_epochs", *_RULE_DEFAULTS)
 # a bare number is accepted for these rules: loss_below: 0.01, time_budget: 60, max_steps: 500
