@@ -147,3 +147,47 @@ def test_multirun_keeps_going_past_divergence_and_failure_and_reports(tmp_path):
     report = make_report(sweep)
     assert [j.name for j in report.failed] == ["2", "3"]
     assert "data.path" in report.markdown
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["local_parallel", "submitit_local"])
+def test_sweep_through_parallel_launchers(tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"hydra/launcher={launcher}", "init=zeros,xavier_uniform", "data=iris", "stopping.max_epochs=3", "logger=none", "progress=false", f"hydra.sweep.dir={sweep}"]
+    if launcher == "submitit_local":
+        args += ["hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=1"]
+    out = train(args, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    statuses = sorted(json.loads(p.read_text())["status"] for p in sweep.glob("*/metrics.json"))
+    assert statuses == ["completed", "completed"]
+
+
+@pytest.mark.slow
+def test_optuna_learning_rate_search_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = train(
+        ["-m", "hydra/sweeper=lr_search", "hydra.sweeper.n_trials=3", "data=iris", "stopping.max_epochs=3", "logger=none", "progress=false", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(list(sweep.glob("*/metrics.json"))) == 3
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "optim.lr" in best and "best_value" in best
+
+
+@pytest.mark.slow
+def test_report_logs_to_wandb(tmp_path):
+    wandb = pytest.importorskip("wandb")
+    sweep = tmp_path / "sweep"
+    out = train(["-m", "init=zeros,xavier_uniform", "optim.lr=0.1,1.0", "data=iris", "stopping.max_epochs=3", "logger=none", "progress=false", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    from manualbp.report import make_report
+    from manualbp.train.wandb_sink import find_runs, read_offline_run
+
+    make_report(sweep, wandb_logger={"mode": "offline"})
+    wandb.teardown()
+    runs = find_runs(sweep / "report")
+    assert len(runs) == 1
+    logged = read_offline_run(runs[0])
+    assert logged["config"] == {"sweep": "sweep"} and logged["summary"]["status"] == "completed"
+    assert {"lr_init_heatmap", "learning_curves", "sweep_table"} <= set(logged["history"][0])
