@@ -65,6 +65,10 @@ _TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-7, 1e-7),
 }
 
+# Cotangents come from their own seed stream, never equal to a tensor the caller drew with torch.manual_seed(seed)
+# (a cotangent equal to the input makes v^T x symmetric and hides a transposed weight gradient).
+_COTANGENT_SEED = 1_000_003
+
 LossArg = Union[str, Callable[[Tensor, Tensor], Tensor]]
 
 
@@ -636,10 +640,15 @@ def _as_tensor_list(out: object, what: str) -> list[Tensor]:
 def _input_names(fn: Callable, count: int) -> list[str]:
     """The positional parameter names of ``fn`` where they can be read, else input[i]."""
     names = [f"input[{i}]" for i in range(count)]
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
+        fn = owner.forward  # MyFunction.apply: name the arguments after forward's
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return names
+    if params and params[0].name == "ctx":
+        params = params[1:]
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) >= count and not any(p.kind == p.VAR_POSITIONAL for p in params[:count]):
         return positional[:count]
@@ -691,7 +700,7 @@ def compare_callables(
     for k, (a, b) in enumerate(zip(outs_a, outs_b)):
         rows.append(compare_tensors("output" if single else f"output[{k}]", a.detach(), b.detach(), rtol, atol))
     if wrt:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(_COTANGENT_SEED + seed)
         cotangents = [
             torch.randn(b.shape, generator=gen, dtype=torch.float64).to(b.device, b.dtype)
             if b.is_floating_point()
@@ -951,7 +960,7 @@ def finite_difference_check(
     analytical = _analytical_jacobians(flat_f, args, idx)
     second: list[Optional[tuple[float, float, bool]]] = [None] * len(idx)
     if grad_grad:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(_COTANGENT_SEED + seed)
         cotangent = torch.randn(flat_f(*args).shape, generator=gen, dtype=torch.float64)
 
         def vjp(*a: Any) -> Tensor:  # v^T J, through the backward under test; its Jacobian needs double backward
