@@ -250,8 +250,14 @@ def compare_tensors(
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
     formula: str = "",
+    relative_to_max: bool = False,
 ) -> Row:
-    """Compare two tensors into a :class:`Row` (None stands for "no gradient", i.e. zeros)."""
+    """Compare two tensors into a :class:`Row` (None stands for "no gradient", i.e. zeros).
+
+    ``ok``: every element within ``atol + rtol * |expected|`` (``torch.testing.assert_close``'s rule), or
+    with ``relative_to_max`` the largest error within ``atol + rtol * max |expected|`` (for low precision,
+    where elements near zero carry the rounding of the large ones).
+    """
     note = ""
     if actual is None and expected is None:
         return Row(name, (), 0.0, 0.0, True, True, formula, "no gradient on either side")
@@ -280,7 +286,10 @@ def compare_tensors(
         max_abs = float(diff.max())
     scale = float(e.abs().max())
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    ok = bool((diff <= atol + rtol * e.abs()).all()) and not (math.isnan(max_abs))
+    if relative_to_max:
+        ok = max_abs <= atol + rtol * scale
+    else:
+        ok = bool((diff <= atol + rtol * e.abs()).all()) and not (math.isnan(max_abs))
     if actual.dtype != expected.dtype:
         note = note or f"dtype {actual.dtype} vs reference {expected.dtype}"
     return Row(name, shape, max_abs, max_rel, exact, ok, formula, note if not ok else "", actual, expected)
@@ -381,6 +390,7 @@ def compare(
     reduction: str = "mean",
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    relative_to_max: bool = False,
 ) -> GradReport:
     """Run ``model`` and its native twin on one batch; compare the loss, output and every gradient.
 
@@ -394,6 +404,8 @@ def compare(
             name (state_dict keys), or by order when the names differ and the shapes agree.
         reduction: the named loss's reduction ("mean", "sum", "none": then the gradient of the sum).
         rtol, atol: per-element tolerances; default ``torch.testing.assert_close``'s for the dtype.
+        relative_to_max: judge each row by its largest error against its largest magnitude instead
+            (see :func:`compare_tensors`); for bfloat16/float16.
 
     Returns:
         A :class:`GradReport` with rows L, o, dL/d<each parameter>, dL/dx. Nothing is written to ``.grad``.
@@ -422,13 +434,13 @@ def compare(
     m_loss, m_out, m_gx, m_grads = _run(model, [p for _, p, _ in pairs], manual_loss, input, target)
     r_loss, r_out, r_gx, r_grads = _run(reference, [q for _, _, q in pairs], native_loss, input, target)
     rows = [
-        compare_tensors("L", m_loss, r_loss, rtol, atol),
-        compare_tensors("o", m_out, r_out, rtol, atol),
+        compare_tensors("L", m_loss, r_loss, rtol, atol, relative_to_max=relative_to_max),
+        compare_tensors("o", m_out, r_out, rtol, atol, relative_to_max=relative_to_max),
     ]
     for (name, _, _), gm, gr in zip(pairs, m_grads, r_grads):
-        rows.append(compare_tensors(f"dL/d{display[name]}", gm, gr, rtol, atol))
+        rows.append(compare_tensors(f"dL/d{display[name]}", gm, gr, rtol, atol, relative_to_max=relative_to_max))
     if m_gx is not None or r_gx is not None:
-        rows.append(compare_tensors("dL/dx", m_gx, r_gx, rtol, atol))
+        rows.append(compare_tensors("dL/dx", m_gx, r_gx, rtol, atol, relative_to_max=relative_to_max))
     d_rtol, d_atol = default_tolerances(m_out.dtype, r_out.dtype)
     meta = {
         "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__),
@@ -502,6 +514,7 @@ def trace(
     reduction: str = "mean",
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    relative_to_max: bool = False,
 ) -> TraceReport:
     """Every intermediate of the two-pass algorithm, the manual value against native autograd's.
 
@@ -575,7 +588,7 @@ def trace(
     r_loss.backward(torch.ones_like(r_loss))
 
     def cmp(name: str, actual: Optional[Tensor], expected: Optional[Tensor], formula: str) -> Row:
-        return compare_tensors(name, actual, expected, rtol, atol, formula)
+        return compare_tensors(name, actual, expected, rtol, atol, formula, relative_to_max)
 
     lname = loss if isinstance(loss, str) else "callable"
     loss_formula, grad_o_formula = _LOSS_FORMULAS.get(lname, ("loss(o, y)", "autograd of the given loss"))
@@ -1032,3 +1045,651 @@ def inject_bug(name: Optional[str]) -> Iterator[None]:
         yield
     finally:
         F.linear_backward = original  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------------------------------
+# The verification matrix behind `manualbp verify`
+# --------------------------------------------------------------------------------------------------
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def available_devices() -> list[str]:
+    """ "cpu", and "cuda" where a CUDA device is visible."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@dataclass
+class ConfigResult:
+    """One configuration of the matrix: its comparison with autograd, its trace, its finite differences."""
+
+    activation: str
+    loss: str
+    depth: int
+    dtype: str
+    device: str
+    grad: Optional[GradReport] = None
+    trace: Optional[TraceReport] = None
+    finite_differences: Optional[FiniteDifferenceReport] = None
+    error: Optional[str] = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        if self.error is not None:
+            return False
+        reports = [r for r in (self.grad, self.trace, self.finite_differences) if r is not None]
+        return all(r.ok for r in reports)
+
+    @property
+    def name(self) -> str:
+        return f"{self.activation}/{self.loss}/depth {self.depth}/{self.dtype}/{self.device}"
+
+    @property
+    def autograd_rows(self) -> list[Row]:
+        return [r for rep in (self.grad, self.trace) if rep is not None for r in rep.rows]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "activation": self.activation,
+            "loss": self.loss,
+            "depth": self.depth,
+            "dtype": self.dtype,
+            "device": self.device,
+            "ok": self.ok,
+            "error": self.error,
+            "seconds": round(self.seconds, 4),
+            "autograd": None if self.grad is None else self.grad.to_dict(),
+            "trace": None if self.trace is None else self.trace.to_dict(),
+            "finite_differences": None if self.finite_differences is None else self.finite_differences.to_dict(),
+        }
+
+
+@dataclass
+class MatrixResult:
+    """All configurations of :func:`verify_matrix`; ``str()`` is one table row per configuration."""
+
+    results: list[ConfigResult]
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def failures(self) -> list[ConfigResult]:
+        return [r for r in self.results if not r.ok]
+
+    def table(self) -> str:
+        headers = [
+            "activation",
+            "loss",
+            "depth",
+            "dtype",
+            "device",
+            "autograd max abs",
+            "max rel",
+            "bit-exact",
+            "fd64 max abs",
+            "fd64 2nd order",
+            "result",
+        ]
+        body = []
+        for r in self.results:
+            rows = r.autograd_rows
+            fd = r.finite_differences
+            gg = None if fd is None else fd.grad_grad_max_abs_diff
+            body.append(
+                [
+                    r.activation,
+                    r.loss,
+                    str(r.depth),
+                    r.dtype,
+                    r.device,
+                    fmt_err(max((x.max_abs_err for x in rows), default=0.0)) if rows else "-",
+                    fmt_err(max((x.max_rel_err for x in rows), default=0.0)) if rows else "-",
+                    f"{sum(x.exact for x in rows)}/{len(rows)}" if rows else "-",
+                    "-" if fd is None else fmt_err(fd.max_abs_diff),
+                    "-" if gg is None else fmt_err(gg),
+                    "PASS" if r.ok else ("ERROR: " + (r.error or "") if r.error else "FAIL: " + self._why(r)),
+                ]
+            )
+        return format_table(headers, body, "llrllrrrrrl")
+
+    @staticmethod
+    def _why(r: ConfigResult) -> str:
+        bad = [x.name for x in r.autograd_rows if not x.ok]
+        if r.finite_differences is not None and not r.finite_differences.ok:
+            bad += [f"fd {x.name}" for x in r.finite_differences.rows if not x.ok] or ["fd"]
+        unique = list(dict.fromkeys(bad))
+        return ", ".join(unique[:4]) + (", ..." if len(unique) > 4 else "")
+
+    def summary(self) -> str:
+        n = len(self.results)
+        if self.ok:
+            against = "native autograd"
+            if self.settings.get("finite_differences", True):
+                against += " and float64 finite differences"
+            return f"PASS: {n}/{n} configurations match {against} ({self.seconds:.1f} s)"
+        bad = self.failures()
+        names = ", ".join(r.name for r in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        return f"FAIL: {len(bad)} of {n} configurations differ ({names}) ({self.seconds:.1f} s)"
+
+    def __str__(self) -> str:
+        return f"{self.table()}\n{self.summary()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "ok": self.ok,
+            "seconds": round(self.seconds, 3),
+            "manualbp": __version__,
+            "torch": torch.__version__,
+            "settings": self.settings,
+            "configurations": [r.to_dict() for r in self.results],
+        }
+
+
+def _make_target(loss: str, n: int, out_features: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> Tensor:
+    if loss == "cross_entropy":
+        return torch.randint(0, out_features, (n,), generator=gen).to(device)
+    return torch.randn(n, out_features, generator=gen, dtype=torch.float64).to(device, dtype)
+
+
+def _check_choices(values: Sequence[Any], allowed: Sequence[Any], name: str) -> list[Any]:
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name}: expected at least one of {', '.join(map(str, allowed))}, got none")
+    for v in values:
+        if v not in allowed:
+            raise ValueError(f"{name}: expected values from {', '.join(map(str, allowed))}, got {v!r}")
+    return values
+
+
+def _run_config(
+    activation: str,
+    loss: str,
+    depth: int,
+    dtype_name: str,
+    device: str,
+    *,
+    in_features: int,
+    width: int,
+    out_features: int,
+    batch: int,
+    seed: int,
+) -> tuple[GradReport, TraceReport]:
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(seed)
+    model = MLP(in_features, [width] * depth, out_features, activation, dtype=torch.float64)
+    model.to(device=device, dtype=dtype)  # the same weights (rounded) in every dtype
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, in_features, generator=gen, dtype=torch.float64).to(device, dtype)
+    y = _make_target(loss, batch, out_features, dtype, device, gen)
+    grad, tr = compare(model, x, y, loss), trace(model, x, y, loss)
+    if dtype in (torch.bfloat16, torch.float16):
+        # Two half-precision computations differ by their rounding, which a bias summed over a batch can make
+        # large next to the result; judge both against the float64 truth instead.
+        model64 = model.to(torch.float64)
+        y64 = y.to(torch.float64) if y.is_floating_point() else y
+        truth = trace(model64, x.to(torch.float64), y64, loss)
+        for report in (grad, tr):
+            _judge_against_truth(report, truth, torch.finfo(dtype).eps)
+    return grad, tr
+
+
+#: A half-precision row passes when the manual value's error against float64 is at most this many times the
+#: native value's error, plus this many machine epsilons of the quantity's largest magnitude.
+LOW_PRECISION_FACTOR = 4.0
+
+
+def _judge_against_truth(report: Report, truth: TraceReport, eps: float) -> None:
+    """Re-judge low-precision rows: the manual error against float64 within a factor of native autograd's."""
+    k = LOW_PRECISION_FACTOR
+    for row in report.rows:
+        if row.value is None or row.reference is None or row.value.shape != row.reference.shape:
+            continue
+        t = truth[row.name].reference.detach().to("cpu", torch.float64)
+        manual = float((row.value.detach().to("cpu", torch.float64) - t).abs().max()) if t.numel() else 0.0
+        native = float((row.reference.detach().to("cpu", torch.float64) - t).abs().max()) if t.numel() else 0.0
+        scale = float(t.abs().max()) if t.numel() else 0.0
+        row.ok = manual <= k * native + k * eps * scale
+        row.note = "" if row.ok else f"error vs float64: manual {manual:.1e}, native {native:.1e}"
+    report.meta["judged"] = f"against float64: manual error <= {k:g} x native + {k:g} eps x scale"
+
+
+def _run_fd(activation: str, loss: str, depth: int, device: str, **kw: int) -> FiniteDifferenceReport:
+    torch.manual_seed(kw["seed"])
+    model = MLP(kw["in_features"], [kw["width"]] * depth, kw["out_features"], activation, dtype=torch.float64)
+    model.to(device)
+    gen = torch.Generator().manual_seed(kw["seed"] + 1)
+    x = torch.randn(kw["batch"], kw["in_features"], generator=gen, dtype=torch.float64).to(device)
+    y = _make_target(loss, kw["batch"], kw["out_features"], torch.float64, device, gen)
+    return finite_difference_check(model, x, target=y, loss=loss, fast_mode=True)
+
+
+@contextlib.contextmanager
+def _full_precision_matmul() -> Iterator[None]:
+    """TF32 off on CUDA while comparing (restored afterwards)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def verify_matrix(
+    activations: Sequence[str] = ("sigmoid", "tanh", "relu", "leaky_relu", "identity"),
+    losses: Sequence[str] = LOSSES,
+    depths: Sequence[int] = (1, 2),
+    dtypes: Sequence[str] = ("float64", "float32"),
+    devices: Optional[Sequence[str]] = None,
+    *,
+    finite_differences: bool = True,
+    in_features: int = 3,
+    width: int = 4,
+    out_features: int = 3,
+    batch: int = 4,
+    seed: int = 0,
+    bug: Optional[str] = None,
+    progress: Optional[Callable[[ConfigResult], None]] = None,
+) -> MatrixResult:
+    """Every configuration (activations x losses x depths x dtypes x devices): :func:`compare` and
+    :func:`trace` against native autograd, and :func:`finite_difference_check` of the float64 model.
+
+    ``depth`` is the number of hidden layers (0 is a linear model). The finite-difference check runs once per
+    (activation, loss, depth, device), in float64, on the same weights. An exception inside one configuration
+    marks it as an error and the matrix goes on. ``bug`` injects one of :data:`BUGS` (a testing hook);
+    ``progress`` is called after each configuration.
+    """
+    activations = _check_choices(activations, sorted(F.ACTIVATIONS), "activations")
+    losses = _check_choices(losses, LOSSES, "losses")
+    dtypes = _check_choices(dtypes, list(DTYPES), "dtypes")
+    devices = available_devices() if devices is None else list(devices)
+    devices = _check_choices(devices, available_devices() + [d for d in devices if d.startswith("cuda:")], "devices")
+    if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
+        raise ValueError(f"depths: expected integers >= 0 (hidden layers), got {list(depths)}")
+    sizes = {"in_features": in_features, "width": width, "out_features": out_features, "batch": batch}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    kw = {**sizes, "seed": seed}
+    fd_cache: dict[tuple, FiniteDifferenceReport] = {}
+    results: list[ConfigResult] = []
+    start = _now()
+    with _full_precision_matmul(), inject_bug(bug):
+        for device in devices:
+            for depth in depths:
+                for activation in activations:
+                    for loss in losses:
+                        for dtype_name in dtypes:
+                            t0 = _now()
+                            result = ConfigResult(activation, loss, depth, dtype_name, device)
+                            try:
+                                result.grad, result.trace = _run_config(
+                                    activation, loss, depth, dtype_name, device, **kw
+                                )
+                                key = (activation, loss, depth, device)
+                                if finite_differences:
+                                    if key not in fd_cache:
+                                        fd_cache[key] = _run_fd(activation, loss, depth, device, **kw)
+                                    result.finite_differences = fd_cache[key]
+                            except Exception as exc:  # one broken configuration must not hide the others
+                                result.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                            result.seconds = _now() - t0
+                            results.append(result)
+                            if progress is not None:
+                                progress(result)
+    settings = {
+        "activations": activations,
+        "losses": losses,
+        "depths": list(depths),
+        "dtypes": dtypes,
+        "devices": devices,
+        "finite_differences": finite_differences,
+        "bug": bug,
+        **kw,
+    }
+    return MatrixResult(results, _now() - start, settings)
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
+
+
+# --------------------------------------------------------------------------------------------------
+# explain: the worked example of the notes, every scalar, on a tiny network
+# --------------------------------------------------------------------------------------------------
+_SIGMA_PRIME = {
+    "sigmoid": "{a} (1 - {a})",
+    "tanh": "(1 - {a}^2)",
+    "relu": "[{a} > 0]",
+    "leaky_relu": "([{a} > 0] + s [{a} <= 0])",
+    "identity": "1",
+}
+
+
+@dataclass
+class ExplainValue:
+    """One scalar: its name with 1-based indices (``dL/dw2_12``), the manual value, autograd's, the check."""
+
+    name: str
+    index: tuple[int, ...]
+    value: float
+    autograd: Optional[float] = None
+    ok: Optional[bool] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "index": list(self.index),
+            "value": self.value,
+            "autograd": self.autograd,
+            "ok": self.ok,
+        }
+
+
+@dataclass
+class ExplainStep:
+    """One line of the notes: the quantity with its formula, and its value for every index."""
+
+    section: str  # "given", "forward" or "backward"
+    quantity: str
+    formula: str
+    values: list[ExplainValue]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "section": self.section,
+            "quantity": self.quantity,
+            "formula": self.formula,
+            "values": [v.to_dict() for v in self.values],
+        }
+
+
+@dataclass
+class Explanation:
+    """Result of :func:`explain`; render with :meth:`to_text`, :meth:`to_markdown` or :meth:`to_dict`."""
+
+    widths: list[int]
+    activation: str
+    loss: str
+    seed: int
+    steps: list[ExplainStep]
+    trace: TraceReport
+
+    @property
+    def ok(self) -> bool:
+        return all(v.ok is not False for s in self.steps for v in s.values)
+
+    def _header(self) -> str:
+        return (
+            f"manualbp explain: network {'-'.join(map(str, self.widths))}, activation {self.activation}, "
+            f"loss {self.loss}, seed {self.seed} (float64; inputs and weights rounded to 2 decimals)"
+        )
+
+    def _verdict(self) -> str:
+        values = [v for s in self.steps for v in s.values if v.ok is not None]
+        bad = [v for v in values if not v.ok]
+        if not bad:
+            return f"all {len(values)} computed values match native autograd"
+        names = ", ".join(v.name for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        return f"{len(bad)} of {len(values)} computed values differ from native autograd: {names}"
+
+    def to_text(self, check: str = "✓", cross: str = "✗") -> str:
+        titles = {
+            "given": "given (the example, and the weights)",
+            "forward": "1. forward pass",
+            "backward": "2. backward pass",
+        }
+        lines = [self._header(), ""]
+        section = None
+        for step in self.steps:
+            if step.section != section:
+                if section is not None:
+                    lines.append("")
+                section = step.section
+                lines.append(titles[section])
+            if step.section == "given":
+                groups: dict[int, list[ExplainValue]] = {}
+                for v in step.values:
+                    groups.setdefault(v.index[0] if len(v.index) > 1 else 0, []).append(v)
+                note = f"   ({step.formula})" if step.formula else ""
+                for k, group in enumerate(groups.values()):
+                    vals = "  ".join(f"{v.name} = {v.value:+.2f}" for v in group)
+                    label = f"{step.quantity}:" if k == 0 else ""
+                    lines.append(f"  {label.ljust(len(step.quantity) + 1)} {vals}" + (note if k == 0 else ""))
+                continue
+            lines.append(f"  {step.quantity} = {step.formula}")
+            width = max(len(v.name) for v in step.values)
+            for v in step.values:
+                mark = check if v.ok else f"{cross} autograd gives {_num(v.autograd)}"
+                lines.append(f"      {v.name.ljust(width)} = {_num(v.value)}  {mark}")
+        lines += ["", self._verdict()]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        titles = {"given": "Given", "forward": "1. Forward pass", "backward": "2. Backward pass"}
+        lines = [f"**{self._header()}**"]
+        section = None
+        for step in self.steps:
+            if step.section != section:
+                section = step.section
+                lines += ["", f"### {titles[section]}", ""]
+                if section == "given":
+                    lines += ["| quantity | values |", "|---|---|"]
+                else:
+                    lines += ["| quantity | formula | value | autograd | check |", "|---|---|---|---|---|"]
+            if step.section == "given":
+                vals = ", ".join(f"`{v.name}` = {v.value:+.2f}" for v in step.values)
+                lines.append(f"| `{step.quantity}` | {vals} |")
+                continue
+            for k, v in enumerate(step.values):
+                formula = f"`{step.quantity} = {step.formula}`" if k == 0 else ""
+                mark = "✓" if v.ok else "✗"
+                lines.append(f"| `{v.name}` | {formula} | {_num(v.value)} | {_num(v.autograd)} | {mark} |")
+        lines += ["", self._verdict()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "widths": self.widths,
+            "activation": self.activation,
+            "loss": self.loss,
+            "seed": self.seed,
+            "ok": self.ok,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+
+def _num(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:+.6f}" if abs(x) >= 1e-4 else f"{x:+.4e}"
+
+
+def _sub(indices: Sequence[int]) -> str:
+    """1-based subscript digits: 12 for (1, 2), or 1,12 when an index has two digits."""
+    return ("," if any(i > 9 for i in indices) else "").join(str(i) for i in indices)
+
+
+def explain(
+    widths: Sequence[int] = (2, 3, 2),
+    activation: str = "sigmoid",
+    loss: str = "squared_error",
+    seed: int = 0,
+) -> Explanation:
+    """One forward and backward pass of a tiny network, every scalar of the notes' worked example.
+
+    ``widths`` are the layer sizes (input, hidden..., output); with one hidden layer the names are the notes'
+    (z_i, a_i, o_k, w1_ij, w2_ki, b1_i, b2_k), deeper networks use superscripts (z^l_i, a^l_i, w^l_ij).
+    Inputs, targets and weights are drawn with ``seed`` and rounded to two decimals so that a student can
+    redo the arithmetic. Each value comes from :func:`trace` (manualbp.functional's formulas) and carries
+    its check against native autograd.
+    """
+    widths = [int(w) for w in widths] if isinstance(widths, (list, tuple)) else widths
+    if not isinstance(widths, list) or len(widths) < 2 or any(isinstance(w, bool) or w <= 0 for w in widths):
+        raise ValueError(f"widths: expected at least two positive integers (input, hidden..., output), got {widths!r}")
+    if activation not in F.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(sorted(F.ACTIVATIONS))}, got {activation!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    torch.manual_seed(seed)
+    model = MLP(widths[0], widths[1:-1], widths[-1], activation, dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.round(p * 100) / 100)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.round(torch.randn(1, widths[0], generator=gen, dtype=torch.float64) * 100) / 100
+    if loss == "cross_entropy":
+        y = torch.randint(0, widths[-1], (1,), generator=gen)
+        y_vec = TF.one_hot(y, widths[-1]).to(torch.float64)
+    else:
+        y = torch.round(torch.randn(1, widths[-1], generator=gen, dtype=torch.float64) * 100) / 100
+        y_vec = y
+    report = trace(model, x, y, loss)
+    n_layers = len(widths) - 1
+    notes_style = n_layers == 2
+
+    def unit(lyr: int) -> str:  # the index letter of a layer's units
+        return "k" if lyr == n_layers else "i"
+
+    def prev(lyr: int) -> str:  # the index letter of a layer's inputs
+        return "j" if lyr == 1 or lyr < n_layers else "i"
+
+    def w(lyr: int) -> str:
+        return f"w{lyr}" if notes_style else f"w^{lyr}"
+
+    def b(lyr: int) -> str:
+        return f"b{lyr}" if notes_style else f"b^{lyr}"
+
+    def z(lyr: int) -> str:
+        return "o" if lyr == n_layers else ("z" if notes_style else f"z^{lyr}")
+
+    def a(lyr: int) -> str:
+        return "x" if lyr == 0 else ("a" if notes_style else f"a^{lyr}")
+
+    def elements(base: str, t: Tensor, checked: Optional[Tensor] = None, batch_row: bool = False) -> list[ExplainValue]:
+        """One value per element; a (1, n) per-example tensor (the batch of one) is indexed by n only."""
+        t = t.detach()
+        if t.dim() == 2 and t.shape[0] == 1 and not base.startswith(("w", "dL/dw")):
+            t = t[0]
+        ref = None if checked is None else checked.detach().reshape(t.shape)
+        out = []
+        shape = tuple(t.shape)
+        flat = t.reshape(-1)
+        for k in range(flat.numel()):
+            index = tuple(int(i) + 1 for i in _unravel(k, shape))
+            name = f"{base}_{_sub(index)}" if index else base
+            value = float(flat[k])
+            if ref is None:
+                out.append(ExplainValue(name, index, value))
+            else:
+                r = float(ref.reshape(-1)[k])
+                ok = abs(value - r) <= report.atol + report.rtol * abs(r)
+                out.append(ExplainValue(name, index, value, r, ok))
+        return out
+
+    def row(name: str) -> tuple[Tensor, Tensor]:
+        rw = report[name]
+        assert rw.value is not None and rw.reference is not None
+        return rw.value, rw.reference
+
+    steps: list[ExplainStep] = []
+    steps.append(ExplainStep("given", "x_j", "", elements("x", x)))
+    target_note = (
+        f"class {int(y[0]) + 1} of {widths[-1]}: y_k = 1 for k = {int(y[0]) + 1}" if loss == "cross_entropy" else ""
+    )
+    steps.append(ExplainStep("given", "y_k", target_note, elements("y", y_vec)))
+    for lyr, lin in enumerate(model.linears, start=1):
+        steps.append(ExplainStep("given", f"{w(lyr)}_{unit(lyr)}{prev(lyr)}", "", elements(w(lyr), lin.weight)))
+        steps.append(ExplainStep("given", f"{b(lyr)}_{unit(lyr)}", "", elements(b(lyr), lin.bias)))
+    # forward
+    for lyr in range(1, n_layers + 1):
+        u, p = unit(lyr), prev(lyr)
+        formula = f"sum_{p} {w(lyr)}_{u}{p} {a(lyr - 1)}_{p} + {b(lyr)}_{u}"
+        tr_name = "o" if lyr == n_layers else f"z^{lyr}"
+        steps.append(ExplainStep("forward", f"{z(lyr)}_{u}", formula, elements(z(lyr), *row(tr_name))))
+        if lyr < n_layers:
+            steps.append(
+                ExplainStep(
+                    "forward",
+                    f"{a(lyr)}_{u}",
+                    f"sigma({z(lyr)}_{u}),  sigma = {activation}",
+                    elements(a(lyr), *row(f"a^{lyr}")),
+                )
+            )
+    K = widths[-1]
+    loss_formula = {
+        "squared_error": "1/2 sum_k (o_k - y_k)^2",
+        "mse": f"1/K sum_k (o_k - y_k)^2,  K = {K}",
+        "cross_entropy": "sum_k -y_k log yhat_k,  yhat_k = e^(o_k) / sum_j e^(o_j)",
+    }[loss]
+    if loss == "cross_entropy":  # the notes' predicted distribution, softmax of the logits
+        o_manual, o_native = row("o")
+        yhat = ExplainStep(
+            "forward",
+            "yhat_k",
+            "e^(o_k) / sum_j e^(o_j)",
+            elements("yhat", F.softmax(o_manual), torch.softmax(o_native, dim=-1)),
+        )
+        steps.append(yhat)
+        loss_formula = "sum_k -y_k log yhat_k"
+    steps.append(ExplainStep("forward", "L", loss_formula, elements("L", *row("L"))))
+    # backward
+    steps.append(ExplainStep("backward", "dL/dL", "1  (base case)", elements("dL/dL", *row("dL/dL"))))
+    grad_o = {"squared_error": "o_k - y_k", "mse": "2 (o_k - y_k) / K", "cross_entropy": "yhat_k - y_k"}[loss]
+    steps.append(ExplainStep("backward", "dL/do_k", f"dL/dL * ({grad_o})", elements("dL/do", *row("dL/do"))))
+    for lyr in range(n_layers, 0, -1):
+        u, p = unit(lyr), prev(lyr)
+        g = f"dL/d{z(lyr)}_{u}"
+        steps.append(
+            ExplainStep(
+                "backward",
+                f"dL/d{w(lyr)}_{u}{p}",
+                f"{g} * {a(lyr - 1)}_{p}",
+                elements(f"dL/d{w(lyr)}", *row(f"dL/dW^{lyr}")),
+            )
+        )
+        steps.append(ExplainStep("backward", f"dL/d{b(lyr)}_{u}", g, elements(f"dL/d{b(lyr)}", *row(f"dL/db^{lyr}"))))
+        if lyr > 1:
+            lower = lyr - 1
+            steps.append(
+                ExplainStep(
+                    "backward",
+                    f"dL/d{a(lower)}_{p}",
+                    f"sum_{u} {g} * {w(lyr)}_{u}{p}",
+                    elements(f"dL/d{a(lower)}", *row(f"dL/da^{lower}")),
+                )
+            )
+            a_sym = f"{a(lower)}_{p}"
+            deriv = _SIGMA_PRIME[activation].format(a=f"({a_sym})" if "^" in a_sym else a_sym)
+            zl = "z" if notes_style else f"z^{lower}"
+            steps.append(
+                ExplainStep(
+                    "backward",
+                    f"dL/d{zl}_{p}",
+                    f"dL/d{a(lower)}_{p} * sigma'({zl}_{p}) = dL/d{a(lower)}_{p} * {deriv}",
+                    elements(f"dL/d{zl}", *row(f"dL/dz^{lower}")),
+                )
+            )
+    return Explanation(widths, activation, loss, seed, steps, report)
+
+
+def _unravel(k: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    for n in reversed(shape):
+        out.append(k % n)
+        k //= n
+    return tuple(reversed(out))
