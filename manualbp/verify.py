@@ -1313,7 +1313,11 @@ def verify_matrix(
     losses = _check_choices(losses, LOSSES, "losses")
     dtypes = _check_choices(dtypes, list(DTYPES), "dtypes")
     devices = available_devices() if devices is None else list(devices)
-    devices = _check_choices(devices, available_devices() + [d for d in devices if d.startswith("cuda:")], "devices")
+    for d in devices:
+        if d not in available_devices() and not (d.startswith("cuda:") and torch.cuda.is_available()):
+            raise ValueError(f"devices: {d!r} is not available here (available: {', '.join(available_devices())})")
+    if not devices:
+        raise ValueError(f"devices: expected at least one of {', '.join(available_devices())}, got none")
     if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
         raise ValueError(f"depths: expected integers >= 0 (hidden layers), got {list(depths)}")
     sizes = {"in_features": in_features, "width": width, "out_features": out_features, "batch": batch}
