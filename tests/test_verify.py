@@ -346,3 +346,30 @@ def test_trace_localizes_an_injected_bug():
     with pytest.raises(ValueError, match="bug must be one of"):
         with V.inject_bug("nope"):
             pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices, and the whole default matrix (slow)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compare_and_trace_on_cuda(dtype):
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5, 5], 3, activation="tanh", dtype=dtype, device="cuda")
+    x, y = _batch("cross_entropy", dtype=dtype)
+    x, y = x.cuda(), y.cuda()
+    report = V.compare(model, x, y)
+    assert report.ok and report.meta["device"].type == "cuda", str(report)
+    assert V.trace(model, x, y).ok
+    result = V.verify_matrix(["sigmoid"], ["mse"], [1], ["float64", "float32", "float16"], ["cuda"])
+    assert result.ok, str(result)
+
+
+@pytest.mark.slow
+def test_default_matrix_passes():
+    result = V.verify_matrix()
+    assert result.ok, str(result)
+    assert len(result.results) == 5 * 3 * 2 * 2 * len(V.available_devices())
+    worst = max(r.max_rel_err for c in result.results for r in c.autograd_rows if c.dtype == "float64")
+    assert worst < 1e-13
