@@ -373,3 +373,14 @@ def test_default_matrix_passes():
     assert len(result.results) == 5 * 3 * 2 * 2 * len(V.available_devices())
     worst = max(r.max_rel_err for c in result.results for r in c.autograd_rows if c.dtype == "float64")
     assert worst < 1e-13
+
+
+def test_readme_verify_example_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- verify-example -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its Verify example"
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    assert "dL/dz^1" in capsys.readouterr().out
