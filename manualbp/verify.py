@@ -36,6 +36,18 @@ from .autograd import MLPFunction
 from .nn import MLP, CrossEntropyLoss, MSELoss, SquaredErrorLoss
 
 __all__ = [
+    "ACTIVATION_DERIVATIVES",
+    "ConfigResult",
+    "DTYPES",
+    "Explanation",
+    "ExplainStep",
+    "ExplainValue",
+    "FiniteDifferenceRow",
+    "LOW_PRECISION_FACTOR",
+    "MatrixResult",
+    "available_devices",
+    "explain",
+    "verify_matrix",
     "LOSSES",
     "Row",
     "Report",
@@ -429,7 +441,7 @@ def compare(
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     manual_loss, native_loss = _loss_pair(loss, reduction)
-    pairs = _match_parameters(model, reference)
+    pairs = [pair for pair in _match_parameters(model, reference) if pair[1].requires_grad]  # frozen: no gradient
     display = _parameter_names(model)
     m_loss, m_out, m_gx, m_grads = _run(model, [p for _, p, _ in pairs], manual_loss, input, target)
     r_loss, r_out, r_gx, r_grads = _run(reference, [q for _, _, q in pairs], native_loss, input, target)
@@ -1542,8 +1554,12 @@ def explain(
     redo the arithmetic. Each value comes from :func:`trace` (manualbp.functional's formulas) and carries
     its check against native autograd.
     """
-    widths = [int(w) for w in widths] if isinstance(widths, (list, tuple)) else widths
-    if not isinstance(widths, list) or len(widths) < 2 or any(isinstance(w, bool) or w <= 0 for w in widths):
+    widths = list(widths) if isinstance(widths, (list, tuple)) else widths
+    if (
+        not isinstance(widths, list)
+        or len(widths) < 2
+        or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths)
+    ):
         raise ValueError(f"widths: expected at least two positive integers (input, hidden..., output), got {widths!r}")
     if activation not in F.ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(sorted(F.ACTIVATIONS))}, got {activation!r}")

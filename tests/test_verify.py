@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from helpers import native_loss
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import manualbp
@@ -384,3 +386,33 @@ def test_readme_verify_example_runs(capsys):
     assert block, "README lost its Verify example"
     exec(compile(block.group(1), "README.md", "exec"), {})
     assert "dL/dz^1" in capsys.readouterr().out
+
+
+def test_compare_skips_frozen_parameters():
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5], 3, dtype=D)
+    model.linears[0].weight.requires_grad_(False)
+    x, y = _batch("cross_entropy")
+    report = V.compare(model, x, y)
+    assert report.ok and "dL/dW^1" not in [r.name for r in report] and "dL/db^1" in [r.name for r in report]
+
+
+@settings(max_examples=15)
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    activation=st.sampled_from(["sigmoid", "tanh", "relu", "leaky_relu", "identity"]),
+    loss=st.sampled_from(["cross_entropy", "squared_error", "mse"]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    batch=st.integers(1, 5),
+    bias=st.booleans(),
+)
+def test_property_compare_and_trace_agree_in_float64(widths, activation, loss, reduction, batch, bias):
+    torch.manual_seed(0)
+    model = manualbp.MLP(widths[0], widths[1:-1], widths[-1], activation=activation, bias=bias, dtype=D)
+    x, y = _batch(loss, n=batch, in_features=widths[0], out_features=widths[-1])
+    report = V.compare(model, x, y, loss, reduction=reduction)
+    assert report.ok, str(report)
+    assert report.max_rel_err < 1e-12
+    tr = V.trace(model, x, y, loss, reduction=reduction)
+    assert tr.ok, str(tr)
+    assert len(tr) == 2 * (len(widths) - 2) + 4 + (1 + bias) * (len(widths) - 1) + 2 * (len(widths) - 2) + 1
