@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import NoReturn, Optional, Sequence
 
@@ -176,6 +177,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "verify":
             return run_verify(args)
         return run_explain(args)
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, OSError) as exc:  # bad input: one clear line, no traceback
         print(f"manualbp {args.command}: error: {exc}", file=sys.stderr)
         return 2

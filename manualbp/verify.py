@@ -503,7 +503,7 @@ def _reduction_note(loss: str, reduction: str) -> str:
     return f" ({reduction} over examples)"
 
 
-def _flatten_batch(model: MLP, input: Tensor, target: Tensor, loss: LossArg) -> tuple[Tensor, Tensor]:
+def _flatten_batch(model: MLP, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(*, in) -> (N, in) with the target to match, as MLPFunction flattens the batch."""
     if input.dim() == 0 or input.shape[-1] != model.in_features:
         raise ValueError(
@@ -557,7 +557,7 @@ def trace(
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     manual_loss, native_loss = _loss_pair(loss, reduction)
-    x, y = _flatten_batch(model, input, target, loss)
+    x, y = _flatten_batch(model, input, target)
     specs = model.activation_specs
     n_layers = len(model.linears)
     last = n_layers  # the output layer's superscript
@@ -1600,7 +1600,7 @@ def explain(
     def a(lyr: int) -> str:
         return "x" if lyr == 0 else ("a" if notes_style else f"a^{lyr}")
 
-    def elements(base: str, t: Tensor, checked: Optional[Tensor] = None, batch_row: bool = False) -> list[ExplainValue]:
+    def elements(base: str, t: Tensor, checked: Optional[Tensor] = None) -> list[ExplainValue]:
         """One value per element; a (1, n) per-example tensor (the batch of one) is indexed by n only."""
         t = t.detach()
         if t.dim() == 2 and t.shape[0] == 1 and not base.startswith(("w", "dL/dw")):
