@@ -190,4 +190,6 @@ def test_report_logs_to_wandb(tmp_path):
     assert len(runs) == 1
     logged = read_offline_run(runs[0])
     assert logged["config"] == {"sweep": "sweep"} and logged["summary"]["status"] == "completed"
-    assert {"lr_init_heatmap", "learning_curves", "sweep_table"} <= set(logged["history"][0])
+    logged_names = {key.split("/")[0] for key in logged["history"][0]}  # media are logged as nested records
+    assert {"lr_init_heatmap", "learning_curves", "grad_norms", "stop_epochs", "sweep_table"} <= logged_names
+    assert logged["history"][0]["sweep_table/nrows"] == 4
