@@ -395,3 +395,15 @@ def test_cuda_run_matches_cpu_start():
     cpu = run(cfg(device="cpu", dtype="float64", data={"name": "iris"}, backend="both"))
     assert gpu.metrics["max_grad_rel_diff"] < 1e-10
     assert gpu.history[0]["train_loss"] == pytest.approx(cpu.history[0]["train_loss"], rel=1e-9)
+
+
+def test_readme_training_example_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- readme-train-example -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its training example"
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    status, reason, acc, drift = capsys.readouterr().out.split()
+    assert status in ("completed", "stopped") and float(acc) > 0.8 and float(drift) < 1e-3
