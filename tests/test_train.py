@@ -188,6 +188,14 @@ def test_schedule_drives_the_optimizer_lr():
     assert [h["lr"] for h in r.history] == [0.1, 0.05, 0.025, 0.0125]
 
 
+def test_per_step_rules_inside_the_loop(tmp_path):
+    r = run(cfg(data={"name": "iris"}, stopping={"max_epochs": 50, "max_steps": 10}, output_dir=str(tmp_path)))
+    assert (r.status, r.stop_reason, r.metrics["steps"], r.metrics["epochs"]) == ("completed", "max_steps", 10, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "history.csv", "metrics.json"]
+    t = run(cfg(data={"name": "iris"}, stopping={"max_epochs": 10**6, "time_budget": 0.3}))
+    assert (t.status, t.stop_reason) == ("stopped", "time_budget") and t.metrics["wall_time_s"] < 5
+
+
 def test_divergence_ends_the_run_with_its_history():
     r = run(
         cfg(data={"name": "diabetes"}, model={"activation": "relu"}, optim={"lr": 1e4}, stopping={"max_epochs": 20})

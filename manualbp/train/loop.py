@@ -267,7 +267,10 @@ def run(config: Any = None) -> RunResult:
                 f"stopping: monitor {monitor!r} does not exist for a {data.task} set (use *_loss or *_{score})"
             )
         if monitor.startswith("val_") and data.n_val == 0:
-            raise ValueError(f"stopping: monitor {monitor!r} needs a validation split, but data.val_fraction is 0")
+            raise ValueError(
+                f"stopping: monitor {monitor!r} needs a validation split, but data.val_fraction is 0 "
+                "(set data.val_fraction > 0, or monitor a train_* metric, or turn the rule off with null)"
+            )
 
     mc = cfg["model"]
     model = MLP(
