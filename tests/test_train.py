@@ -150,10 +150,12 @@ def test_batch_size_one_and_full():
     assert full.metrics["steps"] == 5
 
 
-def test_other_optimizers_by_name_and_import_path():
-    adam = run(cfg(data={"name": "iris"}, optim={"name": "adam", "lr": 0.01, "betas": [0.8, 0.99]}))
+def test_other_optimizers_by_name_and_import_path(tmp_path):
+    adam_cfg = cfg(data={"name": "iris"}, optim={"name": "adam", "lr": 0.01, "betas": [0.8, 0.99]})
+    adam = run({**adam_cfg, "output_dir": str(tmp_path)})
     rms = run(cfg(data={"name": "iris"}, optim={"name": "torch.optim.RMSprop", "lr": 0.01, "alpha": 0.9}))
     assert adam.status == rms.status == "completed"
+    assert run({**adam_cfg, "output_dir": str(tmp_path)}).metrics == adam.metrics  # Adam's state loads weights_only
     with pytest.raises(ValueError, match="optim.momentum is not an argument of torch.optim.adam.Adam"):
         run(cfg(optim={"name": "adam", "momentum": 0.9}))
     with pytest.raises(ValueError, match="optim.name must be 'sgd', 'adam' or the import path"):
