@@ -235,7 +235,11 @@ def test_regression_reports_r2_like_sklearn():
 
 # -- reproducibility, files and resume ---------------------------------------------------------------
 def test_same_seed_bit_identical_history_other_seed_differs():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     a = run(cfg(data={"name": "iris", "val_fraction": 0.2}, seed=4))
+    assert torch.equal(before, torch.get_rng_state())  # a fresh run leaves the global RNG alone
+    torch.manual_seed(999)  # ... and does not depend on it
     b = run(cfg(data={"name": "iris", "val_fraction": 0.2}, seed=4))
     c = run(cfg(data={"name": "iris", "val_fraction": 0.2}, seed=5))
     assert strip_times(a.history) == strip_times(b.history)

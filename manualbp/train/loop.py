@@ -241,15 +241,16 @@ def run(config: Any = None) -> RunResult:
         if saved.get("result") is not None:
             r = saved["result"]
             arch = r["arch"]
-            model = MLP(
-                arch["in_features"],
-                arch["hidden"],
-                arch["out_features"],
-                activation=arch["activation"],
-                bias=arch["bias"],
-                negative_slope=arch["negative_slope"],
-                dtype=getattr(torch, cfg["dtype"]),
-            )
+            with torch.random.fork_rng(devices=[]):
+                model = MLP(
+                    arch["in_features"],
+                    arch["hidden"],
+                    arch["out_features"],
+                    activation=arch["activation"],
+                    bias=arch["bias"],
+                    negative_slope=arch["negative_slope"],
+                    dtype=getattr(torch, cfg["dtype"]),
+                )
             model.load_state_dict(r["model_state"])
             return RunResult(r["status"], r["stop_reason"], r["metrics"], saved["history"], cfg, out_dir, model)
 
@@ -273,15 +274,16 @@ def run(config: Any = None) -> RunResult:
             )
 
     mc = cfg["model"]
-    model = MLP(
-        data.in_features,
-        mc["hidden"],
-        data.out_features,
-        activation=mc["activation"],
-        bias=mc["bias"],
-        negative_slope=mc.get("negative_slope", 0.01),
-        dtype=dtype,
-    )
+    with torch.random.fork_rng(devices=[]):  # the constructor's default init must not advance the global RNG
+        model = MLP(
+            data.in_features,
+            mc["hidden"],
+            data.out_features,
+            activation=mc["activation"],
+            bias=mc["bias"],
+            negative_slope=mc.get("negative_slope", 0.01),
+            dtype=dtype,
+        )
     initialize(model, cfg["init"], torch.Generator().manual_seed(seed))  # on CPU: the same weights on any device
     model.to(device)
     backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
