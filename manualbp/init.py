@@ -250,7 +250,7 @@ def init_weight(
     """Fill one (out, in) weight in place with the scheme of ``init_cfg``; returns it."""
     name, params, _, _ = check_init_cfg(init_cfg)
     with torch.no_grad():
-        SCHEMES[name](weight, params, nonlinearity, negative_slope, generator)
+        _draw(lambda t: SCHEMES[name](t, params, nonlinearity, negative_slope, generator), weight)
     return weight
 
 
@@ -258,8 +258,19 @@ def init_bias(bias: Tensor, init_cfg: object, fan_in: int, generator: Optional[t
     """Fill one bias vector in place with ``init_cfg``'s bias scheme; returns it."""
     _, _, name, params = check_init_cfg(init_cfg)
     with torch.no_grad():
-        BIAS_SCHEMES[name](bias, params, fan_in, generator)
+        _draw(lambda t: BIAS_SCHEMES[name](t, params, fan_in, generator), bias)
     return bias
+
+
+def _draw(fill: Callable[[Tensor], None], tensor: Tensor) -> None:
+    """Run ``fill`` on ``tensor``; half-precision tensors are drawn in float32 and rounded (some schemes,
+    e.g. orthogonal's QR, have no half-precision kernel)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tmp = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+        fill(tmp)
+        tensor.copy_(tmp)
+    else:
+        fill(tensor)
 
 
 def initialize(model: nn.Module, init_cfg: object, generator: Optional[torch.Generator] = None) -> nn.Module:
@@ -281,7 +292,8 @@ def initialize(model: nn.Module, init_cfg: object, generator: Optional[torch.Gen
     name, params, bias_name, bias_params = check_init_cfg(init_cfg)
     with torch.no_grad():
         for lin, nl, slope in layer_nonlinearities(model):
-            SCHEMES[name](lin.weight, params, nl, slope, generator)
+            _draw(lambda t, nl=nl, slope=slope: SCHEMES[name](t, params, nl, slope, generator), lin.weight)
             if lin.bias is not None:
-                BIAS_SCHEMES[bias_name](lin.bias, bias_params, lin.weight.shape[1], generator)
+                fan_in = lin.weight.shape[1]
+                _draw(lambda t, f=fan_in: BIAS_SCHEMES[bias_name](t, bias_params, f, generator), lin.bias)
     return model

@@ -184,3 +184,14 @@ def test_bad_config_names_the_key(cfg, match, exc):
 def test_bad_model_type():
     with pytest.raises(TypeError, match="model must be a manualbp.MLP or an nn.Sequential"):
         initialize(nn.Linear(2, 2), "zeros")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_draws_the_float32_numbers_rounded(dtype):
+    half = manualbp.MLP(12, [10], 4, dtype=dtype)
+    full = manualbp.MLP(12, [10], 4, dtype=torch.float32)
+    for name in SCHEMES:
+        initialize(half, {"name": name, "bias": "torch_default"}, gen(2))
+        initialize(full, {"name": name, "bias": "torch_default"}, gen(2))
+        for a, b in zip(half.parameters(), full.parameters()):
+            assert a.dtype == dtype and torch.equal(a, b.to(dtype))

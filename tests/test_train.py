@@ -70,17 +70,12 @@ def test_default_network_learns_digits():
 
 
 def test_zero_init_stays_at_chance_and_symmetric():
-    r = run(cfg(init={"name": "zeros"}, stopping={"max_epochs": 4}, output_dir=None))
+    r = run(cfg(init={"name": "zeros"}, stopping={"max_epochs": 4}))
     assert r.metrics["test_accuracy"] < 0.2
     # why: every hidden unit gets the same gradient, so the rows of W1 stay identical (symmetry never breaks)
-    model = manualbp.MLP(64, [64], 10)
-    manualbp.init.initialize(model, "zeros")
-    backend = ManualBackend(model, "cross_entropy", DEFAULTS["optim"])
-    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
-    for _ in range(5):
-        backend.step(x, y)
-    w1 = model.linears[0].weight
+    w1, w2 = r.model.linears[0].weight, r.model.linears[1].weight
     assert torch.equal(w1, w1[:1].expand_as(w1)) and w1.abs().max() > 0
+    assert torch.equal(w2, w2[:, :1].expand_as(w2))
 
 
 def test_small_init_stalls_deep_sigmoid_while_xavier_learns():
@@ -155,10 +150,12 @@ def test_batch_size_one_and_full():
     assert full.metrics["steps"] == 5
 
 
-def test_other_optimizers_by_name_and_import_path():
-    adam = run(cfg(data={"name": "iris"}, optim={"name": "adam", "lr": 0.01, "betas": [0.8, 0.99]}))
+def test_other_optimizers_by_name_and_import_path(tmp_path):
+    adam_cfg = cfg(data={"name": "iris"}, optim={"name": "adam", "lr": 0.01, "betas": [0.8, 0.99]})
+    adam = run({**adam_cfg, "output_dir": str(tmp_path)})
     rms = run(cfg(data={"name": "iris"}, optim={"name": "torch.optim.RMSprop", "lr": 0.01, "alpha": 0.9}))
     assert adam.status == rms.status == "completed"
+    assert run({**adam_cfg, "output_dir": str(tmp_path)}).metrics == adam.metrics  # Adam's state loads weights_only
     with pytest.raises(ValueError, match="optim.momentum is not an argument of torch.optim.adam.Adam"):
         run(cfg(optim={"name": "adam", "momentum": 0.9}))
     with pytest.raises(ValueError, match="optim.name must be 'sgd', 'adam' or the import path"):
@@ -191,6 +188,14 @@ def test_schedule_drives_the_optimizer_lr():
         )
     )
     assert [h["lr"] for h in r.history] == [0.1, 0.05, 0.025, 0.0125]
+
+
+def test_per_step_rules_inside_the_loop(tmp_path):
+    r = run(cfg(data={"name": "iris"}, stopping={"max_epochs": 50, "max_steps": 10}, output_dir=str(tmp_path)))
+    assert (r.status, r.stop_reason, r.metrics["steps"], r.metrics["epochs"]) == ("completed", "max_steps", 10, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json", "history.csv", "metrics.json"]
+    t = run(cfg(data={"name": "iris"}, stopping={"max_epochs": 10**6, "time_budget": 0.3}))
+    assert (t.status, t.stop_reason) == ("stopped", "time_budget") and t.metrics["wall_time_s"] < 5
 
 
 def test_divergence_ends_the_run_with_its_history():
@@ -230,7 +235,11 @@ def test_regression_reports_r2_like_sklearn():
 
 # -- reproducibility, files and resume ---------------------------------------------------------------
 def test_same_seed_bit_identical_history_other_seed_differs():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     a = run(cfg(data={"name": "iris", "val_fraction": 0.2}, seed=4))
+    assert torch.equal(before, torch.get_rng_state())  # a fresh run leaves the global RNG alone
+    torch.manual_seed(999)  # ... and does not depend on it
     b = run(cfg(data={"name": "iris", "val_fraction": 0.2}, seed=4))
     c = run(cfg(data={"name": "iris", "val_fraction": 0.2}, seed=5))
     assert strip_times(a.history) == strip_times(b.history)
@@ -279,6 +288,8 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
         m.setattr(ManualBackend, "step", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
         again = run({**config, "output_dir": out, "progress": False})
     assert again.metrics == resumed.metrics and again.status == resumed.status
+    for a, b in zip(again.model.state_dict().values(), whole.model.state_dict().values()):
+        assert torch.equal(a, b)
 
     # the files
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -395,3 +406,15 @@ def test_cuda_run_matches_cpu_start():
     cpu = run(cfg(device="cpu", dtype="float64", data={"name": "iris"}, backend="both"))
     assert gpu.metrics["max_grad_rel_diff"] < 1e-10
     assert gpu.history[0]["train_loss"] == pytest.approx(cpu.history[0]["train_loss"], rel=1e-9)
+
+
+def test_readme_training_example_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- readme-train-example -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its training example"
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    status, reason, acc, drift = capsys.readouterr().out.split()
+    assert status in ("completed", "stopped") and float(acc) > 0.8 and float(drift) < 1e-3

@@ -51,6 +51,8 @@ class RunResult:
         history: one dict per epoch.
         config: the resolved configuration.
         output_dir: where the files are, or None.
+        model: the trained :class:`manualbp.MLP` (the weights the metrics were computed with: the best
+            epoch's under early stopping's ``restore_best``), on the training device.
     """
 
     status: str
@@ -59,6 +61,7 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     output_dir: Optional[str] = None
+    model: Optional[MLP] = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -237,7 +240,19 @@ def run(config: Any = None) -> RunResult:
             )
         if saved.get("result") is not None:
             r = saved["result"]
-            return RunResult(r["status"], r["stop_reason"], r["metrics"], saved["history"], cfg, out_dir)
+            arch = r["arch"]
+            with torch.random.fork_rng(devices=[]):
+                model = MLP(
+                    arch["in_features"],
+                    arch["hidden"],
+                    arch["out_features"],
+                    activation=arch["activation"],
+                    bias=arch["bias"],
+                    negative_slope=arch["negative_slope"],
+                    dtype=getattr(torch, cfg["dtype"]),
+                )
+            model.load_state_dict(r["model_state"])
+            return RunResult(r["status"], r["stop_reason"], r["metrics"], saved["history"], cfg, out_dir, model)
 
     device = resolve_device(cfg["device"])
     dtype = getattr(torch, cfg["dtype"])
@@ -253,18 +268,22 @@ def run(config: Any = None) -> RunResult:
                 f"stopping: monitor {monitor!r} does not exist for a {data.task} set (use *_loss or *_{score})"
             )
         if monitor.startswith("val_") and data.n_val == 0:
-            raise ValueError(f"stopping: monitor {monitor!r} needs a validation split, but data.val_fraction is 0")
+            raise ValueError(
+                f"stopping: monitor {monitor!r} needs a validation split, but data.val_fraction is 0 "
+                "(set data.val_fraction > 0, or monitor a train_* metric, or turn the rule off with null)"
+            )
 
     mc = cfg["model"]
-    model = MLP(
-        data.in_features,
-        mc["hidden"],
-        data.out_features,
-        activation=mc["activation"],
-        bias=mc["bias"],
-        negative_slope=mc.get("negative_slope", 0.01),
-        dtype=dtype,
-    )
+    with torch.random.fork_rng(devices=[]):  # the constructor's default init must not advance the global RNG
+        model = MLP(
+            data.in_features,
+            mc["hidden"],
+            data.out_features,
+            activation=mc["activation"],
+            bias=mc["bias"],
+            negative_slope=mc.get("negative_slope", 0.01),
+            dtype=dtype,
+        )
     initialize(model, cfg["init"], torch.Generator().manual_seed(seed))  # on CPU: the same weights on any device
     model.to(device)
     backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
@@ -417,7 +436,22 @@ def run(config: Any = None) -> RunResult:
             }
         )
         metrics.update(extra)
-        result = {"status": status, "stop_reason": stop_reason, "metrics": metrics}
+        final_model = backend.model
+        arch = {
+            "in_features": data.in_features,
+            "hidden": list(final_model.hidden_features),
+            "out_features": data.out_features,
+            "activation": [spec[0] for spec in final_model.activation_specs],
+            "bias": final_model.bias,
+            "negative_slope": mc.get("negative_slope", 0.01),
+        }
+        result = {
+            "status": status,
+            "stop_reason": stop_reason,
+            "metrics": metrics,
+            "arch": arch,
+            "model_state": {k: v.detach().cpu() for k, v in final_model.state_dict().items()},
+        }
         if out_dir:
             _atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(_json_safe(metrics), indent=2) + "\n")
             save_checkpoint(result)
@@ -428,4 +462,4 @@ def run(config: Any = None) -> RunResult:
         raise
     bar.close()
     sink.finish(status)
-    return RunResult(status, stop_reason, metrics, history, cfg, out_dir)
+    return RunResult(status, stop_reason, metrics, history, cfg, out_dir, final_model)
