@@ -21,7 +21,7 @@ install:
 	@$(MAKE) --no-print-directory $(STAMP) TORCH="$(TORCH)"
 
 run: install
-	$(PY) scripts/demo.py
+	$(PY) experiments/train.py
 
 test: install
 	$(PY) -m ruff check manualbp tests scripts experiments

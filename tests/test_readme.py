@@ -20,5 +20,7 @@ def test_readme_example_runs():
 
 
 def test_version_flag():
-    out = subprocess.run([sys.executable, "-m", "manualbp.cli", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "manualbp.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == f"manualbp {manualbp.__version__}"

@@ -1,0 +1,450 @@
+"""Data sets for training: scikit-learn's bundled sets, MNIST-1D (built offline), synthetic sets, and files.
+
+:func:`load_dataset` returns a :class:`Dataset` of tensors already on the training device: a
+deterministic train/val/test split by ``seed`` (stratified for classification), features standardized
+with statistics of the training split only (and regression targets too). Nothing is downloaded and
+nothing is cached on disk.
+
+``data.name``:
+
+- ``digits``, ``iris``, ``wine``, ``breast_cancer`` (classification), ``diabetes`` (regression):
+  scikit-learn's bundled copies.
+- ``mnist1d``: MNIST-1D (Greydanus, 2020) generated with ``mnist1d.data.make_dataset`` and its
+  default arguments (5000 sequences of length 40, 10 classes); its own train/test split is pooled and
+  re-split by ``seed`` like every other set.
+- ``xor``, ``moons``, ``spirals`` (classification) and ``teacher`` (regression from a random teacher
+  MLP): synthetic, drawn from ``seed``; parameters ``n_samples``, ``noise`` (and ``n_classes`` for
+  spirals; ``n_features``, ``n_outputs``, ``teacher_hidden`` for teacher).
+- ``file`` with ``path``: ``.npz`` holding ``X`` and ``y``; ``.csv`` with a header row and the target
+  column named by ``target``; or MNIST-format IDX files (``path`` the images, ``labels_path`` the
+  labels, optionally gzipped). ``task`` (auto | classification | regression) says what ``y`` is; auto
+  takes integer or string targets as classes and floating targets as regression.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import os
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import DEFAULTS, is_number
+
+__all__ = ["Dataset", "load_dataset", "DATASETS", "check_data_cfg", "read_idx"]
+
+CLASSIFICATION = ("digits", "iris", "wine", "breast_cancer", "mnist1d", "xor", "moons", "spirals")
+REGRESSION = ("diabetes", "teacher")
+DATASETS = (*CLASSIFICATION, *REGRESSION, "file")
+
+_COMMON = ("name", "path", "target", "val_fraction", "test_fraction", "standardize")
+_EXTRA: dict[str, tuple[str, ...]] = {
+    "xor": ("n_samples", "noise"),
+    "moons": ("n_samples", "noise"),
+    "spirals": ("n_samples", "noise", "n_classes"),
+    "teacher": ("n_samples", "noise", "n_features", "n_outputs", "teacher_hidden"),
+    "file": ("labels_path", "task"),
+}
+_SYNTH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "xor": {"n_samples": 400, "noise": 0.25},
+    "moons": {"n_samples": 500, "noise": 0.2},
+    "spirals": {"n_samples": 600, "noise": 0.2, "n_classes": 3},
+    "teacher": {"n_samples": 1000, "noise": 0.1, "n_features": 8, "n_outputs": 1, "teacher_hidden": [16]},
+}
+
+
+@dataclass
+class Dataset:
+    """A split, standardized data set on one device.
+
+    ``y_*`` are int64 class indices (N,) for classification and floats (N, out_features) for regression.
+    ``x_mean``/``x_scale`` are the training split's standardization statistics (numpy, for reference).
+    """
+
+    name: str
+    task: str
+    in_features: int
+    out_features: int
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    x_mean: Optional[np.ndarray] = None
+    x_scale: Optional[np.ndarray] = None
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def n_val(self) -> int:
+        return int(self.x_val.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+def check_data_cfg(cfg: object) -> dict[str, Any]:
+    """Check a ``data`` config (names the bad key); returns it with the synthetic defaults filled in."""
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"data must be a mapping, got {type(cfg).__name__}")
+    name = cfg.get("name")
+    if name not in DATASETS:
+        raise ValueError(f"data.name must be one of {', '.join(DATASETS)}, got {name!r}")
+    allowed = _COMMON + _EXTRA.get(name, ())
+    for key in cfg:
+        if key not in allowed:
+            raise ValueError(f"unknown config key 'data.{key}' for data set {name!r}; known keys: {', '.join(allowed)}")
+    out = {**DEFAULTS["data"], **_SYNTH_DEFAULTS.get(name, {}), **cfg}
+    for key in ("val_fraction", "test_fraction"):
+        v = out.get(key, 0.0)
+        if not (is_number(v) and 0 <= v < 1):
+            raise ValueError(f"data.{key} must be a number in [0, 1), got {v!r}")
+    if out.get("val_fraction", 0) + out.get("test_fraction", 0) >= 1:
+        raise ValueError(
+            f"data.val_fraction + data.test_fraction must be < 1 (something must be left to train on), "
+            f"got {out.get('val_fraction')} + {out.get('test_fraction')}"
+        )
+    if "standardize" in out and not isinstance(out["standardize"], bool):
+        raise TypeError(f"data.standardize must be true or false, got {out['standardize']!r}")
+    if "n_samples" in out and (
+        isinstance(out["n_samples"], bool) or not isinstance(out["n_samples"], int) or out["n_samples"] < 8
+    ):
+        raise ValueError(f"data.n_samples must be an integer >= 8, got {out['n_samples']!r}")
+    if "noise" in out and not (is_number(out["noise"]) and out["noise"] >= 0):
+        raise ValueError(f"data.noise must be a number >= 0, got {out['noise']!r}")
+    for key in ("n_classes", "n_features", "n_outputs"):
+        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
+            raise ValueError(f"data.{key} must be a positive integer, got {out[key]!r}")
+    if "teacher_hidden" in out:
+        th = out["teacher_hidden"]
+        th = [th] if isinstance(th, int) and not isinstance(th, bool) else th
+        if not isinstance(th, (list, tuple)) or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in th):
+            raise ValueError(
+                f"data.teacher_hidden must be a list of positive layer widths, got {out['teacher_hidden']!r}"
+            )
+    if name == "file":
+        path = out.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("data.path must name a .npz, .csv or IDX file when data.name is 'file', got None")
+        task = out.get("task", "auto")
+        if task not in ("auto", "classification", "regression"):
+            raise ValueError(f"data.task must be 'auto', 'classification' or 'regression', got {task!r}")
+    elif out.get("path") is not None:
+        raise ValueError(f"data.path is only read when data.name is 'file' (data.name is {name!r})")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources: each returns (X float64 (N, F), y (N,) labels or (N, K) floats, task)
+# --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    state_np, state_py = np.random.get_state(), random.getstate()
+    try:  # make_dataset seeds the global RNGs; leave the caller's untouched
+        d = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(state_np)
+        random.setstate(state_py)
+    x = np.concatenate([d["x"], d["x_test"]]).astype(np.float64)
+    y = np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
+def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray]:
+    import sklearn.datasets as D
+
+    loader = {
+        "digits": D.load_digits,
+        "iris": D.load_iris,
+        "wine": D.load_wine,
+        "breast_cancer": D.load_breast_cancer,
+        "diabetes": D.load_diabetes,
+    }[name]
+    x, y = loader(return_X_y=True)
+    return np.asarray(x, dtype=np.float64), np.asarray(y)
+
+
+def _xor(n: int, noise: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Four Gaussian blobs at (+-1, +-1); the label is the XOR of the two signs."""
+    corners = rng.integers(0, 2, size=(n, 2))
+    x = (2.0 * corners - 1.0) + noise * rng.standard_normal((n, 2))
+    return x, (corners[:, 0] ^ corners[:, 1]).astype(np.int64)
+
+
+def _spirals(n: int, noise: float, n_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n_classes`` interleaved spiral arms in the plane (the classic CS231n set)."""
+    per = max(n // n_classes, 1)
+    xs, ys = [], []
+    for k in range(n_classes):
+        r = np.linspace(0.05, 1.0, per)
+        t = np.linspace(k * 2 * math.pi / n_classes, k * 2 * math.pi / n_classes + 1.5 * math.pi, per)
+        t = t + noise * rng.standard_normal(per)
+        xs.append(np.stack([r * np.sin(t), r * np.cos(t)], 1))
+        ys.append(np.full(per, k, dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _teacher(cfg: Mapping[str, Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Regression targets from a random tanh teacher MLP (N(0,1) weights / sqrt(fan_in)) plus noise."""
+    from ..nn import MLP
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = cfg["teacher_hidden"]
+    hidden = [hidden] if isinstance(hidden, int) else list(hidden)
+    teacher = MLP(cfg["n_features"], hidden, cfg["n_outputs"], activation="tanh", dtype=torch.float64)
+    with torch.no_grad():
+        for lin in teacher.linears:
+            lin.weight.normal_(0, 1 / math.sqrt(lin.in_features), generator=g)
+            lin.bias.normal_(0, 0.1, generator=g)
+        x = torch.randn(cfg["n_samples"], cfg["n_features"], generator=g, dtype=torch.float64)
+        y = teacher(x)
+        y = y + cfg["noise"] * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    return x.numpy(), y.numpy()
+
+
+def _open(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (the MNIST format: magic 0 0 type ndim, big-endian int32 dims, data); may be gzipped."""
+    with _open(path) as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"data.path: {path!r} is not an IDX file (bad magic number {raw[:4].hex()!r})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"data.path: {path!r} is a truncated IDX file (header needs {header} bytes)")
+    dims = [int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + dtype.itemsize * int(np.prod(dims))
+    if len(raw) != expected:
+        raise ValueError(
+            f"data.path: {path!r} is a malformed IDX file: dims {dims} need {expected} bytes, the file has {len(raw)}"
+        )
+    return (
+        np.frombuffer(raw, dtype=dtype, offset=header)
+        .reshape(dims)
+        .astype(np.float64 if dtype.kind == "f" else np.int64)
+    )
+
+
+def _read_csv(path: str, target: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+    if not target:
+        raise ValueError("data.target must name the target column of a .csv file")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"data.path: {path!r} is empty")
+    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
+    if target not in header:
+        raise ValueError(f"data.target: column {target!r} is not in {path!r} (columns: {', '.join(header)})")
+    if not body:
+        raise ValueError(f"data.path: {path!r} has a header but no rows")
+    t = header.index(target)
+    feats = [k for k in range(len(header)) if k != t]
+    x = np.empty((len(body), len(feats)), dtype=np.float64)
+    for i, row in enumerate(body):
+        if len(row) != len(header):
+            raise ValueError(f"data.path: {path!r} row {i + 2} has {len(row)} fields, the header {len(header)}")
+        for j, k in enumerate(feats):
+            try:
+                x[i, j] = float(row[k])
+            except ValueError:
+                raise ValueError(
+                    f"data.path: {path!r} row {i + 2}, column {header[k]!r}: {row[k]!r} is not a number"
+                ) from None
+    labels = [row[t].strip() for row in body]
+    try:
+        y = np.array([float(v) for v in labels])
+        if np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+    except ValueError:
+        y = np.array(labels)  # string class names
+    return x, y
+
+
+def _read_file(cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    path = cfg["path"]
+    if not os.path.isfile(path):
+        raise ValueError(f"data.path: no such file {path!r}")
+    lower = path.lower()
+    if lower.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                keys = set(z.files)
+                xk = "X" if "X" in keys else "x" if "x" in keys else None
+                if xk is None or "y" not in keys:
+                    raise ValueError(f"data.path: {path!r} must hold arrays 'X' and 'y', it holds {sorted(keys)}")
+                x, y = z[xk], z["y"]
+        except ValueError as e:
+            if str(e).startswith("data.path"):
+                raise
+            raise ValueError(f"data.path: cannot read {path!r} as .npz without pickle: {e}") from None
+        except OSError as e:
+            raise ValueError(f"data.path: cannot read {path!r} as .npz: {e}") from None
+        if x.dtype.kind not in "biuf":
+            raise ValueError(f"data.path: X in {path!r} must be numeric, got dtype {x.dtype}")
+        return np.asarray(x, dtype=np.float64).reshape(len(x), -1), np.asarray(y)
+    if lower.endswith(".csv"):
+        return _read_csv(path, cfg.get("target"))
+    # anything else: an IDX image file with an IDX label file
+    labels = cfg.get("labels_path")
+    if not labels:
+        raise ValueError(
+            f"data.path: {path!r} is neither .npz nor .csv; for MNIST-format IDX images set data.labels_path "
+            "to the IDX label file"
+        )
+    if not os.path.isfile(labels):
+        raise ValueError(f"data.labels_path: no such file {labels!r}")
+    x = read_idx(path)
+    y = read_idx(labels)
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"data.labels_path: expected {len(x)} labels (one per image), got shape {y.shape}")
+    x = x.reshape(len(x), -1)
+    if x.max(initial=0) > 1:
+        x = x / 255.0
+    return x, y
+
+
+# --------------------------------------------------------------------------------------------------
+# Split, standardize, move
+# --------------------------------------------------------------------------------------------------
+def _split(n: int, y: np.ndarray, classification: bool, val: float, test: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    strat = y if classification else None
+
+    def cut(ids: np.ndarray, frac: float, labels):
+        if frac <= 0:
+            return ids, ids[:0]
+        try:
+            a, b = train_test_split(ids, test_size=frac, random_state=seed, stratify=labels)
+        except ValueError as e:
+            raise ValueError(
+                f"data: cannot split {len(ids)} examples (fraction {frac}) with stratification: {e}"
+            ) from None
+        return np.sort(a), np.sort(b)
+
+    rest, test_idx = cut(idx, test, strat)
+    val_rel = val / (1 - test) if val > 0 else 0.0
+    train_idx, val_idx = cut(rest, val_rel, None if strat is None else strat[rest])
+    return train_idx, val_idx, test_idx
+
+
+def load_dataset(
+    data_cfg: Mapping[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = "cpu"
+) -> Dataset:
+    """Load, split (train/val/test by ``seed``, stratified for classification), standardize and move a data set.
+
+    Args:
+        data_cfg: the ``data`` config (``name`` and its parameters; see the module docstring).
+        seed: seeds the split and the synthetic sets.
+        dtype: floating dtype of the features (and of regression targets).
+        device: where the tensors live.
+    """
+    cfg = check_data_cfg(data_cfg)
+    name = cfg["name"]
+    rng = np.random.default_rng(seed)
+    if name in ("digits", "iris", "wine", "breast_cancer", "diabetes"):
+        x, y = _sklearn(name)
+    elif name == "mnist1d":
+        x, y = _mnist1d()
+    elif name == "xor":
+        x, y = _xor(cfg["n_samples"], cfg["noise"], rng)
+    elif name == "moons":
+        from sklearn.datasets import make_moons
+
+        x, y = make_moons(cfg["n_samples"], noise=cfg["noise"], random_state=seed)
+    elif name == "spirals":
+        x, y = _spirals(cfg["n_samples"], cfg["noise"], cfg["n_classes"], rng)
+    elif name == "teacher":
+        x, y = _teacher(cfg, seed)
+    else:
+        x, y = _read_file(cfg)
+
+    if name == "file":
+        task = cfg.get("task", "auto")
+        if task == "auto":
+            task = "regression" if y.dtype.kind == "f" else "classification"
+    else:
+        task = "regression" if name in REGRESSION else "classification"
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"data: expected a non-empty 2-D feature matrix, got shape {x.shape}")
+    if len(y) != len(x):
+        raise ValueError(f"data: {len(x)} examples but {len(y)} targets")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("data: the features hold NaN or infinite values")
+
+    if task == "classification":
+        if y.ndim != 1:
+            raise ValueError(f"data: classification targets must be one label per example, got shape {y.shape}")
+        _, y = np.unique(y, return_inverse=True)  # labels -> class indices 0..C-1
+        y = y.astype(np.int64)
+        out_features = int(y.max()) + 1
+        if out_features < 2:
+            raise ValueError("data: a classification set needs at least 2 classes, got 1")
+    else:
+        y = np.asarray(y, dtype=np.float64)
+        y = y.reshape(len(y), -1)
+        if not np.all(np.isfinite(y)):
+            raise ValueError("data: the regression targets hold NaN or infinite values")
+        out_features = y.shape[1]
+
+    tr, va, te = _split(len(x), y, task == "classification", cfg["val_fraction"], cfg["test_fraction"], seed)
+    mean = scale = None
+    if cfg.get("standardize", True):
+        from sklearn.preprocessing import StandardScaler
+
+        scaler = StandardScaler().fit(x[tr])  # statistics of the training split only
+        x = scaler.transform(x)
+        mean, scale = scaler.mean_, scaler.scale_
+        if task == "regression":
+            y = StandardScaler().fit(y[tr]).transform(y)
+
+    def tx(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(device)
+
+    def ty(a: np.ndarray) -> Tensor:
+        if task == "classification":
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64).to(device)
+        return tx(a)
+
+    return Dataset(
+        name=name,
+        task=task,
+        in_features=int(x.shape[1]),
+        out_features=out_features,
+        x_train=tx(x[tr]),
+        y_train=ty(y[tr]),
+        x_val=tx(x[va]),
+        y_val=ty(y[va]),
+        x_test=tx(x[te]),
+        y_test=ty(y[te]),
+        x_mean=mean,
+        x_scale=scale,
+    )

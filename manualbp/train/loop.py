@@ -1,0 +1,465 @@
+"""The training loop: the notes' "while not a stopping criterion: pick examples, compute L, theta <- theta - eta grad L".
+
+:func:`run` turns a config (see :mod:`manualbp.train.config`) into a trained model and a
+:class:`RunResult`. Data stay on the device as tensors; each epoch draws one permutation and indexes
+batches from it; the epoch's loss accumulates as a tensor, so a step costs no host sync beyond the
+divergence check's (``stopping.divergence.check_every``); evaluation runs once an epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import functional as F
+from ..init import initialize
+from ..nn import MLP
+from . import sinks as _sinks
+from .backends import BACKENDS
+from .config import resolve_config
+from .data import Dataset, load_dataset
+from .schedules import build_schedule
+from .stopping import StopContext, build_stopping
+
+__all__ = ["run", "RunResult", "evaluate", "resolve_device", "CHECKPOINT", "NON_SEMANTIC_KEYS"]
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+#: config keys that may change between an interrupted run and its resumption
+NON_SEMANTIC_KEYS = ("progress", "logger", "output_dir")
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` returns.
+
+    Attributes:
+        status: "completed" (a max_epochs/max_steps cap ran out), "stopped" (another rule fired) or
+            "diverged".
+        stop_reason: the rule that ended the run ("max_epochs", "early_stopping", "divergence", ...).
+        metrics: final numbers: ``test_/val_/train_`` ``loss`` and ``accuracy`` (``r2`` for regression),
+            ``n_train, n_val, n_test, epochs, steps, wall_time_s``, and the backend's extra metrics.
+        history: one dict per epoch.
+        config: the resolved configuration.
+        output_dir: where the files are, or None.
+        model: the trained :class:`manualbp.MLP` (the weights the metrics were computed with: the best
+            epoch's under early stopping's ``restore_best``), on the training device.
+    """
+
+    status: str
+    stop_reason: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    output_dir: Optional[str] = None
+    model: Optional[MLP] = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" -> cuda when available, else cpu; "cuda"/"cuda:N" must be available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device is {name!r} but no CUDA device is available (torch.cuda.is_available() is False)")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device is {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device(name)
+
+
+def _resolve_loss(name: str, data: Dataset) -> str:
+    if name == "auto":
+        return "cross_entropy" if data.task == "classification" else "squared_error"
+    if data.task == "classification" and name != "cross_entropy":
+        raise ValueError(
+            f"loss {name!r} needs regression targets; data set {data.name!r} is a classification set "
+            "(use loss: cross_entropy or auto)"
+        )
+    if data.task == "regression" and name == "cross_entropy":
+        raise ValueError(
+            f"loss 'cross_entropy' needs class labels; data set {data.name!r} is a regression set "
+            "(use loss: squared_error, mse or auto)"
+        )
+    return name
+
+
+def _loss_value(loss: str, output: Tensor, target: Tensor) -> Tensor:
+    fn = {"cross_entropy": F.cross_entropy, "squared_error": F.squared_error_loss, "mse": F.mse_loss}[loss]
+    return fn(output, target, "mean")
+
+
+def _score(task: str, output: Tensor, target: Tensor) -> Tensor:
+    """Accuracy for classification; R^2 (averaged over outputs, as sklearn's r2_score) for regression."""
+    if task == "classification":
+        return (output.argmax(-1) == target).to(torch.float64).mean()
+    o, t = output.to(torch.float64), target.to(torch.float64)
+    ss_res = (t - o).pow(2).sum(0)
+    ss_tot = (t - t.mean(0)).pow(2).sum(0)
+    r2 = torch.where(
+        ss_tot > 0,
+        1 - ss_res / torch.where(ss_tot > 0, ss_tot, 1.0),
+        torch.where(ss_res > 0, torch.zeros_like(ss_res), torch.ones_like(ss_res)),
+    )
+    return r2.mean()
+
+
+def evaluate(
+    backend: Any, loss: str, task: str, splits: Mapping[str, tuple[Tensor, Tensor]]
+) -> dict[str, Optional[float]]:
+    """``{split}_loss`` and ``{split}_accuracy`` (or ``_r2``) for each (x, y) split; None for an empty split."""
+    score = "accuracy" if task == "classification" else "r2"
+    keys: list[str] = []
+    values: list[Tensor] = []
+    out: dict[str, Optional[float]] = {}
+    for name, (x, y) in splits.items():
+        if x.shape[0] == 0:
+            out[f"{name}_loss"] = out[f"{name}_{score}"] = None
+            continue
+        o = backend.predict(x)
+        keys += [f"{name}_loss", f"{name}_{score}"]
+        values += [_loss_value(loss, o, y).to(torch.float64), _score(task, o, y)]
+    if values:
+        out.update(zip(keys, torch.stack(values).tolist()))  # one host sync
+    return out
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone(v) for v in obj)
+    return obj
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_history(path: str, history: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for rec in history:
+        columns += [k for k in rec if k not in columns]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for rec in history:
+            w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in rec.items()})
+    os.replace(tmp, path)
+
+
+def _semantic(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> Optional[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+            if d:
+                return d
+        return None
+    return None if a == b else (where or "<root>")
+
+
+def _load_checkpoint(path: str) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same error for the user
+        raise ValueError(f"output_dir: cannot read the checkpoint {path!r} (weights_only): {e}") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"output_dir: {path!r} is not a manualbp checkpoint (version {CHECKPOINT_VERSION})")
+    return state
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+def run(config: Any = None) -> RunResult:
+    """Train an MLP as ``config`` says and return a :class:`RunResult`.
+
+    Args:
+        config: a nested mapping (plain dict or OmegaConf ``DictConfig``) with any of the keys
+            ``seed, device, dtype, data, model, loss, init, optim, lr_schedule, stopping, backend,
+            logger, progress, output_dir``; missing keys take :data:`~manualbp.train.config.DEFAULTS`.
+
+    With ``output_dir`` set, the run writes ``config.json``, ``history.csv`` (each epoch),
+    ``metrics.json`` (at the end) and ``checkpoint.pt`` (each epoch, atomically). The same config with
+    the same ``output_dir`` resumes from the checkpoint, and returns the stored result without training
+    when the run had already finished.
+
+    Example:
+        >>> result = run({"data": {"name": "iris"}, "stopping": {"max_epochs": 20}, "progress": False})
+        >>> result.status, round(result.metrics["test_accuracy"], 2)
+    """
+    cfg = resolve_config(config)
+    out_dir = cfg["output_dir"]
+    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    saved: Optional[dict[str, Any]] = None
+    if ckpt_path and os.path.exists(ckpt_path):
+        saved = _load_checkpoint(ckpt_path)
+        diff = _first_difference(_semantic(saved["config"]), _semantic(cfg))
+        if diff:
+            raise ValueError(
+                f"output_dir {out_dir!r} holds a run with a different config (first difference at {diff!r}); "
+                "use another output_dir, or the same config to resume"
+            )
+        if saved.get("result") is not None:
+            r = saved["result"]
+            arch = r["arch"]
+            with torch.random.fork_rng(devices=[]):
+                model = MLP(
+                    arch["in_features"],
+                    arch["hidden"],
+                    arch["out_features"],
+                    activation=arch["activation"],
+                    bias=arch["bias"],
+                    negative_slope=arch["negative_slope"],
+                    dtype=getattr(torch, cfg["dtype"]),
+                )
+            model.load_state_dict(r["model_state"])
+            return RunResult(r["status"], r["stop_reason"], r["metrics"], saved["history"], cfg, out_dir, model)
+
+    device = resolve_device(cfg["device"])
+    dtype = getattr(torch, cfg["dtype"])
+    seed = cfg["seed"]
+    data = load_dataset(cfg["data"], seed, dtype, device)
+    loss = _resolve_loss(cfg["loss"], data)
+    stopping = build_stopping(cfg["stopping"])
+    stopping.device_type = device.type
+    score = "accuracy" if data.task == "classification" else "r2"
+    for monitor in stopping.monitors:
+        if not monitor.endswith(("_loss", f"_{score}")):
+            raise ValueError(
+                f"stopping: monitor {monitor!r} does not exist for a {data.task} set (use *_loss or *_{score})"
+            )
+        if monitor.startswith("val_") and data.n_val == 0:
+            raise ValueError(
+                f"stopping: monitor {monitor!r} needs a validation split, but data.val_fraction is 0 "
+                "(set data.val_fraction > 0, or monitor a train_* metric, or turn the rule off with null)"
+            )
+
+    mc = cfg["model"]
+    with torch.random.fork_rng(devices=[]):  # the constructor's default init must not advance the global RNG
+        model = MLP(
+            data.in_features,
+            mc["hidden"],
+            data.out_features,
+            activation=mc["activation"],
+            bias=mc["bias"],
+            negative_slope=mc.get("negative_slope", 0.01),
+            dtype=dtype,
+        )
+    initialize(model, cfg["init"], torch.Generator().manual_seed(seed))  # on CPU: the same weights on any device
+    model.to(device)
+    backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
+
+    n = data.n_train
+    bs = n if cfg["optim"]["batch_size"] == "full" else min(cfg["optim"]["batch_size"], n)
+    steps_per_epoch = math.ceil(n / bs)
+    schedule = build_schedule(cfg["lr_schedule"], cfg["optim"]["lr"], steps_per_epoch, stopping.max_epochs)
+    plateau_monitor = "val_loss" if data.n_val else "train_loss"
+    shuffle = torch.Generator().manual_seed(seed + 1)
+    epoch, step, elapsed = 0, 0, 0.0
+    history: list[dict[str, Any]] = []
+    if saved is not None:
+        epoch, step, elapsed = saved["epoch"], saved["step"], saved["elapsed"]
+        history = saved["history"]
+        backend.load_state_dict(_to_device(saved["backend"], device))
+        schedule.load_state_dict(saved["schedule"])
+        stopping.load_state_dict(_to_device(saved["stopping"], device))
+        shuffle.set_state(saved["rng"]["shuffle"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"].get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        _atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(_json_safe(cfg), indent=2) + "\n")
+
+    def save_checkpoint(result: Optional[dict[str, Any]] = None) -> None:
+        if not ckpt_path:
+            return
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "config": cfg,
+            "epoch": epoch,
+            "step": step,
+            "elapsed": elapsed,
+            "history": history,
+            "backend": backend.state_dict(),
+            "schedule": schedule.state_dict(),
+            "stopping": stopping.state_dict(),
+            "rng": {
+                "shuffle": shuffle.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "result": result,
+        }
+        tmp = f"{ckpt_path}.tmp{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt_path)
+
+    x_tr, y_tr = data.x_train, data.y_train
+    eval_splits = {"train": (x_tr, y_tr), "val": (data.x_val, data.y_val)}
+    n_layers = len(model.linears)
+    sink = _sinks.build_sink(cfg["logger"], cfg, out_dir)
+    status = "failed"
+    bar = tqdm(
+        total=stopping.max_epochs,
+        initial=epoch,
+        desc=f"{data.name} {cfg['backend']}",
+        unit="epoch",
+        disable=None if cfg["progress"] else True,  # None: quiet when not a terminal
+        leave=False,
+    )
+    try:
+        decision = None
+        last_lr: Optional[float] = None
+        while decision is None:
+            t0 = time.perf_counter()
+            if bs < n:
+                perm = torch.randperm(n, generator=shuffle).to(device)
+            running = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
+            for b in range(steps_per_epoch):
+                lr = schedule.lr(step, epoch)
+                if lr != last_lr:
+                    backend.set_lr(lr)
+                    last_lr = lr
+                if bs < n:
+                    idx = perm[b * bs : (b + 1) * bs]
+                    xb, yb = x_tr[idx], y_tr[idx]
+                else:
+                    xb, yb = x_tr, y_tr
+                batch_loss = backend.step(xb, yb)
+                count = xb.shape[0]
+                running.add_(batch_loss, alpha=count)  # float64 accumulator, no host sync
+                seen += count
+                step += 1
+                check_loss = batch_loss if stopping.needs_step_loss(step - 1) else None
+                decision = stopping.check_step(check_loss, StopContext(epoch, step, elapsed + time.perf_counter() - t0))
+                if decision is not None:
+                    break
+            epoch += 1
+            record: dict[str, Any] = {"epoch": epoch, "step": step}
+            record["train_loss_running"] = (running / max(seen, 1)).item()
+            record.update(evaluate(backend, loss, data.task, eval_splits))
+            record["lr"] = last_lr
+            norms = backend.grad_norms()
+            for k, g in enumerate(norms, 1):
+                record[f"grad_norm_{k}"] = g
+            record["grad_norm"] = math.sqrt(sum(g * g for g in norms)) if len(norms) == n_layers else math.nan
+            record.update(backend.extra_metrics())
+            elapsed += time.perf_counter() - t0
+            record["wall_time_s"] = elapsed
+            if decision is None:
+                schedule.observe(record[plateau_monitor])
+                decision = stopping.check(record, StopContext(epoch, step, elapsed))
+            elif decision[0] != "diverged":  # a per-step rule fired; still track the best epoch
+                stopping.check(record, StopContext(epoch, step, elapsed))
+            if stopping.improved and stopping.restore_best:
+                stopping.best_state = _clone(backend.state_dict())
+            history.append(record)
+            sink.log(record, epoch)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{record['train_loss']:.4f}",
+                **{score[:3]: f"{record.get(f'val_{score}') or record[f'train_{score}']:.4f}"},
+            )
+            if out_dir:
+                _write_history(os.path.join(out_dir, "history.csv"), history)
+            if decision is None:
+                save_checkpoint()
+
+        status, stop_reason = decision
+        extra = backend.extra_metrics()  # before any restore: the drift over the whole run
+        restored = False
+        if (
+            status != "diverged"
+            and stopping.restore_best
+            and stopping.best_state is not None
+            and stopping.best_epoch != epoch
+        ):
+            backend.load_state_dict(_to_device(stopping.best_state, device))
+            restored = True
+        metrics: dict[str, Any] = {"status": status, "stop_reason": stop_reason, "stop_message": stopping.message}
+        final = evaluate(backend, loss, data.task, {"test": (data.x_test, data.y_test), **eval_splits})
+        metrics.update(final)
+        metrics.update(
+            {
+                "n_train": data.n_train,
+                "n_val": data.n_val,
+                "n_test": data.n_test,
+                "epochs": epoch,
+                "steps": step,
+                "wall_time_s": elapsed,
+                "best_epoch": stopping.best_epoch,
+                "restored_best": restored,
+                "loss": loss,
+                "backend": cfg["backend"],
+            }
+        )
+        metrics.update(extra)
+        final_model = backend.model
+        arch = {
+            "in_features": data.in_features,
+            "hidden": list(final_model.hidden_features),
+            "out_features": data.out_features,
+            "activation": [spec[0] for spec in final_model.activation_specs],
+            "bias": final_model.bias,
+            "negative_slope": mc.get("negative_slope", 0.01),
+        }
+        result = {
+            "status": status,
+            "stop_reason": stop_reason,
+            "metrics": metrics,
+            "arch": arch,
+            "model_state": {k: v.detach().cpu() for k, v in final_model.state_dict().items()},
+        }
+        if out_dir:
+            _atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(_json_safe(metrics), indent=2) + "\n")
+            save_checkpoint(result)
+        sink.summary(metrics)
+    except BaseException:
+        bar.close()
+        sink.finish("failed")
+        raise
+    bar.close()
+    sink.finish(status)
+    return RunResult(status, stop_reason, metrics, history, cfg, out_dir, final_model)

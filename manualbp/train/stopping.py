@@ -1,0 +1,332 @@
+"""Stopping rules: the notes' "while not a stopping criterion", composable and recorded.
+
+``stopping`` config: ``max_epochs`` (always present, a cap) and one key per optional rule; a rule set to
+null (or false) is off. The first rule to fire wins; its name is the run's ``stop_reason``.
+
+=====================  ==============================================================  =========
+rule                   fires when                                                      status
+=====================  ==============================================================  =========
+divergence             a step loss is NaN/inf (always on), or above ``factor`` x the   diverged
+                       first step's loss (default 1e4: an exploded run; null turns
+                       the factor check off; ``divergence: {factor: 100}``); also a
+                       non-finite epoch train/val loss. ``check_every`` (auto: 1 on
+                       CPU, 100 on CUDA) spaces the per-step reads (host syncs)
+loss_below             ``monitor`` (train_loss | val_loss) < ``value``                  stopped
+grad_norm_below        the total weight-gradient norm of the epoch's last step          stopped
+                       < ``value``
+early_stopping         ``monitor`` (val_loss, val_accuracy, ...) has not improved by    stopped
+                       more than ``min_delta`` for ``patience`` epochs; with
+                       ``restore_best`` the run ends on the best epoch's weights
+relative_improvement   scikit-learn's MLP rule: the monitored loss did not fall below   stopped
+                       best - ``tol`` for more than ``n_iter_no_change`` epochs
+time_budget            ``seconds`` of training wall time have passed                    stopped
+max_steps              ``max_steps`` optimizer steps are done                           completed
+max_epochs             ``max_epochs`` epochs are done                                   completed
+=====================  ==============================================================  =========
+
+Per-step checks (:meth:`StoppingRules.check_step`): divergence of the step loss, time_budget, max_steps.
+Per-epoch checks (:meth:`StoppingRules.check`): everything, on the epoch's history record.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
+
+from torch import Tensor
+
+from .config import is_number
+
+__all__ = ["StoppingRules", "StopContext", "build_stopping", "check_stopping_cfg", "RULES"]
+
+_RULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "max_steps": {},
+    "loss_below": {"value": None, "monitor": "train_loss"},
+    "grad_norm_below": {"value": None},
+    "early_stopping": {"patience": 10, "min_delta": 0.0, "monitor": "val_loss", "restore_best": True, "mode": "auto"},
+    "relative_improvement": {"tol": 1e-4, "n_iter_no_change": 10, "monitor": "train_loss"},
+    "time_budget": {"seconds": None},
+    "divergence": {"factor": 1e4, "check_every": "auto"},
+}
+RULES = ("max_epochs", *_RULE_DEFAULTS)
+# a bare number is accepted for these rules: loss_below: 0.01, time_budget: 60, max_steps: 500
+_SCALAR_KEY = {"loss_below": "value", "grad_norm_below": "value", "time_budget": "seconds"}
+MONITORS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_r2", "val_r2")
+
+
+def _err(key: str, what: str, value: object) -> ValueError:
+    return ValueError(f"stopping.{key} must be {what}, got {value!r}")
+
+
+def check_stopping_cfg(cfg: object) -> dict[str, Any]:
+    """Validate a ``stopping`` config; returns {rule: params} for the rules that are on (with defaults)."""
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"stopping must be a mapping, got {type(cfg).__name__}")
+    for key in cfg:
+        if key not in RULES:
+            raise ValueError(f"unknown config key 'stopping.{key}'; known rules: {', '.join(RULES)}")
+    out: dict[str, Any] = {}
+    me = cfg.get("max_epochs")
+    if isinstance(me, bool) or not isinstance(me, int) or me < 1:
+        raise _err("max_epochs", "a positive integer (it is always the cap)", me)
+    out["max_epochs"] = me
+    for rule, defaults in _RULE_DEFAULTS.items():
+        value = cfg.get(rule)
+        if value is None or value is False:
+            continue
+        if rule == "max_steps":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _err("max_steps", "a positive integer or null", value)
+            out[rule] = value
+            continue
+        if value is True:
+            value = {}
+        if rule in _SCALAR_KEY and is_number(value):
+            value = {_SCALAR_KEY[rule]: value}
+        if not isinstance(value, Mapping):
+            raise TypeError(f"stopping.{rule} must be a mapping of its parameters or null, got {value!r}")
+        if value.get("enabled", True) is False:
+            continue
+        params = dict(defaults)
+        for key, v in value.items():
+            if key == "enabled":
+                continue
+            if key not in defaults:
+                raise ValueError(f"unknown config key 'stopping.{rule}.{key}'; {rule} takes {', '.join(defaults)}")
+            params[key] = v
+        where = f"{rule}."
+        if rule in ("loss_below", "grad_norm_below"):
+            if not (is_number(params["value"]) and params["value"] > 0):
+                raise _err(where + "value", "a positive number", params["value"])
+        if rule == "time_budget" and not (is_number(params["seconds"]) and params["seconds"] > 0):
+            raise _err(where + "seconds", "a positive number", params["seconds"])
+        if "monitor" in params:
+            allowed = ("train_loss", "val_loss") if rule in ("loss_below", "relative_improvement") else MONITORS
+            if params["monitor"] not in allowed:
+                raise _err(where + "monitor", f"one of {', '.join(allowed)}", params["monitor"])
+        if rule == "early_stopping":
+            p = params["patience"]
+            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+                raise _err(where + "patience", "a positive integer", p)
+            if not (is_number(params["min_delta"]) and params["min_delta"] >= 0):
+                raise _err(where + "min_delta", "a number >= 0", params["min_delta"])
+            if not isinstance(params["restore_best"], bool):
+                raise _err(where + "restore_best", "true or false", params["restore_best"])
+            if params["mode"] not in ("auto", "min", "max"):
+                raise _err(where + "mode", "'auto', 'min' or 'max'", params["mode"])
+        if rule == "relative_improvement":
+            n = params["n_iter_no_change"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise _err(where + "n_iter_no_change", "a positive integer", n)
+            if not (is_number(params["tol"]) and params["tol"] >= 0):
+                raise _err(where + "tol", "a number >= 0", params["tol"])
+        if rule == "divergence":
+            f = params["factor"]
+            if f is not None and not (is_number(f) and f > 1):
+                raise _err(where + "factor", "a number > 1 or null (non-finite losses only)", f)
+            ce = params["check_every"]
+            if ce != "auto" and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
+                raise _err(where + "check_every", "a positive integer or 'auto'", ce)
+        out[rule] = params
+    out.setdefault("divergence", dict(_RULE_DEFAULTS["divergence"]))  # non-finite losses always end a run
+    return out
+
+
+@dataclass
+class StopContext:
+    """Where the run stands when a rule is asked: epochs and steps done, training seconds so far."""
+
+    epoch: int = 0
+    step: int = 0
+    elapsed_s: float = 0.0
+
+
+Decision = Optional[tuple[str, str]]
+
+
+class StoppingRules:
+    """The composed rules of one run. Build with :func:`build_stopping`.
+
+    Attributes:
+        rules: {rule: params} of the rules that are on.
+        message: a human-readable account of the rule that fired (empty until one does).
+        improved: True right after an epoch that improved early stopping's monitor (the loop then
+            stores ``best_state``).
+        best_state: the backend state of the best epoch (early stopping), or None.
+        best_epoch: that epoch (1-based), or None.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.rules = check_stopping_cfg(cfg)
+        self.max_epochs: int = self.rules["max_epochs"]
+        self.max_steps: Optional[int] = self.rules.get("max_steps")
+        self.message = ""
+        self.improved = False
+        self.best_state: Optional[dict] = None
+        self.best_epoch: Optional[int] = None
+        self.initial_loss: Optional[float] = None
+        es = self.rules.get("early_stopping")
+        self.es_mode = None
+        if es is not None:
+            mode = es["mode"]
+            self.es_mode = ("min" if es["monitor"].endswith("loss") else "max") if mode == "auto" else mode
+        self.es_best = math.inf if self.es_mode != "max" else -math.inf
+        self.es_wait = 0
+        self.ri_best = math.inf
+        self.ri_count = 0
+
+    @property
+    def restore_best(self) -> bool:
+        es = self.rules.get("early_stopping")
+        return bool(es and es["restore_best"])
+
+    @property
+    def monitors(self) -> set[str]:
+        """The history keys the rules read (the loop checks they exist before training)."""
+        return {p["monitor"] for p in self.rules.values() if isinstance(p, dict) and "monitor" in p}
+
+    def _fire(self, status: str, rule: str, message: str) -> tuple[str, str]:
+        self.message = message
+        return status, rule
+
+    # -- per step ----------------------------------------------------------------------------------
+    #: the device type the run trains on; ``check_every: auto`` reads every step's loss on CPU (free) and
+    #: every 100th on an accelerator (each read is a host sync). The loop sets it.
+    device_type: str = "cpu"
+
+    @property
+    def check_every(self) -> int:
+        ce = self.rules["divergence"]["check_every"]
+        if ce == "auto":
+            return 1 if self.device_type == "cpu" else 100
+        return ce
+
+    def needs_step_loss(self, step: int) -> bool:
+        """Whether :meth:`check_step` will read the loss at this (0-based) step (a host sync off the CPU)."""
+        return self.initial_loss is None or step % self.check_every == 0
+
+    def check_step(self, loss: Union[float, Tensor, None], context: StopContext) -> Decision:
+        """After each optimizer step: divergence of the step loss, time_budget, max_steps.
+
+        ``loss`` may be None on steps where :meth:`needs_step_loss` is False.
+        """
+        if loss is not None:
+            value = float(loss)
+            if not math.isfinite(value):
+                return self._fire(
+                    "diverged", "divergence", f"non-finite training loss ({value}) at step {context.step}"
+                )
+            if self.initial_loss is None:
+                self.initial_loss = value
+            factor = self.rules["divergence"]["factor"]
+            if factor is not None and value > factor * self.initial_loss:
+                return self._fire(
+                    "diverged",
+                    "divergence",
+                    f"training loss {value:.4g} at step {context.step} exceeds {factor} x the initial loss "
+                    f"{self.initial_loss:.4g}",
+                )
+        tb = self.rules.get("time_budget")
+        if tb is not None and context.elapsed_s >= tb["seconds"]:
+            return self._fire(
+                "stopped", "time_budget", f"time budget of {tb['seconds']} s used up after step {context.step}"
+            )
+        if self.max_steps is not None and context.step >= self.max_steps:
+            return self._fire("completed", "max_steps", f"reached max_steps={self.max_steps}")
+        return None
+
+    # -- per epoch ---------------------------------------------------------------------------------
+    def check(self, record: Mapping[str, Any], context: StopContext) -> Decision:
+        """After each epoch, on its history record. Returns (status, stop_reason) or None."""
+        self.improved = False
+        for key in ("train_loss", "val_loss"):
+            value = record.get(key)
+            if value is not None and not math.isfinite(value):
+                return self._fire("diverged", "divergence", f"non-finite {key} ({value}) after epoch {context.epoch}")
+        decision: Decision = None
+        lb = self.rules.get("loss_below")
+        if lb is not None and record[lb["monitor"]] < lb["value"]:
+            decision = decision or self._fire(
+                "stopped", "loss_below", f"{lb['monitor']} {record[lb['monitor']]:.4g} < {lb['value']}"
+            )
+        gn = self.rules.get("grad_norm_below")
+        if gn is not None and record["grad_norm"] < gn["value"]:
+            decision = decision or self._fire(
+                "stopped", "grad_norm_below", f"gradient norm {record['grad_norm']:.4g} < {gn['value']}"
+            )
+        es = self.rules.get("early_stopping")
+        if es is not None:  # always updated, so best_state tracks the best epoch even if another rule fires
+            value = record[es["monitor"]]
+            if self.es_mode == "min":
+                better = value < self.es_best - es["min_delta"]
+            else:
+                better = value > self.es_best + es["min_delta"]
+            if better:
+                self.es_best = value
+                self.es_wait = 0
+                self.improved = True
+                self.best_epoch = context.epoch
+            else:
+                self.es_wait += 1
+                if self.es_wait >= es["patience"]:
+                    decision = decision or self._fire(
+                        "stopped",
+                        "early_stopping",
+                        f"{es['monitor']} did not improve on {self.es_best:.6g} (epoch {self.best_epoch}) by more "
+                        f"than {es['min_delta']} for {es['patience']} epochs",
+                    )
+        ri = self.rules.get("relative_improvement")
+        if ri is not None:  # sklearn.neural_network.MLP*'s _update_no_improvement_count, without early_stopping
+            value = record[ri["monitor"]]
+            if value > self.ri_best - ri["tol"]:
+                self.ri_count += 1
+            else:
+                self.ri_count = 0
+            if value < self.ri_best:
+                self.ri_best = value
+            if self.ri_count > ri["n_iter_no_change"]:
+                decision = decision or self._fire(
+                    "stopped",
+                    "relative_improvement",
+                    f"{ri['monitor']} did not improve by more than tol={ri['tol']} for "
+                    f"{ri['n_iter_no_change']} consecutive epochs",
+                )
+        if decision is not None:
+            return decision
+        tb = self.rules.get("time_budget")
+        if tb is not None and context.elapsed_s >= tb["seconds"]:
+            return self._fire("stopped", "time_budget", f"time budget of {tb['seconds']} s used up")
+        if self.max_steps is not None and context.step >= self.max_steps:
+            return self._fire("completed", "max_steps", f"reached max_steps={self.max_steps}")
+        if context.epoch >= self.max_epochs:
+            return self._fire("completed", "max_epochs", f"reached max_epochs={self.max_epochs}")
+        return None
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial_loss": self.initial_loss,
+            "es_best": self.es_best,
+            "es_wait": self.es_wait,
+            "ri_best": self.ri_best,
+            "ri_count": self.ri_count,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "message": self.message,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.initial_loss = state["initial_loss"]
+        self.es_best = float(state["es_best"])
+        self.es_wait = int(state["es_wait"])
+        self.ri_best = float(state["ri_best"])
+        self.ri_count = int(state["ri_count"])
+        self.best_epoch = state["best_epoch"]
+        self.best_state = state["best_state"]
+        self.message = state.get("message", "")
+
+
+def build_stopping(cfg: Mapping[str, Any]) -> StoppingRules:
+    """The composed stopping rules of a ``stopping`` config."""
+    return StoppingRules(cfg)

@@ -1,0 +1,418 @@
+"""manualbp.verify: compare, trace and the report rows, each checked against values computed another way."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from helpers import native_loss
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import manualbp
+from manualbp import verify as V
+
+D = torch.float64
+
+
+class _BrokenSigmoidFunction(torch.autograd.Function):
+    """A deliberately wrong custom Function: the backward forgets sigmoid's a (1 - a) factor."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return torch.sigmoid(z)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output  # BUG: missing a (1 - a)
+
+
+class BrokenSigmoid(nn.Module):
+    def forward(self, z):
+        return _BrokenSigmoidFunction.apply(z)
+
+
+def _batch(loss, n=6, in_features=4, out_features=3, dtype=D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=g, dtype=dtype)
+    if loss == "cross_entropy":
+        y = torch.randint(0, out_features, (n,), generator=g)
+    else:
+        y = torch.randn(n, out_features, generator=g, dtype=dtype)
+    return x, y
+
+
+def _independent_grads(module, x, y, loss_fn):
+    """Gradients by plain .backward() on leaves: the reference computed another way than verify's."""
+    module.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    L = loss_fn(out, y)
+    L.backward()
+    return L.detach(), out.detach(), [p.grad.clone() for p in module.parameters()], x.grad.clone()
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "squared_error", "mse"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compare_rows_match_independent_errors(loss, dtype):
+    torch.manual_seed(1)
+    model = manualbp.MLP(4, [5, 5], 3, activation="tanh", dtype=dtype)
+    x, y = _batch(loss, dtype=dtype)
+    report = V.compare(model, x, y, loss)
+    twin = model.to_torch()
+    mm = _independent_grads(
+        model,
+        x,
+        y,
+        {
+            "cross_entropy": manualbp.CrossEntropyLoss(),
+            "squared_error": manualbp.SquaredErrorLoss(),
+            "mse": manualbp.MSELoss(),
+        }[loss],
+    )
+    r = _independent_grads(twin, x, y, lambda o, t: native_loss(loss, o, t, "mean"))
+    names = ["L", "o", "dL/dW^1", "dL/db^1", "dL/dW^2", "dL/db^2", "dL/dW^3", "dL/db^3", "dL/dx"]
+    assert [row.name for row in report] == names
+    manual = [mm[0], mm[1], *mm[2], mm[3]]
+    native = [r[0], r[1], *r[2], r[3]]
+    rtol, atol = {torch.float64: (1e-7, 1e-7), torch.float32: (1.3e-6, 1e-5)}[dtype]
+    assert (report.rtol, report.atol) == (rtol, atol)
+    for row, a, e in zip(report, manual, native):
+        diff = (a.double() - e.double()).abs()
+        assert row.shape == tuple(e.shape)
+        assert row.max_abs_err == pytest.approx(diff.max().item(), rel=1e-12, abs=0)
+        scale = e.double().abs().max().item()
+        assert row.max_rel_err == pytest.approx(diff.max().item() / scale, rel=1e-12, abs=0)
+        assert row.exact == torch.equal(a, e)
+        assert row.ok == torch.allclose(a.double(), e.double(), rtol=rtol, atol=atol)
+        assert row.ok
+    assert report.ok
+    assert report.max_abs_err == max(row.max_abs_err for row in report)
+    assert model.linears[0].weight.grad is not None  # set above by the independent run only
+    assert report.meta["loss"] == loss and report.meta["dtype"] == dtype
+
+
+def test_compare_leaves_grad_untouched():
+    model = manualbp.MLP(4, [5], 3, dtype=D)
+    x, y = _batch("cross_entropy")
+    V.compare(model, x, y)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_compare_reference_with_other_weights_fails():
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5], 3, dtype=D)
+    other = manualbp.MLP(4, [5], 3, dtype=D).to_torch()  # same architecture, different weights
+    x, y = _batch("cross_entropy")
+    report = V.compare(model, x, y, reference=other)
+    assert not report.ok
+    assert not report["o"].ok and not report["L"].ok
+    assert report["o"].max_abs_err == pytest.approx((model(x) - other(x)).abs().max().item())
+
+
+def test_compare_catches_a_broken_custom_function_in_the_reference():
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5], 3, dtype=D)
+    broken = nn.Sequential(nn.Linear(4, 5, dtype=D), BrokenSigmoid(), nn.Linear(5, 3, dtype=D))
+    broken.load_state_dict(model.state_dict())
+    x, y = _batch("cross_entropy")
+    report = V.compare(model, x, y, reference=broken)
+    assert not report.ok
+    # The bug sits below layer 2: forward and layer 2's gradients agree, everything under the sigmoid does not.
+    assert {r.name for r in report.failures()} == {"dL/dW^1", "dL/db^1", "dL/dx"}
+    for name in ("L", "o", "dL/dW^2", "dL/db^2"):
+        assert report[name].ok and report[name].max_abs_err < 1e-12
+    text = str(report)
+    assert "FAIL (3 of 7 quantities differ)" in text
+
+
+def test_compare_callable_loss_and_reduction():
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5], 3, dtype=D)
+    x, y = _batch("squared_error")
+
+    def huber(o, t):
+        return TF.huber_loss(o, t)
+
+    assert V.compare(model, x, y, huber).ok
+    assert V.compare(model, x, y, "squared_error", reduction="sum").ok
+    xc, yc = _batch("cross_entropy")
+    none = V.compare(model, xc, yc, "cross_entropy", reduction="none")
+    assert none.ok and none["L"].shape == (6,)
+
+
+def test_compare_bad_arguments():
+    model = manualbp.MLP(4, [5], 3, dtype=D)
+    x, y = _batch("cross_entropy")
+    with pytest.raises(ValueError, match=r"loss must be one of .*'cross_entropy'.*got 'hinge'"):
+        V.compare(model, x, y, "hinge")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        V.compare(model, x, y, reduction="avg")
+    with pytest.raises(TypeError, match="reference: Sequential has no to_torch"):
+        V.compare(model.to_torch(), x, y)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        V.compare(model, [1.0], y)
+    with pytest.raises(ValueError, match="reference: its parameters do not match"):
+        V.compare(model, x, y, reference=nn.Sequential(nn.Linear(4, 3, dtype=D)))
+
+
+def test_compare_pairs_parameters_by_order_when_names_differ():
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5], 3, dtype=D)
+    seq = model.to_torch()
+    renamed = nn.Sequential()
+    renamed.add_module("first", seq[0])
+    renamed.add_module("act", seq[1])
+    renamed.add_module("last", seq[2])
+    x, y = _batch("cross_entropy")
+    assert V.compare(model, x, y, reference=renamed).ok
+
+
+def test_compare_tensors_rules():
+    a = torch.tensor([1.0, 2.0, 3.0], dtype=D)
+    row = V.compare_tensors("q", a, a.clone())
+    assert row.exact and row.ok and row.max_abs_err == 0 and row.max_rel_err == 0
+    shifted = a + torch.tensor([0.0, 0.0, 0.03], dtype=D)
+    row = V.compare_tensors("q", shifted, a, rtol=0.0, atol=0.01)
+    assert not row.ok and row.max_abs_err == pytest.approx(0.03) and row.max_rel_err == pytest.approx(0.01)
+    assert V.compare_tensors("q", shifted, a, rtol=0.01, atol=0.0).ok  # 0.03 <= 0.01 * 3
+    row = V.compare_tensors("q", a.reshape(3, 1), a)
+    assert not row.ok and math.isinf(row.max_abs_err) and "shape (3, 1) vs reference (3,)" in row.note
+    row = V.compare_tensors("q", None, a)
+    assert not row.ok and "no gradient from the manual side" in row.note
+    assert V.compare_tensors("q", None, torch.zeros(3)).ok
+    nan = V.compare_tensors("q", torch.tensor([math.nan]), torch.tensor([1.0]))
+    assert not nan.ok and math.isnan(nan.max_abs_err)
+    assert V.default_tolerances(torch.float32, torch.float64) == (1.3e-6, 1e-5)
+    assert V.default_tolerances(torch.int64) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_compare_tensors_ok_agrees_with_assert_close(seed):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(50, generator=g)
+    a = e + torch.randn(50, generator=g) * 10.0 ** -(seed + 3)
+    try:
+        torch.testing.assert_close(a, e)
+        expected = True
+    except AssertionError:
+        expected = False
+    assert V.compare_tensors("q", a, e).ok == expected
+
+
+def test_report_rendering_and_json():
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5], 3, dtype=D)
+    x, y = _batch("cross_entropy")
+    report = V.compare(model, x, y)
+    lines = str(report).splitlines()
+    header = lines[1]
+    assert header.split() == ["quantity", "shape", "max", "abs", "err", "max", "rel", "err", "exact", "ok"]
+    col = header.index("exact")
+    assert all(line[col:].split()[0] in ("yes", "no") for line in lines[3:-1])  # aligned column
+    assert lines[-1].startswith("PASS: largest abs err")
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["ok"] is True and [r["name"] for r in d["rows"]] == [r.name for r in report]
+    assert d["rows"][2]["max_abs_err"] == report.rows[2].max_abs_err
+    assert d["meta"]["dtype"] == "torch.float64"
+    with pytest.raises(KeyError, match=r"no row named 'dL/dW\^9'"):
+        report["dL/dW^9"]
+
+
+# --------------------------------------------------------------------------------------------------
+# trace
+# --------------------------------------------------------------------------------------------------
+def test_trace_values_are_the_notes_formulas():
+    """One hidden layer, the notes' network: every traced value against a numpy-free hand computation."""
+    torch.manual_seed(3)
+    model = manualbp.MLP(2, [3], 2, activation="sigmoid", dtype=D)
+    x = torch.tensor([[0.5, -1.0]], dtype=D)
+    y = torch.tensor([[1.0, 0.0]], dtype=D)
+    report = V.trace(model, x, y, loss="squared_error")
+    W1, b1 = model.linears[0].weight.detach(), model.linears[0].bias.detach()
+    W2, b2 = model.linears[1].weight.detach(), model.linears[1].bias.detach()
+    xs, ys = x[0].tolist(), y[0].tolist()
+    z = [sum(W1[i, j].item() * xs[j] for j in range(2)) + b1[i].item() for i in range(3)]
+    a = [1 / (1 + math.exp(-zi)) for zi in z]
+    o = [sum(W2[k, i].item() * a[i] for i in range(3)) + b2[k].item() for k in range(2)]
+    L = 0.5 * sum((o[k] - ys[k]) ** 2 for k in range(2))
+    do = [o[k] - ys[k] for k in range(2)]
+    dw2 = [[do[k] * a[i] for i in range(3)] for k in range(2)]
+    da = [sum(do[k] * W2[k, i].item() for k in range(2)) for i in range(3)]
+    dz = [da[i] * a[i] * (1 - a[i]) for i in range(3)]
+    dw1 = [[dz[i] * xs[j] for j in range(2)] for i in range(3)]
+    expected = {
+        "z^1": [z],
+        "a^1": [a],
+        "o": [o],
+        "L": L,
+        "dL/dL": 1.0,
+        "dL/do": [do],
+        "dL/dW^2": dw2,
+        "dL/db^2": do,
+        "dL/da^1": [da],
+        "dL/dz^1": [dz],
+        "dL/dW^1": dw1,
+        "dL/db^1": dz,
+    }
+    names = [
+        "z^1",
+        "a^1",
+        "o",
+        "L",
+        "dL/dL",
+        "dL/do",
+        "dL/dW^2",
+        "dL/db^2",
+        "dL/da^1",
+        "dL/dz^1",
+        "dL/dW^1",
+        "dL/db^1",
+        "dL/dx",
+    ]
+    assert [r.name for r in report] == names
+    for name, value in expected.items():
+        row = report[name]
+        want = torch.tensor(value, dtype=D)
+        torch.testing.assert_close(row.value, want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(row.reference, want, rtol=1e-12, atol=1e-14)
+        assert row.ok
+    assert report["dL/dz^1"].formula == "dL/da^1 * a (1 - a)"
+    assert report["dL/do"].formula.startswith("o - y")
+    assert report.ok
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "leaky_relu", "identity"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "squared_error", "mse"])
+def test_trace_agrees_for_every_activation_and_loss(activation, loss):
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5, 4], 3, activation=activation, dtype=D)
+    x, y = _batch(loss)
+    report = V.trace(model, x, y, loss)
+    assert report.ok, str(report)
+    expected = ["z^1", "a^1", "z^2", "a^2", "o", "L", "dL/dL", "dL/do", "dL/dW^3", "dL/db^3", "dL/da^2", "dL/dz^2"]
+    expected += ["dL/dW^2", "dL/db^2", "dL/da^1", "dL/dz^1", "dL/dW^1", "dL/db^1", "dL/dx"]
+    assert [r.name for r in report] == expected
+    # the trace's parameter gradients are the module's own (MLPFunction) to the last bit
+    loss_module = {
+        "cross_entropy": manualbp.CrossEntropyLoss(),
+        "squared_error": manualbp.SquaredErrorLoss(),
+        "mse": manualbp.MSELoss(),
+    }[loss]
+    loss_module(model(x), y).backward()
+    for k, lin in enumerate(model.linears, start=1):
+        assert torch.equal(report[f"dL/dW^{k}"].value, lin.weight.grad)
+        assert torch.equal(report[f"dL/db^{k}"].value, lin.bias.grad)
+
+
+def test_trace_batch_shapes_reductions_and_callable_loss():
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5], 3, bias=False, dtype=D)
+    x = torch.randn(2, 3, 4, dtype=D)
+    y = torch.randint(0, 3, (2, 3))
+    report = V.trace(model, x, y, "cross_entropy", reduction="sum")
+    assert report.ok and report["z^1"].shape == (6, 5) and "dL/db^1" not in [r.name for r in report]
+    assert V.trace(model, x, y, "cross_entropy", reduction="none").ok
+    yr = torch.randn(2, 3, 3, dtype=D)
+    r = V.trace(model, x, yr, lambda o, t: ((o - t).abs() ** 3).mean())
+    assert r.ok and r["dL/do"].formula == "autograd of the given loss"
+
+
+def test_trace_bad_arguments():
+    with pytest.raises(TypeError, match="model must be a manualbp.MLP, got Sequential"):
+        V.trace(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2), torch.randn(1, 2))
+    model = manualbp.MLP(4, [5], 3)
+    with pytest.raises(ValueError, match=r"input: expected shape \(\*, 4\)"):
+        V.trace(model, torch.randn(2, 5), torch.randint(0, 3, (2,)))
+    with pytest.raises(ValueError, match="target: class index 7 is out of range"):
+        V.trace(model, torch.randn(2, 4), torch.tensor([0, 7]))
+
+
+def test_trace_localizes_an_injected_bug():
+    """With sigmoid's derivative missing, the first backward row that fails is dL/dz^1, not dL/da^1."""
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5], 3, activation="sigmoid", dtype=D)
+    x, y = _batch("squared_error")
+    with V.inject_bug("sigmoid_missing_derivative"):
+        report = V.trace(model, x, y, "squared_error")
+    assert [r.name for r in report.failures()] == ["dL/dz^1", "dL/dW^1", "dL/db^1", "dL/dx"]
+    assert report["dL/da^1"].ok
+    assert V.trace(model, x, y, "squared_error").ok  # restored on exit
+    with V.inject_bug("weight_grad_transposed"):
+        report = V.trace(model, x, y, "squared_error")
+    assert [r.name for r in report.failures()] == ["dL/dW^2", "dL/dW^1"]
+    with pytest.raises(ValueError, match="bug must be one of"):
+        with V.inject_bug("nope"):
+            pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices, and the whole default matrix (slow)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compare_and_trace_on_cuda(dtype):
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5, 5], 3, activation="tanh", dtype=dtype, device="cuda")
+    x, y = _batch("cross_entropy", dtype=dtype)
+    x, y = x.cuda(), y.cuda()
+    report = V.compare(model, x, y)
+    assert report.ok and report.meta["device"].type == "cuda", str(report)
+    assert V.trace(model, x, y).ok
+    result = V.verify_matrix(["sigmoid"], ["mse"], [1], ["float64", "float32", "float16"], ["cuda"])
+    assert result.ok, str(result)
+
+
+@pytest.mark.slow
+def test_default_matrix_passes():
+    result = V.verify_matrix()
+    assert result.ok, str(result)
+    assert len(result.results) == 5 * 3 * 2 * 2 * len(V.available_devices())
+    worst = max(r.max_rel_err for c in result.results for r in c.autograd_rows if c.dtype == "float64")
+    assert worst < 1e-13
+
+
+def test_readme_verify_example_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- verify-example -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its Verify example"
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    assert "dL/dz^1" in capsys.readouterr().out
+
+
+def test_compare_skips_frozen_parameters():
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [5], 3, dtype=D)
+    model.linears[0].weight.requires_grad_(False)
+    x, y = _batch("cross_entropy")
+    report = V.compare(model, x, y)
+    assert report.ok and "dL/dW^1" not in [r.name for r in report] and "dL/db^1" in [r.name for r in report]
+
+
+@settings(max_examples=15)
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    activation=st.sampled_from(["sigmoid", "tanh", "relu", "leaky_relu", "identity"]),
+    loss=st.sampled_from(["cross_entropy", "squared_error", "mse"]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    batch=st.integers(1, 5),
+    bias=st.booleans(),
+)
+def test_property_compare_and_trace_agree_in_float64(widths, activation, loss, reduction, batch, bias):
+    torch.manual_seed(0)
+    model = manualbp.MLP(widths[0], widths[1:-1], widths[-1], activation=activation, bias=bias, dtype=D)
+    x, y = _batch(loss, n=batch, in_features=widths[0], out_features=widths[-1])
+    report = V.compare(model, x, y, loss, reduction=reduction)
+    assert report.ok, str(report)
+    assert report.max_rel_err < 1e-12
+    tr = V.trace(model, x, y, loss, reduction=reduction)
+    assert tr.ok, str(tr)
+    assert len(tr) == 2 * (len(widths) - 2) + 4 + (1 + bias) * (len(widths) - 1) + 2 * (len(widths) - 2) + 1

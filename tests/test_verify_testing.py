@@ -1,0 +1,192 @@
+"""manualbp.testing.assert_gradients_match and manualbp.verify.finite_difference_check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import manualbp
+from manualbp import autograd as A
+from manualbp import verify as V
+from manualbp.testing import assert_gradients_match
+
+D = torch.float64
+
+
+class SigmoidMissingDerivative(torch.autograd.Function):
+    """A deliberately wrong custom Function: sigmoid whose backward forgets a (1 - a)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return torch.sigmoid(z)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output  # BUG
+
+
+class LinearTransposedWeightGrad(torch.autograd.Function):
+    """A deliberately wrong custom Function: y = x W^T whose weight gradient is transposed (square W)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.T
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, (g.T @ x).T  # BUG: dL/dW = g^T x, not its transpose
+
+
+class ScaledCube(torch.autograd.Function):
+    """x^3 with a backward 1 % too large: small enough to need the numbers, not just a verdict."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * 3 * x**2 * 1.01  # BUG: 1 % off
+
+
+def _x(*shape, seed=0, dtype=D):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------------------
+# assert_gradients_match
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_correct_manual_functions_pass(dtype):
+    x, w, b = _x(5, 4, dtype=dtype), _x(3, 4, seed=1, dtype=dtype), _x(3, seed=2, dtype=dtype)
+    report = assert_gradients_match(A.LinearFunction.apply, torch.nn.functional.linear, x, w, b)
+    assert report.ok and [r.name for r in report] == ["output", "grad input", "grad weight", "grad bias"]
+    assert_gradients_match(A.SigmoidFunction.apply, torch.sigmoid, x)
+    assert_gradients_match(A.SoftmaxFunction.apply, lambda t: torch.softmax(t, -1), x)
+    # several outputs, a non-tensor argument, an input that needs no gradient
+    y = torch.randint(0, 4, (5,))
+    assert_gradients_match(
+        lambda o, t, r: A.CrossEntropyFunction.apply(o, t, r),
+        lambda o, t, r: torch.nn.functional.cross_entropy(o, t, reduction=r),
+        x,
+        y,
+        "sum",
+    )
+    specs = (("tanh", 0.0),)
+    params = [
+        _x(6, 4, seed=3, dtype=dtype),
+        _x(6, seed=4, dtype=dtype),
+        _x(2, 6, seed=5, dtype=dtype),
+        _x(2, seed=6, dtype=dtype),
+    ]
+
+    def reference(inp, *p):
+        a = torch.tanh(inp @ p[0].T + p[1])
+        return a @ p[2].T + p[3], a
+
+    assert_gradients_match(lambda inp, *p: A.MLPFunction.apply(inp, specs, True, *p), reference, x, *params)
+
+
+def test_missing_sigmoid_derivative_is_caught_with_a_table():
+    x = _x(4, 3)
+    with pytest.raises(AssertionError) as info:
+        assert_gradients_match(SigmoidMissingDerivative.apply, torch.sigmoid, x)
+    message = str(info.value)
+    assert message.startswith("gradients do not match: 1 of 2 quantities differ")
+    lines = message.splitlines()
+    assert lines[1].split()[:2] == ["quantity", "shape"]
+    assert lines[3].split()[:2] == ["grad", "z"] and "4x3" in lines[3] and "FAIL" in lines[3]
+    assert "output" not in message.split("\n", 1)[1]  # only mismatching quantities are listed
+    # the reported error is the true largest error, computed here another way
+    a = torch.sigmoid(x.detach())
+    v = torch.randn(4, 3, generator=torch.Generator().manual_seed(V._COTANGENT_SEED), dtype=D)
+    expected = (v - v * a * (1 - a)).abs().max().item()
+    assert f"{expected:.2e}" in lines[3]
+
+
+def test_transposed_weight_gradient_is_caught():
+    x, w = _x(5, 4), _x(4, 4, seed=1)
+    with pytest.raises(AssertionError, match="1 of 3 quantities differ") as info:
+        assert_gradients_match(LinearTransposedWeightGrad.apply, lambda a, b: a @ b.T, x, w)
+    assert "grad w " in str(info.value) and "grad x " not in str(info.value)
+
+
+def test_tolerances_default_by_dtype_and_override():
+    x = _x(6, dtype=torch.float32)
+
+    def off(t):
+        return t * (1 + 5e-6)  # 5e-6 relative: outside float32's default rtol 1.3e-6 (|t| large enough)
+
+    big = (x.detach() * 100).requires_grad_(True)
+    with pytest.raises(AssertionError, match=r"rtol=1.3e-06, atol=1e-05"):
+        assert_gradients_match(off, lambda t: t, big)
+    assert_gradients_match(off, lambda t: t, big, rtol=1e-5, atol=0)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="fn must be callable, got int"):
+        assert_gradients_match(3, torch.sin, _x(2))
+    with pytest.raises(TypeError, match="reference_fn must return a tensor"):
+        assert_gradients_match(torch.sin, lambda t: "no", _x(2))
+
+
+def test_output_count_mismatch_fails():
+    with pytest.raises(AssertionError, match="1 vs 2 outputs"):
+        assert_gradients_match(lambda t: t, lambda t: (t, t), _x(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# finite_difference_check
+# --------------------------------------------------------------------------------------------------
+def test_finite_differences_numbers_for_a_known_error():
+    x = _x(5)
+    report = V.finite_difference_check(ScaledCube.apply, x, grad_grad=False)
+    assert not report.ok and report.gradcheck is False and report.gradgradcheck is None
+    row = report["x"]
+    expected = (0.01 * 3 * x.detach() ** 2).abs().max().item()  # |analytical - true derivative|, on the diagonal
+    assert row.max_abs_diff == pytest.approx(expected, rel=1e-4)
+    assert row.max_rel_diff == pytest.approx(expected / (3.03 * x.detach() ** 2).abs().max().item(), rel=1e-4)
+    good = V.finite_difference_check(lambda t: t**3, x)
+    assert good.ok and good.gradcheck and good.gradgradcheck
+    assert good["t"].max_abs_diff < 1e-8 and good["t"].grad_grad_max_abs_diff < 1e-8
+
+
+@pytest.mark.parametrize("loss", [None, "cross_entropy", "squared_error"])
+def test_finite_differences_of_the_mlp(loss):
+    torch.manual_seed(0)
+    model = manualbp.MLP(3, [4], 2, activation="tanh", dtype=torch.float32)  # checked in a float64 copy
+    x = torch.randn(3, 3)
+    y = torch.randint(0, 2, (3,)) if loss == "cross_entropy" else torch.randn(3, 2)
+    report = V.finite_difference_check(model, x, target=y if loss else None, loss=loss, fast_mode=True)
+    assert report.ok, str(report)
+    assert [r.name for r in report.rows] == ["x", "W^1", "b^1", "W^2", "b^2"]
+    assert report["W^1"].shape == (4, 3)
+    assert model.linears[0].weight.dtype == torch.float32  # the model itself is untouched
+    text = str(report)
+    assert "PASS: gradcheck passed, gradgradcheck passed" in text
+
+
+def test_finite_differences_catch_an_injected_bug_below_the_output_layer():
+    torch.manual_seed(0)
+    model = manualbp.MLP(3, [4], 2, activation="sigmoid", dtype=D)
+    x = torch.randn(3, 3, dtype=D)
+    with V.inject_bug("sigmoid_missing_derivative"):
+        report = V.finite_difference_check(model, x, fast_mode=True)
+    assert not report.ok and not report.gradcheck
+    assert [r.name for r in report.rows if not r.ok] == ["x", "W^1", "b^1"]
+    d = report.to_dict()
+    assert d["ok"] is False and d["rows"][0]["name"] == "x"
+
+
+def test_finite_differences_bad_arguments():
+    model = manualbp.MLP(3, [4], 2)
+    with pytest.raises(ValueError, match="a module is checked on one input tensor, got 2 inputs"):
+        V.finite_difference_check(model, torch.randn(1, 3), torch.randn(1, 3))
+    with pytest.raises(ValueError, match="target: a loss needs a target"):
+        V.finite_difference_check(model, torch.randn(1, 3), loss="mse")
+    with pytest.raises(ValueError, match="no floating-point input requires grad"):
+        V.finite_difference_check(torch.sin, torch.randn(3))
