@@ -66,6 +66,9 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     """z = a_prev W^T + b for a batch of rows; ``input`` (*, in), ``weight`` (out, in) -> (*, out)."""
     if input.dim() == 2 and weight.dim() == 2 and bias is not None:
         return torch.addmm(bias, input, weight.mT)  # z_i = sum_j w_ij x_j + b_i in one kernel, (N, out)
+    if weight.dim() == 3 and bias is not None and input.dim() in (2, 3):  # K stacked models, one kernel
+        batch = input if input.dim() == 3 else input.expand(weight.shape[0], *input.shape)
+        return torch.baddbmm(bias, batch, weight.mT)  # z = a_prev W^T + b per model, (K, N, out)
     z = input @ weight.mT  # z_i = sum_j w_ij x_j, (*, out)
     if bias is not None:
         z = z + bias  # + b_i

@@ -91,6 +91,10 @@ class VectorizedTrainer:
         if bool((self.nesterov.view(-1) & (self.momentum.view(-1) <= 0)).any()) or (any(nest) and dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         self.active = torch.ones(self.K, dtype=torch.bool, device=ref.device)
+        self._all_active = True
+        self._any_momentum = bool((self.momentum != 0).any())
+        self._any_nesterov = any(nest)
+        self._all_nesterov = all(nest)
         self.steps = torch.zeros(self.K, dtype=torch.long)
         self.momentum_buffers: Optional[list[Tensor]] = None
         self.last_grads: Optional[list[Tensor]] = None
@@ -151,22 +155,35 @@ class VectorizedTrainer:
     def _update(self, grads: list[Tensor]) -> None:
         # torch.optim.SGD per model k: g = g + wd_k p; buf = g (first step) or m_k buf + (1 - d) g;
         # g = g + m_k buf (nesterov_k) or buf (m_k != 0) or g; p -= lr_k g; nothing moves where inactive.
+        # (For m_k = 0 the buffer is 0 * buf + g = g, so one formula serves every model.)
         self.last_grads = grads
-        active = self.active.view(-1, 1, 1)
-        first = self.momentum_buffers is None
-        if first:
-            self.momentum_buffers = [torch.zeros_like(p) for p in self.params]
-        for p, g, buf in zip(self.params, grads, self.momentum_buffers):  # type: ignore[arg-type]
+        if self._any_momentum and self.momentum_buffers is None:
+            self.momentum_buffers = [torch.empty_like(p) for p in self.params]
+            first = True
+        else:
+            first = False
+        all_active = self._all_active
+        neg_lr = -self.lr
+        for i, (p, g) in enumerate(zip(self.params, grads)):
             if self._has_weight_decay:
-                g = g + p * self.weight_decay
-            if first:
-                new_buf = g
+                g = torch.addcmul(g, p, self.weight_decay)  # g + wd p
+            direction = g
+            if self._any_momentum:
+                buf = self.momentum_buffers[i]  # type: ignore[index]
+                if first:
+                    buf.copy_(g)
+                elif self.dampening:
+                    buf.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
+                else:
+                    buf.mul_(self.momentum).add_(g)
+                direction = buf
+                if self._any_nesterov:
+                    ahead = torch.addcmul(g, self.momentum, buf)  # g + m buf
+                    direction = ahead if self._all_nesterov else torch.where(self.nesterov, ahead, buf)
+            if all_active:
+                p.addcmul_(direction, neg_lr)  # p - lr g
             else:
-                new_buf = buf * self.momentum + g * (1 - self.dampening) if self.dampening else buf * self.momentum + g
-            direction = torch.where(self.nesterov, g + self.momentum * new_buf, new_buf)
-            direction = torch.where(self.momentum != 0, direction, g)
-            buf.copy_(torch.where(active, new_buf, buf))
-            p.sub_(torch.where(active, self.lr * direction, 0))
+                p.copy_(torch.where(self.active.view(-1, 1, 1), torch.addcmul(p, direction, neg_lr), p))
         self.steps += self.active.cpu().long()
 
     # -- per-model state -------------------------------------------------------------------------------
@@ -177,10 +194,12 @@ class VectorizedTrainer:
     def set_active(self, active: Union[Sequence[bool], Tensor]) -> None:
         """Which models still train; a stopped model (False) is frozen from the next step on."""
         self.active = torch.as_tensor(active, dtype=torch.bool).to(self.active.device).reshape(self.K)
+        self._all_active = bool(self.active.all())
 
     def stop(self, k: int) -> None:
         """Freeze model k."""
         self.active[k] = False
+        self._all_active = False
 
     def predict(self, input: Tensor) -> Tensor:
         """Every model's output for ``input``: (K, N, out)."""
@@ -234,4 +253,5 @@ class VectorizedTrainer:
         self.momentum_buffers = None if buffers is None else [b.clone() for b in buffers]
         self.lr = state["lr"].clone()
         self.active = state["active"].clone()
+        self._all_active = bool(self.active.all())
         self.steps = state["steps"].clone()
