@@ -10,8 +10,9 @@ frozen while the others go on. Each run writes ``config.json``, ``history.csv``,
 finished ``checkpoint.pt`` into its own ``output_dir`` in ``run``'s format, so ``report.py`` reads them as
 ordinary runs (and ``run`` on the same config returns the stored result).
 
-Not supported (they raise): an optimizer other than SGD, W&B logging per run (use ``logger: none``;
-each run's files are written as usual), resuming a group killed mid-way (it reruns from the start).
+Each run's logger (W&B) gets its history when that run ends (one W&B run per config, in the configured
+group). Not supported: an optimizer other than SGD (a clear error); resuming a group killed mid-way
+(the finished runs' directories are complete; the rest rerun from the start).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .. import functional as F
 from ..init import initialize
 from ..nn import MLP
 from ..train import loop as _loop
+from ..train import sinks as _sinks
 from ..train.config import resolve_config
 from ..train.data import load_dataset
 from ..train.schedules import build_schedule
@@ -87,9 +89,6 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
             "run_many: the configs differ in more than seed/init/optim lr-momentum-weight_decay/"
             "lr_schedule/stopping; group them with manualbp.fast.sweep.group_key"
         )
-    for c in cfgs:
-        if c["logger"].get("name", "none") not in ("none", None):
-            raise ValueError("run_many: logger must be 'none' (each run's files are still written)")
     first = cfgs[0]
     K = len(cfgs)
     device = _loop.resolve_device(first["device"])
@@ -241,6 +240,12 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
             tmp = os.path.join(out_dir, f"{_loop.CHECKPOINT}.tmp{os.getpid()}")
             torch.save(state, tmp)
             os.replace(tmp, os.path.join(out_dir, _loop.CHECKPOINT))
+        # the run's own logger (W&B: its own run, grouped as configured), replayed once the run has ended
+        sink = _sinks.build_sink(c["logger"], c, out_dir)
+        for record in histories[k]:
+            sink.log(record, record["epoch"])
+        sink.summary(metrics)
+        sink.finish(status)
         results[k] = _loop.RunResult(status, reason, metrics, histories[k], c, out_dir, model)
         finished[k] = True
 
