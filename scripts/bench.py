@@ -347,6 +347,53 @@ def bench_digits(args, device: torch.device) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
+# End to end through the command line: a 64-configuration sweep, vectorized against ordinary jobs
+# --------------------------------------------------------------------------------------------------
+def bench_cli_sweep(args) -> list[dict]:
+    """``experiments/train.py -m`` over 8 inits x 8 learning rates x ``--epochs`` epochs: wall time of
+    hydra/sweeper=vectorized against the same sweep as ordinary jobs with backend=autograd (start-up,
+    evaluation and output writing included)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inits = "xavier_uniform,xavier_normal,kaiming_uniform,kaiming_normal,lecun_uniform,lecun_normal,normal,orthogonal"
+    lrs = "0.01,0.02,0.05,0.1,0.2,0.3,0.5,1.0"
+    common = [
+        "logger=none",
+        "progress=false",
+        f"stopping.max_epochs={args.epochs}",
+        "stopping.early_stopping=null",
+        f"init={inits}",
+        f"optim.lr={lrs}",
+        f"device={args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')}",
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, label, extra in (
+            ("vectorized", "sweep: hydra/sweeper=vectorized", ["hydra/sweeper=vectorized"]),
+            ("ordinary", "sweep: ordinary jobs, backend=autograd", ["backend=autograd"]),
+        ):
+            out = os.path.join(tmp, name)
+            cmd = [sys.executable, os.path.join(root, "experiments", "train.py"), "-m", *common, *extra]
+            cmd.append(f"hydra.sweep.dir={out}")
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(f"  {label} failed: {proc.stderr[-500:]}", file=sys.stderr)
+                continue
+            accs = []
+            for job in os.listdir(out):
+                path = os.path.join(out, job, "metrics.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        accs.append(json.load(f).get("test_accuracy") or 0.0)
+            rows.append({"contender": label, "wall_s": seconds, "jobs": len(accs), "best_test_accuracy": max(accs)})
+            print(f"  {label:40s} {seconds:8.1f} s  {len(accs)} jobs  best test acc {max(accs):.4f}", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 def machine(device: torch.device) -> dict:
@@ -406,6 +453,21 @@ def markdown(report: dict) -> str:
                 f"| {r['contender']} | {r['wall_s']:.3f} s | {r['per_config_s']:.3f} s | "
                 f"{r['per_example_epoch_us']:.2f} | {rb:.3f} | {rs:.3f} | {r['test_accuracy']:.4f} |"
             )
+    if report.get("cli_sweep"):
+        rows = report["cli_sweep"]
+        base = rows[-1]["wall_s"] if len(rows) == 2 else float("nan")
+        lines += [
+            "",
+            f"command-line sweep, 64 configurations x {report['epochs']} epochs (digits):",
+            "",
+            "| sweep | wall time | jobs | x ordinary autograd sweep | best test accuracy |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['contender']} | {r['wall_s']:.1f} s | {r['jobs']} | {r['wall_s'] / base:.3f} | "
+                f"{r['best_test_accuracy']:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -416,6 +478,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true", help="add the torch.compile rows (slow to compile on CPU)")
     p.add_argument("--no-digits", action="store_true", help="skip the end-to-end digits rows")
     p.add_argument("--epochs", type=int, default=100, help="epochs of the end-to-end digits rows")
+    p.add_argument("--cli-sweep", action="store_true", help="also time a 64-job command-line sweep both ways (minutes)")
+    p.add_argument("--only-cli-sweep", action="store_true", help="only the command-line sweep rows")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per size")
     p.add_argument("--target", type=float, default=None, help="seconds per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -438,15 +502,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device: {info['device']}  torch {info['torch']}  threads {info['threads']}", flush=True)
     rate = gemm_rate(device, dtype, args.quick)
     print(f"GEMM rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
+    only = args.only_cli_sweep
     report = {
         "machine": info,
         "dtype": str(dtype).replace("torch.", ""),
         "gemm_gflops": rate / 1e9,
         "quick": args.quick,
         "epochs": args.epochs,
-        "grid": bench_grid(args, device, dtype, rate),
-        "saved": bench_saved(device, dtype),
-        "digits": [] if args.no_digits else bench_digits(args, device),
+        "grid": [] if only else bench_grid(args, device, dtype, rate),
+        "saved": [] if only else bench_saved(device, dtype),
+        "digits": [] if args.no_digits or only else bench_digits(args, device),
+        "cli_sweep": bench_cli_sweep(args) if args.cli_sweep or only else [],
     }
     md = markdown(report)
     print()
