@@ -240,6 +240,8 @@ def bench_digits(args, device: torch.device) -> list[dict]:
     rows = []
 
     def record(label, seconds, acc, configs=1):
+        if isinstance(seconds, list):  # repeated measurements: the median
+            seconds = statistics.median(seconds)
         row = {
             "contender": label,
             "wall_s": seconds,
@@ -272,6 +274,54 @@ def bench_digits(args, device: torch.device) -> list[dict]:
             return seconds, accuracy(model(xt), yt)
 
     print(f"digits end to end: {n} training examples, {epochs} epochs, 64-64-10 sigmoid, SGD lr 0.1 batch 32")
+    for label, make in (
+        ("bare native autograd loop", lambda m: (m.to_torch(), nn.CrossEntropyLoss())),
+        ("manual module loop", lambda m: (m, manualbp.CrossEntropyLoss())),
+    ):
+        times, acc = [], 0.0
+        for _ in range(args.e2e_repeats):
+            torch.manual_seed(0)
+            model, loss_fn = make(manualbp.MLP(64, [64], 10, activation="sigmoid", device=device))
+            seconds, acc = loop(model, loss_fn)
+            times.append(seconds)
+        record(label, times, acc)
+
+    base = {
+        "data": {"name": "digits"},
+        "device": str(device),
+        "stopping": {"max_epochs": epochs, "early_stopping": None},
+        "init": {"name": "torch_default"},
+        "progress": False,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in ("autograd", "fused"):
+            times = []
+            for r in range(args.e2e_repeats):
+                cfg = {**base, "backend": backend, "output_dir": os.path.join(tmp, f"{backend}{r}")}
+                t0 = time.perf_counter()
+                result = run(cfg)
+                times.append(time.perf_counter() - t0)
+            record(f"run(backend={backend})", times, result.metrics["test_accuracy"])
+
+    k = 64
+    models = []
+    for s in range(k):
+        torch.manual_seed(s)
+        models.append(manualbp.MLP(64, [64], 10, activation="sigmoid", device=device))
+    lrs = torch.logspace(-2, 0, k).tolist()
+    vt = VectorizedTrainer(models, "cross_entropy", lr=lrs)
+    g = torch.Generator().manual_seed(1)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).to(device)
+        for i in range(0, n, 32):
+            idx = perm[i : i + 32]
+            vt.step(x[idx], y[idx])
+    sync(device)
+    seconds = time.perf_counter() - t0
+    accs = (vt.predict(xt).argmax(-1) == yt).double().mean(-1)
+    record(f"vectorized K={k} (lr sweep; best acc)", seconds, accs.max().item(), configs=k)
     try:
         import warnings
 
@@ -294,55 +344,17 @@ def bench_digits(args, device: torch.device) -> list[dict]:
             random_state=0,
         )
         xn, yn = x.cpu().numpy(), y.cpu().numpy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            t0 = time.perf_counter()
-            clf.fit(xn, yn)
-            seconds = time.perf_counter() - t0
-        record("scikit-learn MLPClassifier", seconds, float(clf.score(xt.cpu().numpy(), yt.cpu().numpy())))
+        times = []
+        for _ in range(args.e2e_repeats):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                t0 = time.perf_counter()
+                clf.fit(xn, yn)
+                times.append(time.perf_counter() - t0)
+        record("scikit-learn MLPClassifier", times, float(clf.score(xt.cpu().numpy(), yt.cpu().numpy())))
     except ImportError:
         print("  scikit-learn missing: row skipped")
 
-    torch.manual_seed(0)
-    manual = manualbp.MLP(64, [64], 10, activation="sigmoid", device=device)
-    native = manual.to_torch()
-    record("bare native autograd loop", *loop(native, nn.CrossEntropyLoss()))
-    record("manual module loop", *loop(manual, manualbp.CrossEntropyLoss()))
-
-    base = {
-        "data": {"name": "digits"},
-        "device": str(device),
-        "stopping": {"max_epochs": epochs, "early_stopping": None},
-        "init": {"name": "torch_default"},
-        "progress": False,
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        for backend in ("autograd", "fused"):
-            cfg = {**base, "backend": backend, "output_dir": os.path.join(tmp, backend)}
-            t0 = time.perf_counter()
-            result = run(cfg)
-            seconds = time.perf_counter() - t0
-            record(f"run(backend={backend})", seconds, result.metrics["test_accuracy"])
-
-    k = 64
-    models = []
-    for s in range(k):
-        torch.manual_seed(s)
-        models.append(manualbp.MLP(64, [64], 10, activation="sigmoid", device=device))
-    lrs = torch.logspace(-2, 0, k).tolist()
-    vt = VectorizedTrainer(models, "cross_entropy", lr=lrs)
-    g = torch.Generator().manual_seed(1)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g).to(device)
-        for i in range(0, n, 32):
-            idx = perm[i : i + 32]
-            vt.step(x[idx], y[idx])
-    sync(device)
-    seconds = time.perf_counter() - t0
-    accs = (vt.predict(xt).argmax(-1) == yt).double().mean(-1)
-    record(f"vectorized K={k} (lr sweep; best acc)", seconds, accs.max().item(), configs=k)
     return rows
 
 
@@ -478,8 +490,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true", help="add the torch.compile rows (slow to compile on CPU)")
     p.add_argument("--no-digits", action="store_true", help="skip the end-to-end digits rows")
     p.add_argument("--epochs", type=int, default=100, help="epochs of the end-to-end digits rows")
+    p.add_argument("--e2e-repeats", type=int, default=None, help="repeats of each end-to-end row (median)")
     p.add_argument("--cli-sweep", action="store_true", help="also time a 64-job command-line sweep both ways (minutes)")
     p.add_argument("--only-cli-sweep", action="store_true", help="only the command-line sweep rows")
+    p.add_argument(
+        "--sections", default=None, help="comma-separated subset of grid,saved,digits,cli (default: all that apply)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds per size")
     p.add_argument("--target", type=float, default=None, help="seconds per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -487,6 +503,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 5 if args.quick else 9
+    if args.e2e_repeats is None:
+        args.e2e_repeats = 1 if args.quick else 3
     if args.target is None:
         args.target = 0.03 if args.quick else 0.08
     if args.threads:
@@ -503,14 +521,21 @@ def main(argv: list[str] | None = None) -> dict:
     rate = gemm_rate(device, dtype, args.quick)
     print(f"GEMM rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
     only = args.only_cli_sweep
+    if args.sections:
+        chosen = set(args.sections.split(","))
+        only = False
+        args.no_digits = "digits" not in chosen
+        args.cli_sweep = "cli" in chosen
+    else:
+        chosen = {"grid", "saved"} if not only else set()
     report = {
         "machine": info,
         "dtype": str(dtype).replace("torch.", ""),
         "gemm_gflops": rate / 1e9,
         "quick": args.quick,
         "epochs": args.epochs,
-        "grid": [] if only else bench_grid(args, device, dtype, rate),
-        "saved": [] if only else bench_saved(device, dtype),
+        "grid": bench_grid(args, device, dtype, rate) if "grid" in chosen else [],
+        "saved": bench_saved(device, dtype) if "saved" in chosen else [],
         "digits": [] if args.no_digits or only else bench_digits(args, device),
         "cli_sweep": bench_cli_sweep(args) if args.cli_sweep or only else [],
     }

@@ -42,6 +42,8 @@ __all__ = ["run_many", "group_key", "VARYING_KEYS"]
 
 #: top-level config keys that may differ inside one vectorized group
 VARYING_KEYS = ("seed", "init", "optim", "lr_schedule", "stopping", "output_dir", "logger", "progress", "backend")
+#: history.csv of each run is rewritten every this many epochs (and when the run ends)
+HISTORY_EVERY = 10
 #: optim keys that may differ (the rest, batch_size and name, must agree)
 VARYING_OPTIM = ("lr", "momentum", "nesterov", "weight_decay", "dampening")
 
@@ -326,7 +328,8 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
             if st.improved and st.restore_best:
                 best_params[k] = [p.clone() for p in trainer.parameters_of(k)]
             histories[k].append(record)
-            if cfgs[k]["output_dir"]:
+            if cfgs[k]["output_dir"] and (decisions[k] is not None or epoch % HISTORY_EVERY == 0):
+                # rewriting K growing CSV files every epoch costs O(epochs^2) rows: every 10th epoch and at the end
                 _loop._write_history(os.path.join(cfgs[k]["output_dir"], "history.csv"), histories[k])
             if decisions[k] is not None:
                 trainer.stop(k)
