@@ -155,6 +155,18 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def _check_writable(out_dir: str) -> None:
+    """Fail at start, not after the first epoch, when ``output_dir`` cannot be created or written."""
+    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output_dir {out_dir!r} cannot be written: {e.strerror or e}") from None
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -228,6 +240,8 @@ def run(config: Any = None) -> RunResult:
     """
     cfg = resolve_config(config)
     out_dir = cfg["output_dir"]
+    if out_dir:
+        _check_writable(out_dir)
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     saved: Optional[dict[str, Any]] = None
     if ckpt_path and os.path.exists(ckpt_path):
