@@ -56,7 +56,16 @@ def test_crash_during_checkpoint_save_resumes_from_the_previous_one(tmp_path, mo
 
 
 def _train_cmd() -> list[str]:
-    return [sys.executable, str(ROOT / "experiments" / "train.py"), "data=digits", "model.hidden=[128,128]", "stopping=max_epochs", "stopping.max_epochs=12", "logger=none", "progress=false"]
+    return [
+        sys.executable,
+        str(ROOT / "experiments" / "train.py"),
+        "data=digits",
+        "model.hidden=[128,128]",
+        "stopping=max_epochs",
+        "stopping.max_epochs=12",
+        "logger=none",
+        "progress=false",
+    ]
 
 
 @pytest.mark.slow
@@ -86,3 +95,35 @@ def test_sigkill_then_same_command_resumes_to_identical_metrics(tmp_path):
     a = json.loads((job / "metrics.json").read_text())
     b = json.loads((ref_job / "metrics.json").read_text())
     assert comparable(a) == comparable(b)
+
+
+@pytest.mark.slow
+def test_faulty_sweep_keeps_every_run_and_wandb_record(tmp_path):
+    """One job diverges, one raises, the rest are normal: each job that ran has metrics.json and its W&B run."""
+    from manualbp.report import make_report
+    from manualbp.train.wandb_sink import find_runs, read_offline_run
+
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "train.py"),
+        "-m",
+        "data=iris,file",
+        "optim.lr=0.1,1000000",
+        "stopping.max_epochs=3",
+        "progress=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    done = subprocess.run(
+        cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 1 and "2 job(s) of the sweep failed" in done.stderr
+    status = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/metrics.json")}
+    assert status == {"0": "completed", "1": "diverged", "2": "failed", "3": "failed"}
+    for job in ("0", "1"):  # the jobs that ran have their W&B runs, with every epoch and the final status
+        (wandb_run,) = find_runs(sweep / job)
+        logged = read_offline_run(wandb_run)
+        assert logged["summary"]["status"] == status[job] and len(logged["history"]) >= 1
+        assert logged["group"] == f"{sweep.parent.name}_{sweep.name}" and logged["exit_code"] == 0
+    report = make_report(sweep)
+    assert [j.name for j in report.failed] == ["2", "3"] and "data.path" in report.markdown

@@ -223,6 +223,20 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def run(config: Any = None) -> RunResult:
+    """Train an MLP as ``config`` says and return a :class:`RunResult` (see :func:`_run` for the details).
+
+    On CUDA the run uses ``torch.use_deterministic_algorithms`` (warn-only where an op has no
+    deterministic kernel) with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, so a seed gives the same run twice;
+    the process's previous setting is restored afterwards.
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        return _run(config)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _run(config: Any = None) -> RunResult:
     """Train an MLP as ``config`` says and return a :class:`RunResult`.
 
     Args:
@@ -271,6 +285,9 @@ def run(config: Any = None) -> RunResult:
 
     device = resolve_device(cfg["device"])
     dinfo, device = _dist.setup(device)  # torchrun: this rank's process group and device
+    if device.type == "cuda":  # reproducible CUDA runs (cuBLAS needs its workspace pinned for that)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dtype = getattr(torch, cfg["dtype"])
     seed = cfg["seed"]
     data = load_dataset(cfg["data"], seed, dtype, device)
