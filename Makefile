@@ -33,5 +33,9 @@ test-all: install
 lint: install
 	$(PY) -m ruff check .
 
+# BENCH_ARGS: e.g. --quick, --compile, --device cuda, --out docs/bench
+bench: install
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache .hypothesis

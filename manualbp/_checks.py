@@ -123,7 +123,8 @@ def check_classification_loss(input: object, target: object, reduction: object) 
                 f"class dimension C={n_classes}), got {_shape(t)}"
             )
         if t.numel() and t.device.type != "meta" and not is_tracing(t):
-            low, high = int(t.min()), int(t.max())
+            extremes = torch.aminmax(t)  # one pass over the targets
+            low, high = int(extremes.min), int(extremes.max)
             if low < 0 or high >= n_classes:
                 bad = low if low < 0 else high
                 raise ValueError(

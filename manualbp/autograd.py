@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import Tensor
 from torch.autograd import Function
 
@@ -34,7 +35,28 @@ __all__ = [
     "CrossEntropyOnProbabilitiesFunction",
     "MLPFunction",
     "split_params",
+    "apply_function",
 ]
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def apply_function(function: type[Function], *args: Any) -> Any:
+    """``function.apply(*args)`` without its per-call Python overhead where that overhead does nothing.
+
+    ``Function.apply`` binds the arguments to ``forward``'s signature with ``inspect`` on every call (to
+    fill default values; our forwards have none), which costs more than a small MLP's whole forward pass.
+    In eager mode with no ``torch.func`` transform active and no leftover functorch wrapper among the
+    arguments this calls the C++ ``apply`` directly; under ``torch.compile`` or a transform it is exactly
+    ``function.apply(*args)``.
+    """
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or any(isinstance(a, Tensor) and _is_wrapped(a) for a in args)
+    ):
+        return function.apply(*args)
+    return super(Function, function).apply(*args)  # torch._C._FunctionBase.apply
 
 
 class LinearFunction(Function):
@@ -215,6 +237,9 @@ class MLPFunction(Function):
     @staticmethod
     def forward(input: Tensor, activations: tuple, bias: bool, *params: Tensor):  # type: ignore[override]
         weights, biases = split_params(params, bias)
+        if input.dim() == 2:
+            result = F.mlp_forward(input, weights, biases, activations)
+            return (result.output, *result.hidden)
         x = input.reshape(-1, input.shape[-1])  # (N, in)
         result = F.mlp_forward(x, weights, biases, activations)
         output = result.output.reshape(*input.shape[:-1], result.output.shape[-1])  # (*, out)
@@ -246,7 +271,8 @@ class MLPFunction(Function):
         n_layers = ctx.n_layers
         saved = ctx.saved_tensors
         input, weights, hidden = saved[0], saved[1 : 1 + n_layers], saved[1 + n_layers :]
-        x = None if input is None else input.reshape(-1, input.shape[-1])
+        x = None if input is None or input.dim() == 2 else input.reshape(-1, input.shape[-1])
+        x = input if x is None else x
         if grad_output is None:  # o was not used downstream
             ref = next((a for a in grad_hidden if a is not None), None)
             if ref is None:  # nothing was: every gradient is zero
@@ -254,7 +280,7 @@ class MLPFunction(Function):
             grad_output = ref.new_zeros(ref.shape[0], ctx.out_features)
         needs_w, needs_b = _param_needs(ctx.needs_input_grad[3:], ctx.bias, n_layers)
         grads = F.mlp_backward(
-            grad_output.reshape(-1, ctx.out_features),  # dL/do, (N, out)
+            grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, ctx.out_features),  # dL/do, (N, out)
             x,  # type: ignore[arg-type]
             weights,
             hidden,
@@ -264,7 +290,9 @@ class MLPFunction(Function):
             needs_weight_grad=needs_w,
             needs_bias_grad=needs_b,
         )
-        grad_input = None if grads.grad_input is None else grads.grad_input.reshape(ctx.input_shape)
+        grad_input = grads.grad_input
+        if grad_input is not None and grad_input.shape != ctx.input_shape:
+            grad_input = grad_input.reshape(ctx.input_shape)
         if ctx.bias:
             param_grads = [g for pair in zip(grads.grad_weights, grads.grad_biases) for g in pair]
         else:

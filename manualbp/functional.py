@@ -64,7 +64,12 @@ REDUCTIONS = ("mean", "sum", "none")
 # --------------------------------------------------------------------------------------------------
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """z = a_prev W^T + b for a batch of rows; ``input`` (*, in), ``weight`` (out, in) -> (*, out)."""
-    z = input @ weight.T  # z_i = sum_j w_ij x_j, (*, out)
+    if input.dim() == 2 and weight.dim() == 2 and bias is not None:
+        return torch.addmm(bias, input, weight.mT)  # z_i = sum_j w_ij x_j + b_i in one kernel, (N, out)
+    if weight.dim() == 3 and bias is not None and input.dim() in (2, 3):  # K stacked models, one kernel
+        batch = input if input.dim() == 3 else input.expand(weight.shape[0], *input.shape)
+        return torch.baddbmm(bias, batch, weight.mT)  # z = a_prev W^T + b per model, (K, N, out)
+    z = input @ weight.mT  # z_i = sum_j w_ij x_j, (*, out)
     if bias is not None:
         z = z + bias  # + b_i
     return z
@@ -84,14 +89,24 @@ def linear_backward(
     ``grad_output`` is dL/dz of shape (*, out), ``input`` a_prev of shape (*, in) (only read for
     grad_weight), ``weight`` (out, in) (only read for grad_input).
     """
-    g = grad_output.reshape(-1, grad_output.shape[-1])  # dL/dz, (N, out)
     grad_input = grad_weight = grad_bias = None
+    if weight is not None and weight.dim() == 3:
+        # K stacked models: grad_output (K, N, out), input (K or 1, N, in), weight (K, out, in)
+        if needs_input_grad:
+            grad_input = grad_output @ weight  # dL/da_j = sum_i dL/dz_i w_ij, (K, N, in)
+        if needs_weight_grad:
+            grad_weight = grad_output.mT @ input  # dL/dw_ij = dL/dz_i a_j, (K, out, in)
+        if needs_bias_grad:
+            grad_bias = grad_output.sum(-2, keepdim=True)  # dL/db_i = sum_n dL/dz_i, (K, 1, out)
+        return grad_input, grad_weight, grad_bias
+    g = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, grad_output.shape[-1])  # dL/dz, (N, out)
     if needs_input_grad:
-        grad_input = (g @ weight).reshape(
-            *grad_output.shape[:-1], weight.shape[1]
-        )  # dL/da_j = sum_i dL/dz_i w_ij, (*, in)
+        grad_input = g @ weight  # dL/da_j = sum_i dL/dz_i w_ij, (N, in)
+        if grad_output.dim() != 2:
+            grad_input = grad_input.reshape(*grad_output.shape[:-1], weight.shape[1])  # (*, in)
     if needs_weight_grad:
-        grad_weight = g.T @ input.reshape(-1, input.shape[-1])  # dL/dw_ij = dL/dz_i a_j, (out, in)
+        a = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+        grad_weight = g.mT @ a  # dL/dw_ij = dL/dz_i a_j, (out, in)
     if needs_bias_grad:
         grad_bias = g.sum(0)  # dL/db_i = dL/dz_i, summed over the batch, (out,)
     return grad_input, grad_weight, grad_bias
@@ -249,8 +264,13 @@ def cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> Ten
     floating). "mean" divides by the number of examples, as ``torch.nn.functional.cross_entropy`` does.
     Numerically stable through log-sum-exp.
     """
-    y = _target_distribution(input, target)
-    per_example = -(y * _log_softmax(input)).sum(-1)  # L_n = -sum_k y_k log yhat_k, (*)
+    if not target.is_floating_point():
+        # One-hot y: L_n = -log yhat_{y_n}, computed by torch's fused (stable) log-softmax + gather kernel.
+        loss = torch.nn.functional.cross_entropy(
+            input.reshape(-1, input.shape[-1]), target.reshape(-1).long(), reduction=reduction
+        )
+        return loss.reshape(target.shape) if reduction == "none" else loss
+    per_example = -(target * _log_softmax(input)).sum(-1)  # L_n = -sum_k y_k log yhat_k, (*)
     return _reduce(per_example, reduction)
 
 
@@ -265,7 +285,12 @@ def cross_entropy_backward(
     scale = _expand_grad(grad_output, reduction, count)
     if reduction == "none":
         scale = scale.unsqueeze(-1)
-    y = _target_distribution(input, target)
+    if not target.is_floating_point():  # one-hot y: dL/do = yhat - y, subtracting 1 at each target class
+        probs = torch.softmax(input, dim=-1)  # yhat = softmax(o), (*, K)
+        index = target.long().unsqueeze(-1)
+        grad_input = probs.scatter_add(-1, index, probs.new_full(index.shape, -1.0)) * scale  # yhat - y, (*, K)
+        return grad_input, None
+    y = target
     log_probs = _log_softmax(input)
     probs = log_probs.exp()  # yhat = softmax(o), (*, K)
     grad_input = (probs * y.sum(-1, keepdim=True) - y) * scale  # dL/do = yhat sum_j y_j - y, (*, K)

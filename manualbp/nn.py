@@ -23,6 +23,7 @@ from .autograd import (
     MSELossFunction,
     SoftmaxFunction,
     SquaredErrorLossFunction,
+    apply_function,
 )
 from .functional import ACTIVATIONS
 
@@ -66,9 +67,9 @@ def _apply_autocast(function, *args):
     device_type = args[0].device.type
     dtype = _autocast_dtype(device_type)
     if dtype is None:
-        return function.apply(*args)
+        return apply_function(function, *args)
     with torch.autocast(device_type, enabled=False):
-        return function.apply(*[_cast(a, dtype) for a in args])
+        return apply_function(function, *[_cast(a, dtype) for a in args])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ class _Activation(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         C.check_tensor(input, "input")
         C.check_floating(input, "input")
-        return ACTIVATION_FUNCTIONS[self.name].apply(input, *self._args())
+        return apply_function(ACTIVATION_FUNCTIONS[self.name], input, *self._args())
 
     @property
     def spec(self) -> tuple[str, float]:
@@ -188,7 +189,7 @@ class Softmax(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         C.check_tensor(input, "input")
         C.check_floating(input, "input")
-        return SoftmaxFunction.apply(input)
+        return apply_function(SoftmaxFunction, input)
 
 
 _ACTIVATION_MODULES: dict[str, type[_Activation]] = {
@@ -241,7 +242,7 @@ class _Loss(nn.Module):
             input = input.float()  # autocast runs losses in float32, as PyTorch's losses do
             if target.is_floating_point():
                 target = target.float()
-        return self._function.apply(input, target, self.reduction)
+        return apply_function(self._function, input, target, self.reduction)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
@@ -362,15 +363,16 @@ class MLP(nn.Module):
     @property
     def activation_specs(self) -> tuple[tuple[str, float], ...]:
         """``(name, negative_slope)`` per hidden layer, as :class:`~manualbp.autograd.MLPFunction` takes it."""
-        return tuple(act.spec for act in self.activations)
+        return tuple((m.name, m.negative_slope) for m in self._modules.values() if isinstance(m, _Activation))
 
     def flat_parameters(self) -> list[Tensor]:
         """(W1, b1, W2, b2, ...) with bias, (W1, W2, ...) without: MLPFunction's parameter order."""
         params: list[Tensor] = []
-        for lin in self.linears:
-            params.append(lin.weight)
-            if self.bias:
-                params.append(lin.bias)
+        for m in self._modules.values():  # read the parameter dicts directly: this runs on every forward
+            if isinstance(m, Linear):
+                params.append(m._parameters["weight"])  # type: ignore[arg-type]
+                if self.bias:
+                    params.append(m._parameters["bias"])  # type: ignore[arg-type]
         return params
 
     def reset_parameters(self) -> None:

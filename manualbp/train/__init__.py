@@ -29,3 +29,5 @@ __all__ = [
     "build_sink",
     "evaluate",
 ]
+
+from ..fast import backend as _fast_backend  # noqa: E402,F401  (registers backend "fused")

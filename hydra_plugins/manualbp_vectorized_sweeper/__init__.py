@@ -1,0 +1,1 @@
+"""Hydra sweeper ``hydra/sweeper=vectorized``: see :mod:`.vectorized_sweeper`."""

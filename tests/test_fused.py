@@ -1,0 +1,118 @@
+"""The fused trainer's trajectory equals the module trained with torch.optim.SGD (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rel_err
+
+import manualbp
+from manualbp.fast import FusedTrainer
+
+D = torch.float64
+LOSS_MODULES = {
+    "cross_entropy": manualbp.CrossEntropyLoss,
+    "mse": manualbp.MSELoss,
+    "squared_error": manualbp.SquaredErrorLoss,
+}
+
+
+def _data(n=150, d=6, c=3, loss="cross_entropy", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, dtype=D, generator=g)
+    y = torch.randint(0, c, (n,), generator=g) if loss == "cross_entropy" else torch.randn(n, c, dtype=D, generator=g)
+    return x, y
+
+
+def _twins(activation="sigmoid", bias=True, hidden=(10, 7)):
+    torch.manual_seed(1)
+    a = manualbp.MLP(6, list(hidden), 3, activation=activation, bias=bias, dtype=D)
+    b = manualbp.MLP(6, list(hidden), 3, activation=activation, bias=bias, dtype=D)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _run_both(trainer, ref, opt, loss_fn, x, y, epochs=15, batch=32):
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(x), batch):
+            idx = order[i : i + batch]
+            fused_loss = trainer.step(x[idx], y[idx])
+            opt.zero_grad()
+            ref_loss = loss_fn(ref(x[idx]), y[idx])
+            ref_loss.backward()
+            assert abs(fused_loss.item() - ref_loss.item()) <= 1e-12 * max(1.0, abs(ref_loss.item()))
+            opt.step()
+
+
+@pytest.mark.parametrize(
+    "activation,loss,optim",
+    [
+        ("sigmoid", "cross_entropy", dict(lr=0.1)),
+        ("tanh", "cross_entropy", dict(lr=0.05, momentum=0.9)),
+        ("relu", "mse", dict(lr=0.02, momentum=0.8, weight_decay=1e-3)),
+        ("leaky_relu", "squared_error", dict(lr=0.01, momentum=0.9, nesterov=True)),
+        ("identity", "cross_entropy", dict(lr=0.05, momentum=0.5, dampening=0.1, weight_decay=1e-2)),
+    ],
+)
+def test_trajectory_equals_module_with_torch_sgd(activation, loss, optim):
+    model, ref = _twins(activation)
+    x, y = _data(loss=loss)
+    trainer = FusedTrainer(model, loss, **optim)
+    _run_both(trainer, ref, torch.optim.SGD(ref.parameters(), **optim), LOSS_MODULES[loss](), x, y)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert rel_err(p, q) <= 1e-12
+    # the run moved the weights (the comparison is not between two untouched models)
+    torch.manual_seed(1)
+    init = manualbp.MLP(6, [10, 7], 3, activation=activation, dtype=D)
+    assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), init.parameters())) > 1e-3
+
+
+def test_no_bias_sum_reduction_and_torch_loss_module():
+    model, ref = _twins("tanh", bias=False, hidden=(9,))
+    x, y = _data()
+    trainer = FusedTrainer(model, torch.nn.CrossEntropyLoss(reduction="sum"), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    _run_both(trainer, ref, opt, manualbp.CrossEntropyLoss("sum"), x, y, epochs=5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert rel_err(p, q) <= 1e-12
+
+
+def test_grad_norms_predict_set_lr_and_resume():
+    model, ref = _twins("sigmoid")
+    x, y = _data()
+    trainer = FusedTrainer(model, "cross_entropy", lr=0.1, momentum=0.9)
+    trainer.step(x[:32], y[:32])
+    ref_loss = manualbp.CrossEntropyLoss()(ref(x[:32]), y[:32])
+    ref_loss.backward()
+    norms = trainer.grad_norms()
+    assert list(norms) == [n for n, _ in ref.named_parameters()]
+    for name, p in ref.named_parameters():
+        assert abs(norms[name] - p.grad.norm().item()) <= 1e-12 * p.grad.norm().item()
+    torch.testing.assert_close(trainer.predict(x), model(x).detach(), rtol=0, atol=0)
+    # resume from a state_dict: the continued run equals the uninterrupted one
+    state = trainer.state_dict()
+    trainer.set_lr(0.05)
+    for i in range(32, 128, 32):
+        trainer.step(x[i : i + 32], y[i : i + 32])
+    expected = [p.detach().clone() for p in model.parameters()]
+    other, _ = _twins("sigmoid")
+    resumed = FusedTrainer(other, "cross_entropy", lr=0.1, momentum=0.9)
+    resumed.load_state_dict(state)
+    resumed.set_lr(0.05)
+    for i in range(32, 128, 32):
+        resumed.step(x[i : i + 32], y[i : i + 32])
+    for p, q in zip(other.parameters(), expected):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+
+
+def test_bad_arguments():
+    model, _ = _twins()
+    with pytest.raises(TypeError, match="manualbp.MLP"):
+        FusedTrainer(torch.nn.Linear(2, 2), lr=0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Nesterov"):
+        FusedTrainer(model, lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="reduction"):
+        FusedTrainer(model, manualbp.CrossEntropyLoss("none"), lr=0.1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        FusedTrainer(model, "hinge", lr=0.1)

@@ -1,0 +1,76 @@
+"""run_many: K run configs as one batched model, each equal to run() of that config alone (float64)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from manualbp.fast.sweep import group_key, run_many
+from manualbp.train import run
+
+BASE = {
+    "data": {"name": "digits"},
+    "dtype": "float64",
+    "optim": {"name": "sgd", "lr": 0.1, "batch_size": 64},
+    "stopping": {"max_epochs": 4},
+    "progress": False,
+}
+
+
+def _cfg(seed, init, lr, momentum, schedule, stopping):
+    return {
+        **BASE,
+        "seed": seed,
+        "init": {"name": init},
+        "optim": {**BASE["optim"], "lr": lr, "momentum": momentum},
+        "lr_schedule": {"name": schedule},
+        "stopping": stopping,
+    }
+
+
+CONFIGS = [
+    _cfg(0, "xavier_uniform", 0.1, 0.0, "constant", {"max_epochs": 4, "early_stopping": None}),
+    _cfg(1, "kaiming_normal", 0.05, 0.9, "cosine", {"max_epochs": 4, "early_stopping": {"patience": 1}}),
+    _cfg(0, "normal", 0.3, 0.0, "step", {"max_epochs": 2}),
+    _cfg(2, "lecun_uniform", 0.2, 0.5, "exponential", {"max_epochs": 4, "max_steps": 30}),
+]
+
+
+@pytest.mark.parametrize("same_seed", [False, True])
+def test_each_run_equals_run_alone(tmp_path, same_seed):
+    configs = [dict(c, seed=0) if same_seed else c for c in CONFIGS]
+    results = run_many([dict(c, output_dir=str(tmp_path / f"v{i}")) for i, c in enumerate(configs)])
+    for i, (c, v) in enumerate(zip(configs, results)):
+        r = run(dict(c, backend="manual"))
+        assert (v.status, v.stop_reason, v.metrics["epochs"], v.metrics["steps"]) == (
+            r.status,
+            r.stop_reason,
+            r.metrics["epochs"],
+            r.metrics["steps"],
+        )
+        for p, q in zip(v.model.parameters(), r.model.parameters()):
+            assert (p - q).abs().max().item() <= 1e-10 * max(1.0, q.abs().max().item()), i
+        assert len(v.history) == len(r.history)
+        for a, b in zip(v.history, r.history):
+            assert set(a) == set(b)
+            for key in ("train_loss", "val_loss", "train_accuracy", "lr", "grad_norm", "train_loss_running"):
+                assert abs(a[key] - b[key]) <= 1e-10 * max(1.0, abs(b[key])), (i, key)
+        assert v.metrics["test_accuracy"] == r.metrics["test_accuracy"]
+        out = tmp_path / f"v{i}"
+        assert {"config.json", "history.csv", "metrics.json", "checkpoint.pt"} <= set(os.listdir(out))
+        assert json.loads((out / "metrics.json").read_text())["status"] == r.status
+        # run() on the finished output_dir returns the stored result without training
+        again = run(dict(c, output_dir=str(out)))
+        assert again.metrics["test_accuracy"] == v.metrics["test_accuracy"]
+
+
+def test_group_key_and_incompatible_configs():
+    assert group_key(CONFIGS[0]) == group_key(CONFIGS[1])
+    other = {**CONFIGS[0], "model": {"hidden": [32], "activation": "tanh", "bias": True}}
+    assert group_key(other) != group_key(CONFIGS[0])
+    with pytest.raises(ValueError, match="differ"):
+        run_many([CONFIGS[0], other])
+    with pytest.raises(ValueError, match="SGD only"):
+        run_many([{**CONFIGS[0], "optim": {"name": "adam", "lr": 0.01, "batch_size": 64}}])
