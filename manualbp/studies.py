@@ -150,13 +150,14 @@ def hessian_lambda_max(
     tol: float = 1e-6,
     seed: int = 0,
 ) -> LambdaMax:
-    """Largest (in magnitude) Hessian eigenvalue of the mean loss w.r.t. all parameters, by power iteration.
+    """Largest Hessian eigenvalue of the mean loss w.r.t. all parameters, by power iteration.
 
     Each iteration is one Hessian-vector product H v = d/dtheta (grad L . v), computed by double backward
     (``torch.autograd.grad`` with ``create_graph=True``) through the module's own backward; for
     :class:`manualbp.MLP` that differentiates the hand-derived two-pass formulas. The estimate is the
     Rayleigh quotient v^T H v of the unit iterate; iteration stops when it changes by less than
-    ``tol`` (relative) or after ``iters`` products.
+    ``tol`` (relative) or after ``iters`` products. Power iteration finds the eigenvalue of largest
+    magnitude; when that one is negative, a second iteration on H - lambda I (shifted) finds the largest.
 
     Args:
         model: the network (its parameters are the Hessian's variables).
@@ -180,18 +181,31 @@ def hessian_lambda_max(
         norm = torch.sqrt(sum((t * t).sum() for t in vs))  # type: ignore[arg-type]
         return [t / norm for t in vs]
 
-    v = normalize(v)
-    estimate, converged, it = math.nan, False, 0
-    for it in range(1, iters + 1):
-        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
-        new = float(sum((h * t).sum() for h, t in zip(hv, v)))  # Rayleigh quotient v^T H v, |v| = 1
-        if not math.isfinite(new):
-            break
-        if it > 1 and abs(new - estimate) <= tol * abs(new):
-            estimate, converged = new, True
-            break
-        estimate = new
-        v = normalize([h.detach() for h in hv])
+    v0 = normalize(v)
+
+    def power(shift: float) -> tuple[float, bool, int]:
+        """Dominant eigenvalue of H - shift I (shift 0: H itself), plus shift."""
+        v, estimate, converged, it = v0, math.nan, False, 0
+        for it in range(1, iters + 1):
+            hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+            if shift:
+                hv = tuple(h - shift * t for h, t in zip(hv, v))
+            new = float(sum((h * t).sum() for h, t in zip(hv, v)))  # Rayleigh quotient v^T (H - shift) v, |v| = 1
+            if not math.isfinite(new):
+                break
+            if it > 1 and abs(new - estimate) <= tol * abs(new):
+                estimate, converged = new, True
+                break
+            estimate = new
+            v = normalize([h.detach() for h in hv])
+        return estimate + shift, converged, it
+
+    estimate, converged, it = power(0.0)
+    if math.isfinite(estimate) and estimate < 0:
+        # the dominant eigenvalue is negative: H - estimate I is positive semi-definite with top eigenvalue
+        # lambda_max - estimate, so a second, shifted iteration finds the largest (algebraic) eigenvalue
+        estimate, converged, more = power(estimate)
+        it += more
     return LambdaMax(estimate, float(value.detach()), it, converged)
 
 
@@ -469,7 +483,9 @@ def _unstable(job: Job, initial_loss: Optional[float]) -> bool:
     return initial_loss is not None and final >= initial_loss
 
 
-def lr_section(jobs: list[Job], img: Path, prefix: str = "results_lr", hessian_iters: int = 200) -> Section:
+def lr_section(
+    jobs: list[Job], img: Path, prefix: str = "results_lr", hessian_iters: int = 200, title: Optional[str] = None
+) -> Section:
     """Final training loss per rate; observed full-batch divergence boundary vs 2 / lambda_max at init."""
     acts = _ordered([str(j.get("model.activation")) for j in jobs], ["sigmoid", "tanh", "relu"])
     batches = _ordered([_batch(j) for j in jobs], ["full", "1", "8", "16", "32", "64", "128"])
@@ -517,7 +533,7 @@ def lr_section(jobs: list[Job], img: Path, prefix: str = "results_lr", hessian_i
             boundary[(a, b)] = first_bad
             pred = lam[a].lr_bound
             ratio = "-"
-            if first_bad is not None and last_ok is not None:
+            if first_bad is not None and last_ok is not None and math.isfinite(pred):
                 ratio = f"{last_ok / pred:.2g} to {first_bad / pred:.2g}"
             brows.append(
                 [
@@ -559,7 +575,9 @@ def lr_section(jobs: list[Job], img: Path, prefix: str = "results_lr", hessian_i
         ax.set_title("full-batch gradient descent" if b == "full" else f"SGD, batch {b}")
     axes[0][0].set_ylabel("final training loss (x: diverged)")
     axes[0][0].legend(fontsize=8, title="dashed: 2/lambda_max", title_fontsize=7)
-    fig.suptitle("Final training loss after 50 epochs vs learning rate (digits, 64 hidden units)")
+    epochs = max(int(j.get("stopping.max_epochs") or 0) for j in jobs)
+    data = jobs[0].get("data.name")
+    fig.suptitle(title or f"Final training loss after {epochs} epochs vs learning rate ({data}, one hidden layer)")
     figs = [_save(fig, img / f"{prefix}.png")]
     md = [
         "Final training loss per learning rate (`div@E`: diverged at epoch E, i.e. the loss exceeded 10x its first "
@@ -668,7 +686,9 @@ def stopping_section(jobs: list[Job], img: Path, prefix: str = "results_stopping
         "",
         f"![stopping rules on MNIST-1D](img/{prefix}.png)" if figs else "",
     ]
-    return Section("\n".join(md), figs)
+    sec = Section("\n".join(md), figs)
+    sec.summary = {r: (sum(a for a, _ in v) / len(v), sum(e for _, e in v) / len(v)) for r, v in summary.items()}  # type: ignore[attr-defined]
+    return sec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -736,7 +756,9 @@ def batch_section(jobs: list[Job], img: Path, prefix: str = "results_batch") -> 
         "",
         f"![accuracy vs epochs and wall time](img/{prefix}.png)",
     ]
-    return Section("\n".join(md), figs)
+    sec = Section("\n".join(md), figs)
+    sec.best = best  # type: ignore[attr-defined]
+    return sec
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def _exact_hessian_eigs(model, x, y, loss_fn):
     return torch.linalg.eigvalsh((h + h.T) / 2)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
 def test_power_iteration_matches_the_exact_hessian_eigenvalue(activation):
     torch.manual_seed(0)
     model = manualbp.MLP(3, [4], 3, activation=activation, dtype=torch.float64)
@@ -43,12 +43,25 @@ def test_power_iteration_matches_the_exact_hessian_eigenvalue(activation):
             p.mul_(3.0)  # a sharper loss than the default init, so the top eigenvalue stands out
     x, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,))
     eigs = _exact_hessian_eigs(model, x, y, manualbp.CrossEntropyLoss())
-    top = eigs[eigs.abs().argmax()].item()
+    top = eigs.max().item()
     est = S.hessian_lambda_max(model, x, y, "cross_entropy", iters=500, tol=1e-12)
     assert est.converged
     assert est.value == pytest.approx(top, rel=1e-6)
     assert est.loss == pytest.approx(manualbp.CrossEntropyLoss()(model(x), y).item())
     assert est.lr_bound == pytest.approx(2 / top)
+
+
+def test_power_iteration_finds_the_largest_eigenvalue_when_a_negative_one_dominates():
+    torch.manual_seed(39)  # a net whose Hessian has eigenvalues -1.17 ... 0.54: plain power iteration finds -1.17
+    model = manualbp.MLP(3, [4], 3, activation="tanh", dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,))
+    eigs = _exact_hessian_eigs(model, x, y, manualbp.CrossEntropyLoss())
+    assert -eigs.min() > eigs.max() > 0
+    est = S.hessian_lambda_max(model, x, y, "cross_entropy", iters=2000, tol=1e-12)
+    assert est.value == pytest.approx(eigs.max().item(), rel=1e-5)
 
 
 def test_power_iteration_on_a_quadratic_loss_equals_the_gauss_newton_eigenvalue():
@@ -177,3 +190,29 @@ def test_lr_boundary_rule_marks_divergence_and_non_decrease():
     flat = Job(Path("b"), metrics={"status": "completed", "train_loss": 2.4})
     div = Job(Path("c"), metrics={"status": "diverged", "train_loss": math.nan})
     assert not S._unstable(ok, 2.3) and S._unstable(flat, 2.3) and S._unstable(div, 2.3)
+
+
+def test_lr_section_reports_the_observed_boundary_next_to_two_over_lambda_max(tmp_path):
+    base = {"data": {"name": "iris"}, "model": {"hidden": [4], "activation": "tanh"}, "seed": 0}
+    sweep = tmp_path / "lr"
+    for num, (lr, status, loss) in enumerate(
+        [(0.1, "completed", 0.5), (1.0, "completed", 0.3), (10.0, "diverged", None)]
+    ):
+        cfg = {**base, "optim": {"name": "sgd", "lr": lr, "batch_size": "full"}, "stopping": {"max_epochs": 2}}
+        hist = [{"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5} for e in (1, 2)]
+        _fake_job(
+            sweep,
+            num,
+            [f"optim.lr={lr}"],
+            cfg,
+            {"status": status, "train_loss": loss, "epochs": 2, "loss": "cross_entropy"},
+            hist,
+        )
+    sec = S.lr_section(S.load_sweep(sweep), tmp_path / "img", hessian_iters=300)
+    st = S.initial_state({**base, "optim": {"batch_size": "full"}}, dtype=torch.float64)
+    lam = S.hessian_lambda_max(st.model, st.data.x_train, st.data.y_train, "cross_entropy", iters=300)
+    assert sec.lam["tanh"].value == pytest.approx(lam.value, rel=1e-6)
+    assert sec.boundary[("tanh", "full")] == 10.0
+    row = next(line for line in sec.markdown.splitlines() if line.startswith("| tanh") and "10.000" in line)
+    assert f"{2 / lam.value:.3f}" in row and "| 1.000 " in row and "| 10.000 " in row
+    assert "div@2" in sec.markdown
