@@ -858,6 +858,18 @@ def sweep_runtime(jobs: list[Job]) -> float:
     return sum(float(j.metrics.get("wall_time_s") or 0) for j in jobs)
 
 
+def sweep_wall_time(jobs: list[Job]) -> Optional[float]:
+    """Seconds from the sweep's start (its multirun.yaml) to its last metrics.json, from file times; None if unknown."""
+    if not jobs:
+        return None
+    root = jobs[0].path.parent
+    start = root / "multirun.yaml"
+    ends = [(j.path / "metrics.json").stat().st_mtime for j in jobs if (j.path / "metrics.json").exists()]
+    if not start.exists() or not ends:
+        return None
+    return max(ends) - start.stat().st_mtime
+
+
 def write_results(sections: Mapping[str, str], out: Union[str, Path], header: str = "# Results\n") -> Path:
     """Write ``header`` then each titled section (already rendered markdown) to ``out``."""
     path = Path(out)
