@@ -523,6 +523,7 @@ def lr_section(
     ]
     brows = []
     boundary: dict[tuple[str, str], Optional[float]] = {}
+    largest_stable: dict[tuple[str, str], Optional[float]] = {}
     for a in acts:
         for b in batches:
             l0 = lam[a].loss
@@ -531,6 +532,7 @@ def lr_section(
             first_bad = min((lr for lr in unstable if lr > (min(stable) if stable else 0)), default=None)
             last_ok = max((lr for lr in stable if first_bad is None or lr < first_bad), default=None)
             boundary[(a, b)] = first_bad
+            largest_stable[(a, b)] = last_ok
             pred = lam[a].lr_bound
             ratio = "-"
             if first_bad is not None and last_ok is not None and math.isfinite(pred):
@@ -599,6 +601,7 @@ def lr_section(
     sec = Section("\n".join(md), figs)
     sec.lam = lam  # type: ignore[attr-defined]
     sec.boundary = boundary  # type: ignore[attr-defined]
+    sec.largest_stable = largest_stable  # type: ignore[attr-defined]
     return sec
 
 

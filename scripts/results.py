@@ -252,9 +252,25 @@ def lr_findings(sec: S.Section, jobs: list) -> str:
             )
         )
     elif ratios:
+        stable = getattr(sec, "largest_stable", {})
+        inside = [
+            a
+            for a, lm in lam.items()
+            if (stable.get((a, "full")) or 0) <= lm.lr_bound < (boundary.get((a, "full")) or 0)
+        ]
+        above = [a for a, lm in lam.items() if a not in inside and (stable.get((a, "full")) or 0) > lm.lr_bound]
+        above_ratio = [f"{stable[(a, 'full')] / lam[a].lr_bound:.2g}x" for a in above]
         lines.append(
-            f"- The observed boundary lies within {min(ratios):.2g}x to {max(ratios):.2g}x of 2/lambda_max (the grid "
-            "has steps of 2.15x): the quadratic model's prediction holds for this loss."
+            f"- With the {loss} loss the observed boundary follows the prediction: the first unstable rate is "
+            f"{min(ratios):.2g}x to {max(ratios):.2g}x of 2/lambda_max (grid steps are 2.15x), and 2/lambda_max lies "
+            f"inside the observed bracket for {', '.join(inside) or 'no activation'}"
+            + (
+                f"; for {', '.join(above)} gradient descent is still stable a little above it "
+                f"({', '.join(above_ratio)})"
+                if above
+                else ""
+            )
+            + ". Reproduced, up to the curvature change along the trajectory that the initial lambda_max does not see."
         )
     mini = [boundary.get((a, "32")) for a in lam]
     full = [boundary.get((a, "full")) for a in lam]
