@@ -623,8 +623,8 @@ def stopping_section(jobs: list[Job], img: Path, prefix: str = "results_stopping
         "epochs used",
         "best epoch (min val loss)",
         "epochs past best",
-        "val loss at stop - best",
-        "train acc at stop",
+        "val loss at last epoch - min",
+        "train acc at last epoch",
         "test acc at stop",
         "test loss at stop",
     ]
@@ -681,7 +681,9 @@ def stopping_section(jobs: list[Job], img: Path, prefix: str = "results_stopping
         figs.append(_save(fig, img / f"{prefix}.png"))
     md = [
         "Each rule runs on the same seed's trajectory (training is deterministic, so the runs agree epoch for epoch "
-        "until one stops); the best epoch is the one with the lowest validation loss in that seed's max_epochs run.",
+        "until one stops); the best epoch is the one with the lowest validation loss in that seed's max_epochs run. "
+        "Test accuracy and loss are those of the weights the run ends with: early stopping restores its best "
+        "epoch's weights (`restore_best: true`, the default), the other rules keep the last epoch's.",
         "",
         _markdown(header, rows),
         "",

@@ -307,7 +307,24 @@ def stopping_findings(sec: S.Section, jobs: list) -> str:
             f"{', '.join(str(b['epoch']) for b in best)} and ends {min(rise):.1f}x to {max(rise):.1f}x above its minimum."
         )
     for rule, (acc, ep) in rows.items():
-        lines.append(f"- {rule}: mean test accuracy {acc:.3f} after {ep:.0f} epochs on average.")
+        reasons = sorted({str(j.metrics.get("stop_reason")) for j in jobs if j.stopping_label == rule})
+        fired = rule == "max_epochs" or rule in reasons
+        lines.append(
+            f"- {rule}: mean test accuracy {acc:.3f} after {ep:.0f} epochs on average"
+            + ("" if fired else f" (it never fired: every run hit the {', '.join(reasons)} cap)")
+            + "."
+        )
+    if "max_epochs" in rows and "early_stopping" in rows and ref:
+        va_best = sum(float(b["val_accuracy"]) for b in best) / len(best)
+        va_last = sum(float(j.history[-1]["val_accuracy"]) for j in ref) / len(ref)
+        (a_max, e_max), (a_es, e_es) = rows["max_epochs"], rows["early_stopping"]
+        lines.append(
+            f"- Early stopping uses {e_es / e_max:.0%} of the epochs; its test accuracy is {a_es - a_max:+.3f} against "
+            "training to the cap. Accuracy and loss part ways here: past the best epoch the validation loss rises "
+            f"(over-confident wrong answers) while the validation accuracy goes from {va_best:.3f} at the best epoch to "
+            f"{va_last:.3f} at the last (means over seeds), so stopping on the loss saves time and calibration more "
+            "than accuracy."
+        )
     return "\n".join(lines)
 
 
