@@ -672,7 +672,13 @@ def stopping_section(jobs: list[Job], img: Path, prefix: str = "results_stopping
             j = cell.get((r, seeds[0]))
             if j is not None:
                 for ax in axes:
-                    ax.axvline(int(j.metrics.get("epochs", 0)), color=f"C{k + 2}", ls="--", lw=1, label=f"stop: {r}")
+                    ax.axvline(
+                        int(j.metrics.get("epochs", 0)),
+                        color=("k", "C3", "C4", "C2", "C5")[k % 5],
+                        ls=(":", "--", "-.", "--", ":")[k % 5],
+                        lw=1,
+                        label=f"stop: {r}",
+                    )
         for ax in axes:
             ax.set_xlabel("epoch")
         axes[0].legend(fontsize=7)

@@ -74,7 +74,10 @@ STUDY_TEXT = {
         "logistic regression. Ours: an MLP of two hidden layers of 256 ReLU units and the zero-hidden-layer model (multinomial "
         "logistic regression), Adam lr 0.01 with weight decay 1e-4, batch 100, early stopping on validation "
         "accuracy (patience 30, the best epoch's weights restored), at most 150 epochs, seeds 0, 1, 2 (each seed "
-        "also draws its own 3500/500/1000 split; the paper trains on 4000 and tests on 1000).",
+        "also draws its own 3500/500/1000 split; the paper trains on 4000 and tests on 1000). The settings were "
+        "picked by a few seed-0 trials (one run each, by validation accuracy): one hidden layer of 256 with Adam "
+        "lr 0.001-0.01 reached 0.60-0.61 test accuracy, two layers of 256 (or of 100, like the paper's MLP) at lr "
+        "0.01 without weight decay 0.67, and weight decay 1e-4 added the rest; seeds 1 and 2 were not used to choose.",
     ),
 }
 
