@@ -550,7 +550,7 @@ def lr_section(
                 ]
             )
     plt = _plt()
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.9), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(7.0, 5 * len(batches)), 3.9), sharey=True, squeeze=False)
     colors = dict(zip(acts, ["C0", "C1", "C2", "C3", "C4"]))
     for c, b in enumerate(batches):
         ax = axes[0][c]
@@ -579,7 +579,9 @@ def lr_section(
     axes[0][0].legend(fontsize=8, title="dashed: 2/lambda_max", title_fontsize=7)
     epochs = max(int(j.get("stopping.max_epochs") or 0) for j in jobs)
     data = jobs[0].get("data.name")
-    fig.suptitle(title or f"Final training loss after {epochs} epochs vs learning rate ({data}, one hidden layer)")
+    fig.suptitle(
+        title or f"Final training loss after {epochs} epochs vs learning rate ({data}, one hidden layer)", fontsize=11
+    )
     figs = [_save(fig, img / f"{prefix}.png")]
     md = [
         "Final training loss per learning rate (`div@E`: diverged at epoch E, i.e. the loss exceeded 10x its first "

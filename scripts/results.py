@@ -370,6 +370,17 @@ def baseline_findings(sec: S.Section, jobs: list) -> str:
         ok = abs(m - target) <= 0.03 if name.startswith("logistic") else m >= target
         want = "about 0.32" if name.startswith("logistic") else "at least 0.68"
         lines.append(f"- {name}: mean test accuracy {m:.3f} over 3 seeds (expected {want}): {_yes(ok)}.")
+    for j in jobs:
+        h = j.history
+        drops = [(h[k]["epoch"], h[k - 1]["train_accuracy"] - h[k]["train_accuracy"]) for k in range(1, len(h))]
+        epoch, drop = max(drops, key=lambda d: d[1], default=(None, 0.0))
+        if drop > 0.2:
+            lines.append(
+                f"- Seed {j.get('seed')} ({'logistic' if not j.get('model.hidden') else 'MLP'}): the training accuracy "
+                f"falls by {drop:.2f} at epoch {epoch} (an Adam instability at lr 0.01, see the figure); early stopping "
+                f"had kept the best epoch ({j.metrics.get('best_epoch')}) and restores it, so the reported accuracy is "
+                "that epoch's."
+            )
     return "\n".join(lines)
 
 
