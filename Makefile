@@ -24,14 +24,14 @@ run: install
 	$(PY) experiments/train.py
 
 test: install
-	$(PY) -m ruff check manualbp tests scripts experiments
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: install
-	$(PY) -m ruff check manualbp tests scripts experiments
+	$(PY) -m ruff check .
 
 # BENCH_ARGS: e.g. --quick, --compile, --device cuda, --out docs/bench
 bench: install

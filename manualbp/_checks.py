@@ -90,7 +90,7 @@ def check_regression_loss(input: object, target: object, reduction: object) -> N
     check_same_device(t, "target", i, "input")
     if t.dtype != i.dtype:
         raise TypeError(f"target has dtype {t.dtype} but input has dtype {i.dtype}; they must match")
-    _check_not_empty_mean(i, reduction, i[..., 0].numel())  # type: ignore[arg-type]
+    _check_not_empty_mean(i, reduction, i.shape[:-1].numel())  # type: ignore[arg-type]
 
 
 def check_classification_loss(input: object, target: object, reduction: object) -> None:
@@ -104,6 +104,8 @@ def check_classification_loss(input: object, target: object, reduction: object) 
         raise ValueError("input: expected logits of shape (*, C) with at least one dimension, got a 0-d tensor")
     check_same_device(t, "target", i, "input")
     n_classes = i.shape[-1]
+    if n_classes == 0:
+        raise ValueError(f"input: the class dimension C (the last) must be at least 1, got shape {_shape(i)}")
     if t.is_floating_point():
         if t.shape != i.shape:
             raise ValueError(
@@ -120,7 +122,7 @@ def check_classification_loss(input: object, target: object, reduction: object) 
                 f"target: class indices must have shape {tuple(i.shape[:-1])} (input's shape without the "
                 f"class dimension C={n_classes}), got {_shape(t)}"
             )
-        if t.numel() and not is_tracing(t):
+        if t.numel() and t.device.type != "meta" and not is_tracing(t):
             extremes = torch.aminmax(t)  # one pass over the targets
             low, high = int(extremes.min), int(extremes.max)
             if low < 0 or high >= n_classes:
@@ -128,7 +130,7 @@ def check_classification_loss(input: object, target: object, reduction: object) 
                 raise ValueError(
                     f"target: class index {bad} is out of range for C={n_classes} classes [0, {n_classes})"
                 )
-    _check_not_empty_mean(i, reduction, i[..., 0].numel())  # type: ignore[arg-type]
+    _check_not_empty_mean(i, reduction, i.shape[:-1].numel())  # type: ignore[arg-type]
 
 
 def check_positive_int(value: object, name: str) -> int:

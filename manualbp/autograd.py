@@ -86,6 +86,22 @@ class LinearFunction(Function):
         )
 
 
+def _make_function(class_name: str, doc: str, forward, setup_context, backward) -> type[Function]:
+    """A forward + setup_context style Function class (vmap rule generated) from three plain functions."""
+    return type(
+        class_name,
+        (Function,),
+        {
+            "__doc__": doc,
+            "__module__": __name__,
+            "generate_vmap_rule": True,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
+
+
 def _activation_function(name: str, class_name: str) -> type[Function]:
     """One Function per activation; extra apply arguments (leaky_relu's negative_slope) are constants."""
 
@@ -102,18 +118,7 @@ def _activation_function(name: str, class_name: str) -> type[Function]:
         return (F.activation_backward(name, grad_output, output, *ctx.args), *([None] * len(ctx.args)))
 
     doc = f"a = {name}(z) with the hand-derived backward from the saved output. ``apply(input{', negative_slope' if name == 'leaky_relu' else ''})``."
-    return type(
-        class_name,
-        (Function,),
-        {
-            "__doc__": doc,
-            "__module__": __name__,
-            "generate_vmap_rule": True,
-            "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
-        },
-    )
+    return _make_function(class_name, doc, forward, setup_context, backward)
 
 
 SigmoidFunction = _activation_function("sigmoid", "SigmoidFunction")
@@ -150,18 +155,7 @@ def _loss_function(forward_fn, backward_fn, class_name: str, doc: str) -> type[F
             None,
         )
 
-    return type(
-        class_name,
-        (Function,),
-        {
-            "__doc__": doc,
-            "__module__": __name__,
-            "generate_vmap_rule": True,
-            "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
-        },
-    )
+    return _make_function(class_name, doc, forward, setup_context, backward)
 
 
 SquaredErrorLossFunction = _loss_function(

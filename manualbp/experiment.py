@@ -28,6 +28,23 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger("manualbp")
 
+
+def run_dirname(override_dirname: str) -> str:
+    """A single run's directory name from its overrides ("default" for none), so the same command finds
+    the same directory again: a killed run resumes, a finished one returns its stored result."""
+    return override_dirname.replace("/", "_") or "default"
+
+
+def _register_resolvers() -> None:
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:  # pragma: no cover
+        return
+    OmegaConf.register_new_resolver("run_dirname", run_dirname, replace=True)
+
+
+_register_resolvers()
+
 __all__ = ["train_job", "objective", "headline", "prepare_config", "SweepFailureReport"]
 
 
@@ -82,7 +99,9 @@ def headline(result: Any, output_dir: Optional[str]) -> str:
             f"max param rel diff {m.get('max_param_rel_diff', float('nan')):.2e}"
         )
     if output_dir:
-        parts.append(f"results: {output_dir} (metrics.json, history.csv, config.json, checkpoint.pt, wandb/)")
+        names = ("metrics.json", "history.csv", "config.json", "checkpoint.pt", "wandb/")
+        present = [n for n in names if (Path(output_dir) / n.rstrip("/")).exists()]
+        parts.append(f"results: {output_dir} ({', '.join(present)})")
     return "\n".join(parts)
 
 
@@ -104,6 +123,22 @@ def _write_failure(output_dir: Optional[str], exc: BaseException) -> None:
         pass  # the output dir itself is the problem; the raised error says so
 
 
+def _announce_existing(output_dir: Optional[str]) -> None:
+    """Say so when this job's directory already holds a finished run (stored result) or a checkpoint (resume)."""
+    if not output_dir or not (Path(output_dir) / "checkpoint.pt").exists():
+        return
+    metrics = Path(output_dir) / "metrics.json"
+    try:
+        status = json.loads(metrics.read_text()).get("status") if metrics.exists() else None
+    except (OSError, json.JSONDecodeError):
+        status = None
+    if status in ("completed", "stopped", "diverged"):
+        print(f"{output_dir} holds a finished run: showing its stored result (delete the directory, or pass "
+              "hydra.run.dir=..., to train again)", flush=True)
+    else:
+        print(f"resuming from the checkpoint in {output_dir}", flush=True)
+
+
 def _want_traceback() -> bool:
     return any(os.environ.get(k, "") not in ("", "0") for k in ("MANUALBP_TRACEBACK", "HYDRA_FULL_ERROR"))
 
@@ -116,6 +151,7 @@ def train_job(cfg: Any) -> float:
     from .train import run
 
     config = prepare_config(cfg)
+    _announce_existing(config.get("output_dir"))
     try:
         result = run(config)
     except Exception as exc:

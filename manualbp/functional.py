@@ -219,7 +219,7 @@ def squared_error_loss_backward(
     grad_output: Tensor, input: Tensor, target: Tensor, reduction: str = "mean"
 ) -> tuple[Tensor, Tensor]:
     """Returns (dL/do, dL/dy). dL/do_k = o_k - y_k (the notes' formula), scaled by the reduction."""
-    count = input[..., 0].numel()
+    count = input.shape[:-1].numel()  # examples: every dimension but the last
     scale = _expand_grad(grad_output, reduction, count)
     if reduction == "none":
         scale = scale.unsqueeze(-1)  # one factor per example, broadcast over k
@@ -281,7 +281,7 @@ def cross_entropy_backward(
 
     dL/do_k = yhat_k * sum_j y_j - y_k, which is the familiar softmax(o) - y when y is a distribution.
     """
-    count = input[..., 0].numel()
+    count = input.shape[:-1].numel()  # examples: every dimension but the last
     scale = _expand_grad(grad_output, reduction, count)
     if reduction == "none":
         scale = scale.unsqueeze(-1)
@@ -322,7 +322,7 @@ def cross_entropy_on_probabilities_backward(
     grad_output: Tensor, input: Tensor, target: Tensor, reduction: str = "mean"
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Returns (dL/dyhat, dL/dy). dL/dyhat_k = -y_k / yhat_k."""
-    count = input[..., 0].numel()
+    count = input.shape[:-1].numel()  # examples: every dimension but the last
     scale = _expand_grad(grad_output, reduction, count)
     if reduction == "none":
         scale = scale.unsqueeze(-1)

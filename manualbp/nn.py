@@ -44,6 +44,8 @@ __all__ = [
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type == "meta":  # autocast has no meta dispatch key; shapes only
+        return None
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None

@@ -127,14 +127,16 @@ def collect_jobs(sweep_dir: Union[str, Path]) -> list[Job]:
 # --------------------------------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------------------------------
-def _override_keys(jobs: list[Job]) -> list[str]:
+def _override_keys(jobs: list[Job], varying: bool = True) -> list[str]:
+    """Override keys of the sweep: those whose value differs between jobs (or, varying=False, the rest)."""
     keys: list[str] = []
     for job in jobs:
         for o in job.overrides:
             key = o.split("=", 1)[0].lstrip("+~")
             if key not in keys and not key.startswith("hydra"):
                 keys.append(key)
-    return keys
+    values = {k: {_override_value(j, k) for j in jobs} for k in keys}
+    return [k for k in keys if (len(values[k]) > 1) == varying]
 
 
 def _override_value(job: Job, key: str) -> str:
@@ -192,8 +194,11 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------------------
-def _label(job: Job, skip: str) -> str:
+def _label(job: Job, skip: str, keys: Optional[list[str]] = None) -> str:
+    """The job's varying overrides (``keys``), without those starting with ``skip``."""
     parts = [o for o in job.overrides if not o.split("=", 1)[0].lstrip("+~").startswith(skip)]
+    if keys is not None:
+        parts = [o for o in parts if o.split("=", 1)[0].lstrip("+~") in keys]
     return ", ".join(parts) or job.name
 
 
@@ -209,6 +214,7 @@ def _plot_learning_curves(jobs: list[Job], out: Path, plt) -> Optional[Path]:
     if not with_history:
         return None
     groups = _by_init(with_history)
+    varying = _override_keys(jobs)
     regression = with_history[0].task == "regression"
     second = "val_r2" if regression else "val_accuracy"
     fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False, sharex=True)
@@ -216,7 +222,7 @@ def _plot_learning_curves(jobs: list[Job], out: Path, plt) -> Optional[Path]:
         for job in group:
             epochs = [h.get("epoch") for h in job.history]
             style = "--" if job.status == "diverged" else "-"
-            axes[0][col].plot(epochs, [h.get("val_loss") for h in job.history], style, label=_label(job, "init"))
+            axes[0][col].plot(epochs, [h.get("val_loss") for h in job.history], style, label=_label(job, "init", varying))
             axes[1][col].plot(epochs, [h.get(second) for h in job.history], style)
         axes[0][col].set_title(f"init = {init}")
         axes[0][col].set_yscale("log")
@@ -273,7 +279,7 @@ def _plot_heatmap(jobs: list[Job], out: Path, plt) -> Optional[Path]:
                     text,
                     ha="center",
                     va="center",
-                    color="white" if not np.isnan(grid[r, c]) else "red",
+                    color="red" if np.isnan(grid[r, c]) else ("black" if image.norm(grid[r, c]) > 0.6 else "white"),
                     fontsize=8,
                 )
     fig.colorbar(image, ax=ax, label=f"final {key.replace('_', ' ')}")
@@ -286,7 +292,7 @@ def _plot_heatmap(jobs: list[Job], out: Path, plt) -> Optional[Path]:
 
 
 def _grad_columns(job: Job) -> list[str]:
-    return [k for k in (job.history[0] if job.history else {}) if k.startswith("grad_norm")]
+    return [k for k in (job.history[0] if job.history else {}) if k.startswith("grad_norm_") and k[10:].isdigit()]
 
 
 def _plot_grad_norms(jobs: list[Job], out: Path, plt) -> Optional[Path]:
@@ -306,10 +312,10 @@ def _plot_grad_norms(jobs: list[Job], out: Path, plt) -> Optional[Path]:
                 label=column.replace("grad_norm_", "layer "),
             )
         ax.set_yscale("log")
-        ax.set_title(f"init = {init}\n({_label(job, 'init')})", fontsize=9)
+        ax.set_title(f"init = {init}\n({_label(job, 'init', _override_keys(jobs))})", fontsize=9)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("weight-gradient norm ||dL/dW||")
+    axes[0][0].set_ylabel("weight-gradient norm ||dL/dW|| (0 not drawn)")
     fig.suptitle("Per-layer gradient norms over training (vanishing / exploding gradients)")
     fig.tight_layout()
     path = out / "grad_norms.png"
@@ -379,8 +385,11 @@ def make_report(
     for job in jobs:
         counts[job.status] += 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    common = [f"{k}={_override_value(jobs[0], k)}" for k in _override_keys(jobs, varying=False)]
+    shared = f"Common to every job: {' '.join(common)}\n\n" if common else ""
     markdown = (
-        f"# Sweep report: {Path(sweep_dir).resolve()}\n\n{len(jobs)} jobs: {summary}\n\n{_markdown(header, rows)}\n"
+        f"# Sweep report: {Path(sweep_dir).resolve()}\n\n{len(jobs)} jobs: {summary}\n\n"
+        f"{shared}{_markdown(header, rows)}\n"
     )
     files = [out / "report.md", out / "report.csv"]
     files[0].write_text(markdown)

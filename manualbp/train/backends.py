@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..autograd import CrossEntropyFunction, MSELossFunction, SquaredErrorLossFunction
 from ..nn import MLP
 from .config import DEFAULTS, is_number
+from .distributed import wrap as wrap_distributed
 
 __all__ = [
     "BACKENDS",
@@ -208,6 +209,7 @@ class ManualBackend(_Backend):
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a manualbp.MLP, got {type(model).__name__}")
         self.model = model
+        self.forward_module: nn.Module = model  # DistributedDataParallel(model) under torchrun
         self.loss_name = loss
         self.loss_fn = manual_loss(loss)
         self.params = model.flat_parameters()
@@ -217,9 +219,13 @@ class ManualBackend(_Backend):
     def _forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
         for p in self.params:
             p.grad = None
-        loss = self.loss_fn(self.model(x), y)
+        loss = self.loss_fn(self.forward_module(x), y)
         loss.backward()
         return loss.detach()
+
+    def distribute(self, info: Any) -> None:
+        """Train under DistributedDataParallel (gradients averaged over ranks)."""
+        self.forward_module = wrap_distributed(self.model, info)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -243,6 +249,7 @@ class AutogradBackend(_Backend):
             raise TypeError(f"model must be a manualbp.MLP, got {type(model).__name__}")
         self._manual = model
         self.net: nn.Sequential = model.to_torch()
+        self.forward_net: nn.Module = self.net  # DistributedDataParallel(net) under torchrun
         self.loss_name = loss
         self.loss_fn = native_loss(loss)
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
@@ -261,9 +268,13 @@ class AutogradBackend(_Backend):
     def _forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
         for p in self.params:
             p.grad = None
-        loss = self.loss_fn(self.net(x), y)
+        loss = self.loss_fn(self.forward_net(x), y)
         loss.backward()
         return loss.detach()
+
+    def distribute(self, info: Any) -> None:
+        """Train under DistributedDataParallel (gradients averaged over ranks)."""
+        self.forward_net = wrap_distributed(self.net, info)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

@@ -254,8 +254,11 @@ def read_idx(path: str) -> np.ndarray:
 def _read_csv(path: str, target: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
     if not target:
         raise ValueError("data.target must name the target column of a .csv file")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"data.path: {path!r} is not a readable UTF-8 CSV file: {e}") from None
     if not rows:
         raise ValueError(f"data.path: {path!r} is empty")
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
@@ -303,8 +306,8 @@ def _read_file(cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             if str(e).startswith("data.path"):
                 raise
             raise ValueError(f"data.path: cannot read {path!r} as .npz without pickle: {e}") from None
-        except OSError as e:
-            raise ValueError(f"data.path: cannot read {path!r} as .npz: {e}") from None
+        except Exception as e:  # noqa: BLE001 - truncated or garbage files fail in many ways (EOFError, BadZipFile...)
+            raise ValueError(f"data.path: cannot read {path!r} as .npz: {type(e).__name__}: {e}") from None
         if x.dtype.kind not in "biuf":
             raise ValueError(f"data.path: X in {path!r} must be numeric, got dtype {x.dtype}")
         return np.asarray(x, dtype=np.float64).reshape(len(x), -1), np.asarray(y)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .. import functional as F
 from ..init import initialize
 from ..nn import MLP
+from . import distributed as _dist
 from . import sinks as _sinks
 from .backends import BACKENDS
 from .config import resolve_config
@@ -155,6 +156,18 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def _check_writable(out_dir: str) -> None:
+    """Fail at start, not after the first epoch, when ``output_dir`` cannot be created or written."""
+    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output_dir {out_dir!r} cannot be written: {e.strerror or e}") from None
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -210,6 +223,20 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def run(config: Any = None) -> RunResult:
+    """Train an MLP as ``config`` says and return a :class:`RunResult` (see :func:`_run` for the details).
+
+    On CUDA the run uses ``torch.use_deterministic_algorithms`` (warn-only where an op has no
+    deterministic kernel) with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, so a seed gives the same run twice;
+    the process's previous setting is restored afterwards.
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        return _run(config)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _run(config: Any = None) -> RunResult:
     """Train an MLP as ``config`` says and return a :class:`RunResult`.
 
     Args:
@@ -228,6 +255,8 @@ def run(config: Any = None) -> RunResult:
     """
     cfg = resolve_config(config)
     out_dir = cfg["output_dir"]
+    if out_dir:
+        _check_writable(out_dir)
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     saved: Optional[dict[str, Any]] = None
     if ckpt_path and os.path.exists(ckpt_path):
@@ -255,6 +284,10 @@ def run(config: Any = None) -> RunResult:
             return RunResult(r["status"], r["stop_reason"], r["metrics"], saved["history"], cfg, out_dir, model)
 
     device = resolve_device(cfg["device"])
+    dinfo, device = _dist.setup(device)  # torchrun: this rank's process group and device
+    if device.type == "cuda":  # reproducible CUDA runs (cuBLAS needs its workspace pinned for that)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dtype = getattr(torch, cfg["dtype"])
     seed = cfg["seed"]
     data = load_dataset(cfg["data"], seed, dtype, device)
@@ -287,9 +320,15 @@ def run(config: Any = None) -> RunResult:
     initialize(model, cfg["init"], torch.Generator().manual_seed(seed))  # on CPU: the same weights on any device
     model.to(device)
     backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
+    if dinfo.enabled:
+        if not hasattr(backend, "distribute"):
+            raise ValueError(f"backend {cfg['backend']!r} does not support distributed training; use manual or autograd")
+        backend.distribute(dinfo)
 
     n = data.n_train
-    bs = n if cfg["optim"]["batch_size"] == "full" else min(cfg["optim"]["batch_size"], n)
+    # bs: the global batch (under DDP each rank trains on its 1/world shard of it: batch_size per rank)
+    per_rank = cfg["optim"]["batch_size"]
+    bs = n if per_rank == "full" else min(per_rank * dinfo.world, n)
     steps_per_epoch = math.ceil(n / bs)
     schedule = build_schedule(cfg["lr_schedule"], cfg["optim"]["lr"], steps_per_epoch, stopping.max_epochs)
     plateau_monitor = "val_loss" if data.n_val else "train_loss"
@@ -307,12 +346,13 @@ def run(config: Any = None) -> RunResult:
         if saved["rng"].get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
 
-    if out_dir:
+    writer = out_dir if dinfo.is_main else None  # under DDP, rank 0 alone writes files and checkpoints
+    if writer:
         os.makedirs(out_dir, exist_ok=True)
         _atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(_json_safe(cfg), indent=2) + "\n")
 
     def save_checkpoint(result: Optional[dict[str, Any]] = None) -> None:
-        if not ckpt_path:
+        if not ckpt_path or not dinfo.is_main:
             return
         state = {
             "version": CHECKPOINT_VERSION,
@@ -338,14 +378,14 @@ def run(config: Any = None) -> RunResult:
     x_tr, y_tr = data.x_train, data.y_train
     eval_splits = {"train": (x_tr, y_tr), "val": (data.x_val, data.y_val)}
     n_layers = len(model.linears)
-    sink = _sinks.build_sink(cfg["logger"], cfg, out_dir)
+    sink = _sinks.build_sink(cfg["logger"] if dinfo.is_main else {"name": "none"}, cfg, out_dir)
     status = "failed"
     bar = tqdm(
         total=stopping.max_epochs,
         initial=epoch,
         desc=f"{data.name} {cfg['backend']}",
         unit="epoch",
-        disable=None if cfg["progress"] else True,  # None: quiet when not a terminal
+        disable=None if cfg["progress"] and dinfo.is_main else True,  # None: quiet when not a terminal
         leave=False,
     )
     try:
@@ -364,7 +404,11 @@ def run(config: Any = None) -> RunResult:
                     last_lr = lr
                 if bs < n:
                     idx = perm[b * bs : (b + 1) * bs]
+                    if dinfo.enabled:
+                        idx = idx.tensor_split(dinfo.world)[dinfo.rank]
                     xb, yb = x_tr[idx], y_tr[idx]
+                elif dinfo.enabled:
+                    xb, yb = x_tr.tensor_split(dinfo.world)[dinfo.rank], y_tr.tensor_split(dinfo.world)[dinfo.rank]
                 else:
                     xb, yb = x_tr, y_tr
                 batch_loss = backend.step(xb, yb)
@@ -373,11 +417,17 @@ def run(config: Any = None) -> RunResult:
                 seen += count
                 step += 1
                 check_loss = batch_loss if stopping.needs_step_loss(step - 1) else None
-                decision = stopping.check_step(check_loss, StopContext(epoch, step, elapsed + time.perf_counter() - t0))
+                now = elapsed + time.perf_counter() - t0
+                if dinfo.enabled:  # every rank must take the same decision: the mean loss, rank 0's clock
+                    check_loss, now = _dist.reduce_step(batch_loss, now, dinfo)
+                decision = stopping.check_step(check_loss, StopContext(epoch, step, now))
                 if decision is not None:
                     break
             epoch += 1
             record: dict[str, Any] = {"epoch": epoch, "step": step}
+            if dinfo.enabled:
+                totals = _dist.all_sum(torch.stack([running, running.new_tensor(float(seen))]), dinfo)
+                running, seen = totals[0], int(totals[1].item())
             record["train_loss_running"] = (running / max(seen, 1)).item()
             record.update(evaluate(backend, loss, data.task, eval_splits))
             record["lr"] = last_lr
@@ -402,7 +452,7 @@ def run(config: Any = None) -> RunResult:
                 loss=f"{record['train_loss']:.4f}",
                 **{score[:3]: f"{record.get(f'val_{score}') or record[f'train_{score}']:.4f}"},
             )
-            if out_dir:
+            if writer:
                 _write_history(os.path.join(out_dir, "history.csv"), history)
             if decision is None:
                 save_checkpoint()
@@ -452,7 +502,7 @@ def run(config: Any = None) -> RunResult:
             "arch": arch,
             "model_state": {k: v.detach().cpu() for k, v in final_model.state_dict().items()},
         }
-        if out_dir:
+        if writer:
             _atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(_json_safe(metrics), indent=2) + "\n")
             save_checkpoint(result)
         sink.summary(metrics)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one script: the CUDA test tier, then the benchmark on CUDA.
+# Usage (on a CUDA machine, from the repository root): bash scripts/gpu_check.sh [OUT_DIR]
+# Python packages missing there can come as wheels in .whl/ (installed to /tmp/site first).
+set -uo pipefail
+OUT=${1:-${OUT:-gpu-check}}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/device.txt"
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" \
+  tests/test_cuda.py tests/test_cuda_training.py tests/test_verify.py tests/test_fused.py tests/test_vectorized.py \
+  2>&1 | tee "$OUT/cuda_tests.log" | tail -6
+timeout "${BENCH_TIMEOUT:-220}" python3 scripts/bench.py --device cuda --out "$OUT/bench" 2>&1 | tail -45
+timeout "${COMPILE_TIMEOUT:-150}" python3 scripts/bench.py --device cuda --quick --compile --no-digits --out "$OUT/bench_compile" 2>&1 | tail -25

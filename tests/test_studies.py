@@ -1,0 +1,218 @@
+"""manualbp.studies and scripts/results.py: the measurements at initialization and the document generator."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import manualbp
+from manualbp import studies as S
+from manualbp.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _exact_hessian_eigs(model, x, y, loss_fn):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(flat):
+        params, k = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = flat[k : k + s.numel()].reshape(s)
+            k += s.numel()
+        return loss_fn(functional_call(model, params, (x,)), y)
+
+    h = torch.autograd.functional.hessian(f, flat0)
+    return torch.linalg.eigvalsh((h + h.T) / 2)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+def test_power_iteration_matches_the_exact_hessian_eigenvalue(activation):
+    torch.manual_seed(0)
+    model = manualbp.MLP(3, [4], 3, activation=activation, dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # a sharper loss than the default init, so the top eigenvalue stands out
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,))
+    eigs = _exact_hessian_eigs(model, x, y, manualbp.CrossEntropyLoss())
+    top = eigs.max().item()
+    est = S.hessian_lambda_max(model, x, y, "cross_entropy", iters=500, tol=1e-12)
+    assert est.converged
+    assert est.value == pytest.approx(top, rel=1e-6)
+    assert est.loss == pytest.approx(manualbp.CrossEntropyLoss()(model(x), y).item())
+    assert est.lr_bound == pytest.approx(2 / top)
+
+
+def test_power_iteration_finds_the_largest_eigenvalue_when_a_negative_one_dominates():
+    torch.manual_seed(39)  # a net whose Hessian has eigenvalues -1.17 ... 0.54: plain power iteration finds -1.17
+    model = manualbp.MLP(3, [4], 3, activation="tanh", dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,))
+    eigs = _exact_hessian_eigs(model, x, y, manualbp.CrossEntropyLoss())
+    assert -eigs.min() > eigs.max() > 0
+    est = S.hessian_lambda_max(model, x, y, "cross_entropy", iters=2000, tol=1e-12)
+    assert est.value == pytest.approx(eigs.max().item(), rel=1e-5)
+
+
+def test_power_iteration_on_a_quadratic_loss_equals_the_gauss_newton_eigenvalue():
+    # a linear model (no hidden layer) with the notes' squared error: H = X^T X / N (per output), exactly
+    torch.manual_seed(1)
+    model = manualbp.MLP(4, [], 1, dtype=torch.float64)
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randn(30, 1, dtype=torch.float64)
+    xa = torch.cat([x, torch.ones(30, 1, dtype=torch.float64)], 1)
+    expected = torch.linalg.eigvalsh(xa.T @ xa / 30).max().item()
+    est = S.hessian_lambda_max(model, x, y, "squared_error", iters=1000, tol=1e-13)
+    assert est.value == pytest.approx(expected, rel=1e-6)
+
+
+def test_initial_state_rebuilds_the_runs_weights_and_grad_norms_see_vanishing():
+    cfg = {
+        "data": {"name": "iris"},
+        "model": {"hidden": [8, 8, 8], "activation": "sigmoid"},
+        "init": {"name": "normal", "std": 0.01},
+        "stopping": {"max_epochs": 1},
+        "optim": {"lr": 1e-12, "batch_size": "full"},
+        "logger": {"name": "none"},
+        "progress": False,
+        "seed": 3,
+    }
+    st = S.initial_state(cfg)
+    trained = run(cfg).model  # one GD step at lr 1e-12: the weights are the initial ones to ~1e-12
+    for a, b in zip(st.model.parameters(), trained.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+    g = S.initial_grad_norms(st.model, st.data.x_train, st.data.y_train, st.loss)
+    native = st.model.to_torch()
+    torch.nn.functional.cross_entropy(native(st.data.x_train), st.data.y_train).backward()
+    ref = [native[k].weight.grad.norm().item() for k in range(0, len(native), 2)]
+    assert g == pytest.approx(ref, rel=1e-5)
+    assert g[0] < 1e-3 * g[-1]  # vanishing towards the input under N(0, 0.01) and sigmoid
+
+
+def test_saturation_counts_flat_units():
+    model = manualbp.MLP(2, [3], 2, activation="tanh", dtype=torch.float64)
+    with torch.no_grad():
+        model.linears[0].weight.copy_(torch.tensor([[100.0, 0], [0, 0.01], [0.01, 0.01]]))
+        model.linears[0].bias.zero_()
+    x = torch.tensor([[1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+    assert S.saturation(model, x) == [pytest.approx(1 / 3)]
+
+
+def _fake_job(root: Path, num: int, overrides: list[str], config: dict, metrics: dict, history: list[dict]):
+    d = root / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    keys = list(history[0])
+    (d / "history.csv").write_text(
+        ",".join(keys) + "\n" + "".join(",".join(str(h[k]) for k in keys) + "\n" for h in history)
+    )
+
+
+def _load_results_script():
+    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_script_regenerates_the_document_from_a_tiny_fake_sweep(tmp_path):
+    base = {"data": {"name": "iris"}, "model": {"hidden": [4], "activation": "sigmoid"}, "seed": 0}
+    sweep = tmp_path / "multirun" / "batch_study"
+    for num, (bs, lr, acc) in enumerate([("1", 0.1, 0.81), ("1", 1.0, 0.55), ("full", 0.1, 0.42), ("full", 1.0, 0.93)]):
+        cfg = {**base, "optim": {"name": "sgd", "lr": lr, "batch_size": bs if bs == "full" else int(bs)}}
+        hist = [
+            {
+                "epoch": e,
+                "val_accuracy": acc * e / 2,
+                "wall_time_s": 0.5 * e,
+                "train_loss": 1.0 / e,
+                "val_loss": 1.0 / e,
+            }
+            for e in (1, 2)
+        ]
+        _fake_job(
+            sweep,
+            num,
+            [f"optim.batch_size={bs}", f"optim.lr={lr}"],
+            cfg,
+            {
+                "status": "completed",
+                "test_accuracy": acc + 0.01,
+                "epochs": 2,
+                "steps": 2 if bs == "full" else 200,
+                "wall_time_s": 1.0,
+            },
+            hist,
+        )
+    out = tmp_path / "docs" / "results.md"
+    mod = _load_results_script()
+    assert mod.main(["--multirun", str(tmp_path / "multirun"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## 4. Single-example SGD vs mini-batch vs full-batch gradient descent" in text
+    # the table comes from the fake sweep: per rate, and the best rate by final validation accuracy
+    row_1 = next(line for line in text.splitlines() if line.startswith("| 1 "))
+    assert "0.820" in row_1 and "0.560" in row_1 and "| 0.1 " in row_1
+    row_full = next(line for line in text.splitlines() if line.startswith("| full "))
+    assert "0.940" in row_full and "| 1 " in row_full
+    assert (tmp_path / "docs" / "img" / "results_batch.png").stat().st_size > 1000
+    # the studies without a sweep keep their command and say so
+    assert "python experiments/train.py -m experiment=lr_study progress=false" in text
+    assert text.count("*Not run yet") == 4
+
+
+def test_every_study_preset_composes():
+    from hydra import compose, initialize_config_dir
+
+    mod = _load_results_script()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for presets in mod.PRESETS.values():
+            for p in presets:
+                cfg = compose("train", overrides=[f"experiment={p}"], return_hydra_config=True)
+                assert cfg.hydra.sweep.dir == f"multirun/{p}"
+                assert cfg.hydra.sweeper.params, p
+
+
+def test_lr_boundary_rule_marks_divergence_and_non_decrease():
+    from manualbp.report import Job
+
+    ok = Job(Path("a"), metrics={"status": "completed", "train_loss": 0.5})
+    flat = Job(Path("b"), metrics={"status": "completed", "train_loss": 2.4})
+    div = Job(Path("c"), metrics={"status": "diverged", "train_loss": math.nan})
+    assert not S._unstable(ok, 2.3) and S._unstable(flat, 2.3) and S._unstable(div, 2.3)
+
+
+def test_lr_section_reports_the_observed_boundary_next_to_two_over_lambda_max(tmp_path):
+    base = {"data": {"name": "iris"}, "model": {"hidden": [4], "activation": "tanh"}, "seed": 0}
+    sweep = tmp_path / "lr"
+    for num, (lr, status, loss) in enumerate(
+        [(0.1, "completed", 0.5), (1.0, "completed", 0.3), (10.0, "diverged", None)]
+    ):
+        cfg = {**base, "optim": {"name": "sgd", "lr": lr, "batch_size": "full"}, "stopping": {"max_epochs": 2}}
+        hist = [{"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5} for e in (1, 2)]
+        _fake_job(
+            sweep,
+            num,
+            [f"optim.lr={lr}"],
+            cfg,
+            {"status": status, "train_loss": loss, "epochs": 2, "loss": "cross_entropy"},
+            hist,
+        )
+    sec = S.lr_section(S.load_sweep(sweep), tmp_path / "img", hessian_iters=300)
+    st = S.initial_state({**base, "optim": {"batch_size": "full"}}, dtype=torch.float64)
+    lam = S.hessian_lambda_max(st.model, st.data.x_train, st.data.y_train, "cross_entropy", iters=300)
+    assert sec.lam["tanh"].value == pytest.approx(lam.value, rel=1e-6)
+    assert sec.boundary[("tanh", "full")] == 10.0
+    row = next(line for line in sec.markdown.splitlines() if line.startswith("| tanh") and "10.000" in line)
+    assert f"{2 / lam.value:.3f}" in row and "| 1.000 " in row and "| 10.000 " in row
+    assert "div@2" in sec.markdown
