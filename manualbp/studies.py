@@ -26,11 +26,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .init import initialize
 from .nn import MLP, CrossEntropyLoss, MSELoss, SquaredErrorLoss
 from .report import Job, _markdown, collect_jobs
 from .train.config import resolve_config
 from .train.data import Dataset, load_dataset
+from .train.loop import build_model
 
 __all__ = [
     "InitialState",
@@ -73,17 +73,7 @@ def initial_state(config: Any, dtype: Optional[torch.dtype] = None) -> InitialSt
     run_dtype = getattr(torch, cfg["dtype"])
     data = load_dataset(cfg["data"], cfg["seed"], run_dtype, "cpu")
     mc = cfg["model"]
-    with torch.random.fork_rng(devices=[]):
-        model = MLP(
-            data.in_features,
-            mc["hidden"],
-            data.out_features,
-            activation=mc["activation"],
-            bias=mc["bias"],
-            negative_slope=mc.get("negative_slope", 0.01),
-            dtype=run_dtype,
-        )
-    initialize(model, cfg["init"], torch.Generator().manual_seed(cfg["seed"]))
+    model = build_model(mc, data.in_features, data.out_features, run_dtype, cfg["init"], cfg["seed"])
     loss = cfg["loss"]
     if loss == "auto":
         loss = "cross_entropy" if data.task == "classification" else "squared_error"

@@ -27,12 +27,11 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..init import initialize
-from ..nn import MLP
 from ..train import loop as _loop
 from ..train import sinks as _sinks
 from ..train.config import resolve_config
 from ..train.data import load_dataset
+from ..train.loop import build_model
 from ..train.schedules import build_schedule
 from ..train.stopping import StopContext, build_stopping
 from .backend import sgd_kwargs
@@ -120,17 +119,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     steps_per_epoch = math.ceil(n / bs)
     opts = [sgd_kwargs(c["optim"], "vectorized") for c in cfgs]
     for c in cfgs:
-        with torch.random.fork_rng(devices=[]):
-            model = MLP(
-                data0.in_features,
-                mc["hidden"],
-                data0.out_features,
-                activation=mc["activation"],
-                bias=mc["bias"],
-                negative_slope=mc.get("negative_slope", 0.01),
-                dtype=dtype,
-            )
-        initialize(model, c["init"], torch.Generator().manual_seed(c["seed"]))
+        model = build_model(mc, data0.in_features, data0.out_features, dtype, c["init"], c["seed"])
         models.append(model.to(device))
         st = build_stopping(c["stopping"])
         st.device_type = device.type

@@ -31,7 +31,7 @@ from .data import Dataset, load_dataset
 from .schedules import build_schedule
 from .stopping import StopContext, build_stopping
 
-__all__ = ["run", "RunResult", "evaluate", "resolve_device", "CHECKPOINT", "NON_SEMANTIC_KEYS"]
+__all__ = ["run", "build_model", "RunResult", "evaluate", "resolve_device", "CHECKPOINT", "NON_SEMANTIC_KEYS"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -222,6 +222,35 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def build_model(
+    model_cfg: Mapping[str, Any],
+    in_features: int,
+    out_features: int,
+    dtype: torch.dtype,
+    init_cfg: Optional[Mapping[str, Any]] = None,
+    seed: int = 0,
+) -> MLP:
+    """A run's MLP from its ``model`` config, initialized by ``init_cfg`` from ``seed`` when given.
+
+    The constructor's default init runs under a forked RNG (it must not advance the global RNG), and the
+    scheme draws from a CPU generator seeded by ``seed``, so the same config gives the same weights on any
+    device and in any caller (``run``, ``run_many``, the studies).
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = MLP(
+            in_features,
+            model_cfg["hidden"],
+            out_features,
+            activation=model_cfg["activation"],
+            bias=model_cfg["bias"],
+            negative_slope=model_cfg.get("negative_slope", 0.01),
+            dtype=dtype,
+        )
+    if init_cfg is not None:
+        initialize(model, init_cfg, torch.Generator().manual_seed(seed))
+    return model
+
+
 def run(config: Any = None) -> RunResult:
     """Train an MLP as ``config`` says and return a :class:`RunResult` (see :func:`_run` for the details).
 
@@ -270,16 +299,7 @@ def _run(config: Any = None) -> RunResult:
         if saved.get("result") is not None:
             r = saved["result"]
             arch = r["arch"]
-            with torch.random.fork_rng(devices=[]):
-                model = MLP(
-                    arch["in_features"],
-                    arch["hidden"],
-                    arch["out_features"],
-                    activation=arch["activation"],
-                    bias=arch["bias"],
-                    negative_slope=arch["negative_slope"],
-                    dtype=getattr(torch, cfg["dtype"]),
-                )
+            model = build_model(arch, arch["in_features"], arch["out_features"], getattr(torch, cfg["dtype"]))
             model.load_state_dict(r["model_state"])
             return RunResult(r["status"], r["stop_reason"], r["metrics"], saved["history"], cfg, out_dir, model)
 
@@ -307,18 +327,7 @@ def _run(config: Any = None) -> RunResult:
             )
 
     mc = cfg["model"]
-    with torch.random.fork_rng(devices=[]):  # the constructor's default init must not advance the global RNG
-        model = MLP(
-            data.in_features,
-            mc["hidden"],
-            data.out_features,
-            activation=mc["activation"],
-            bias=mc["bias"],
-            negative_slope=mc.get("negative_slope", 0.01),
-            dtype=dtype,
-        )
-    initialize(model, cfg["init"], torch.Generator().manual_seed(seed))  # on CPU: the same weights on any device
-    model.to(device)
+    model = build_model(mc, data.in_features, data.out_features, dtype, cfg["init"], seed).to(device)
     backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
     if dinfo.enabled:
         if not hasattr(backend, "distribute"):
