@@ -53,6 +53,11 @@ def test_crash_during_checkpoint_save_resumes_from_the_previous_one(tmp_path, mo
     resumed = run({**SMALL, "output_dir": str(out)})
     assert comparable(resumed.metrics) == comparable(reference.metrics)
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in reference.history]
+    import csv
+
+    rows = list(csv.DictReader((out / "history.csv").open()))  # appended per epoch, rewritten after the resume
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    assert [float(r["train_loss"]) for r in rows] == [h["train_loss"] for h in reference.history]
 
 
 def _train_cmd() -> list[str]:

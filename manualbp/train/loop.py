@@ -175,7 +175,12 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _csv_row(rec: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in rec.items()}
+
+
 def _write_history(path: str, history: list[dict[str, Any]]) -> None:
+    """Rewrite ``history.csv`` whole, atomically."""
     columns: list[str] = []
     for rec in history:
         columns += [k for k in rec if k not in columns]
@@ -184,8 +189,26 @@ def _write_history(path: str, history: list[dict[str, Any]]) -> None:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for rec in history:
-            w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in rec.items()})
+            w.writerow(_csv_row(rec))
     os.replace(tmp, path)
+
+
+class _HistoryFile:
+    """``history.csv`` kept up to date each epoch: rewritten whole on the first write of a process (the
+    checkpoint's history is the truth after a resume) or when the columns change, appended to otherwise."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.columns: Optional[list[str]] = None
+
+    def update(self, history: list[dict[str, Any]]) -> None:
+        columns = list(history[-1])
+        if self.columns != columns or len(history) == 1:
+            _write_history(self.path, history)
+            self.columns = columns if all(list(r) == columns for r in history) else None
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=columns).writerow(_csv_row(history[-1]))
 
 
 def _semantic(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -356,6 +379,7 @@ def _run(config: Any = None) -> RunResult:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
 
     writer = out_dir if dinfo.is_main else None  # under DDP, rank 0 alone writes files and checkpoints
+    history_file = _HistoryFile(os.path.join(out_dir, "history.csv")) if out_dir else None
     if writer:
         os.makedirs(out_dir, exist_ok=True)
         _atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(_json_safe(cfg), indent=2) + "\n")
@@ -462,7 +486,7 @@ def _run(config: Any = None) -> RunResult:
                 **{score[:3]: f"{record.get(f'val_{score}') or record[f'train_{score}']:.4f}"},
             )
             if writer:
-                _write_history(os.path.join(out_dir, "history.csv"), history)
+                history_file.update(history)
             if decision is None:
                 save_checkpoint()
 
