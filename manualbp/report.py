@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["Job", "collect_jobs", "make_report", "ReportResult"]
+__all__ = ["Job", "collect_jobs", "make_report", "markdown_table", "ReportResult"]
 
 
 @dataclass
@@ -183,7 +183,8 @@ def _table(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """An aligned markdown table (a header row and string cells)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
@@ -389,7 +390,7 @@ def make_report(
     shared = f"Common to every job: {' '.join(common)}\n\n" if common else ""
     markdown = (
         f"# Sweep report: {Path(sweep_dir).resolve()}\n\n{len(jobs)} jobs: {summary}\n\n"
-        f"{shared}{_markdown(header, rows)}\n"
+        f"{shared}{markdown_table(header, rows)}\n"
     )
     files = [out / "report.md", out / "report.csv"]
     files[0].write_text(markdown)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .nn import MLP, CrossEntropyLoss, MSELoss, SquaredErrorLoss
-from .report import Job, _markdown, collect_jobs
+from .report import Job, collect_jobs, markdown_table
 from .train.config import resolve_config
 from .train.data import Dataset, load_dataset
 from .train.loop import build_model
@@ -389,14 +389,14 @@ def init_section(jobs: list[Job], img: Path, prefix: str = "results_init") -> Se
     md = [
         'Final test accuracy after the run, and the first epoch whose validation accuracy reaches 90% ("never": not within the run):',
         "",
-        _markdown(header, rows),
+        markdown_table(header, rows),
         "",
         "Per-layer weight-gradient norms ||dL/dW^l|| of the initialized network (step 0: one forward/backward "
         "of the manual MLP on the whole training split, computed by `manualbp.studies.initial_grad_norms`), and the "
         "fraction of saturated hidden units at step 0 (`manualbp.studies.saturation`: sigmoid a(1-a) < 0.0025, "
         "tanh 1-a^2 < 0.01, relu a = 0):",
         "",
-        _markdown(gheader, grows),
+        markdown_table(gheader, grows),
         "",
         f"![per-layer gradient norms at step 0](img/{prefix}_grad_norms.png)",
         f"![final test accuracy](img/{prefix}_accuracy.png)",
@@ -456,7 +456,7 @@ def depth_section(jobs: list[Job], img: Path, prefix: str = "results_depth") -> 
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Deep ReLU nets, SGD lr 0.01: kaiming trains, xavier stalls")
     figs = [_save(fig, img / f"{prefix}.png")]
-    md = [_markdown(header, rows), "", f"![deep ReLU: validation accuracy by depth](img/{prefix}.png)"]
+    md = [markdown_table(header, rows), "", f"![deep ReLU: validation accuracy by depth](img/{prefix}.png)"]
     return Section("\n".join(md), figs)
 
 
@@ -577,7 +577,7 @@ def lr_section(
         "Final training loss per learning rate (`div@E`: diverged at epoch E, i.e. the loss exceeded 10x its first "
         "step's or became NaN/inf):",
         "",
-        _markdown(header, rows),
+        markdown_table(header, rows),
         "",
         "The divergence boundary. lambda_max is the largest Hessian eigenvalue of the training loss (whole training "
         "split, float64) at initialization, by power iteration on Hessian-vector products computed by double backward "
@@ -586,7 +586,7 @@ def lr_section(
         "between the largest stable rate below the first unstable one and that first unstable rate (the grid has "
         "three rates per decade).",
         "",
-        _markdown(bheader, brows),
+        markdown_table(bheader, brows),
         "",
         f"![final loss vs learning rate](img/{prefix}.png)",
     ]
@@ -683,9 +683,9 @@ def stopping_section(jobs: list[Job], img: Path, prefix: str = "results_stopping
         "Test accuracy and loss are those of the weights the run ends with: early stopping restores its best "
         "epoch's weights (`restore_best: true`, the default), the other rules keep the last epoch's.",
         "",
-        _markdown(header, rows),
+        markdown_table(header, rows),
         "",
-        _markdown(sheader, srows),
+        markdown_table(sheader, srows),
         "",
         f"![stopping rules on MNIST-1D](img/{prefix}.png)" if figs else "",
     ]
@@ -755,7 +755,7 @@ def batch_section(jobs: list[Job], img: Path, prefix: str = "results_batch") -> 
     md = [
         "Final test accuracy per batch size and rate, and the best rate's speed (by final validation accuracy):",
         "",
-        _markdown(header, rows),
+        markdown_table(header, rows),
         "",
         f"![accuracy vs epochs and wall time](img/{prefix}.png)",
     ]
@@ -824,7 +824,7 @@ def baseline_section(jobs: list[Job], img: Path, prefix: str = "results_mnist1d"
     ax.legend(fontsize=7)
     ax.set_title("MNIST-1D (seed 0); dashed: the paper's 0.68 and 0.32")
     figs = [_save(fig, img / f"{prefix}.png")]
-    md = [_markdown(header, rows), "", f"![MNIST-1D learning curves](img/{prefix}.png)"]
+    md = [markdown_table(header, rows), "", f"![MNIST-1D learning curves](img/{prefix}.png)"]
     sec = Section("\n".join(md), figs)
     sec.means = means  # type: ignore[attr-defined]
     return sec
