@@ -342,7 +342,7 @@ def _plot_stop_epochs(jobs: list[Job], out: Path, plt) -> Optional[Path]:
     ax.set_xticks(range(len(groups)), sorted(groups), rotation=15)
     ax.set_xlabel("stopping rule(s)")
     ax.set_ylabel("epoch at stop")
-    ax.set_title("When each run stopped (bar: mean; red: diverged)")
+    ax.set_title("When each run stopped\n(bar: mean; red: diverged)", fontsize=10)
     fig.tight_layout()
     path = out / "stop_epochs.png"
     fig.savefig(path, dpi=110)
