@@ -35,6 +35,7 @@ __all__ = [
     "CrossEntropyOnProbabilitiesFunction",
     "MLPFunction",
     "split_params",
+    "join_params",
     "apply_function",
 ]
 
@@ -207,6 +208,13 @@ def split_params(params: Sequence[Tensor], bias: bool) -> tuple[list[Tensor], li
     return list(params), [None] * len(params)
 
 
+def join_params(weights: Sequence[Optional[Tensor]], biases: Sequence[Optional[Tensor]], bias: bool) -> list:
+    """The inverse of :func:`split_params`: (W1, b1, W2, b2, ...) with bias, (W1, W2, ...) without."""
+    if bias:
+        return [t for pair in zip(weights, biases) for t in pair]
+    return list(weights)
+
+
 def _param_needs(needs: Sequence[bool], bias: bool, n_layers: int) -> tuple[list[bool], list[bool]]:
     """MLPFunction's needs_input_grad for its parameters -> (weights' flags, biases' flags)."""
     if bias:
@@ -287,8 +295,5 @@ class MLPFunction(Function):
         grad_input = grads.grad_input
         if grad_input is not None and grad_input.shape != ctx.input_shape:
             grad_input = grad_input.reshape(ctx.input_shape)
-        if ctx.bias:
-            param_grads = [g for pair in zip(grads.grad_weights, grads.grad_biases) for g in pair]
-        else:
-            param_grads = grads.grad_weights
+        param_grads = join_params(grads.grad_weights, grads.grad_biases, ctx.bias)
         return (grad_input, None, None, *param_grads)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..autograd import join_params
 from ..nn import MLP
 from ._losses import LOSSES, resolve_loss
 
@@ -91,11 +92,7 @@ class FusedTrainer:
                 needs_input_grad=False,
                 needs_bias_grad=[self.model.bias] * len(self.weights),
             )
-        if self.model.bias:
-            flat = [g for pair in zip(grads.grad_weights, grads.grad_biases) for g in pair]
-        else:
-            flat = list(grads.grad_weights)
-        return loss, flat  # type: ignore[return-value]
+        return loss, join_params(grads.grad_weights, grads.grad_biases, self.model.bias)
 
     def step(self, input: Tensor, target: Tensor) -> Tensor:
         """One SGD step on a batch; returns the batch loss (detached, before the update)."""

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..autograd import join_params
 from ..nn import MLP
 from ._losses import LOSSES, resolve_loss
 
@@ -73,7 +74,7 @@ class VectorizedTrainer:
         if self.bias:
             self.weights = stacked[0::2]  # (K, out, in)
             self.biases: list[Optional[Tensor]] = [b.unsqueeze(1) for b in stacked[1::2]]  # (K, 1, out)
-            self.params = [p for pair in zip(self.weights, self.biases) for p in pair]
+            self.params = join_params(self.weights, self.biases, True)
         else:
             self.weights = stacked
             self.biases = [None] * len(stacked)
@@ -139,11 +140,7 @@ class VectorizedTrainer:
                 needs_input_grad=False,
                 needs_bias_grad=[self.bias] * len(self.weights),
             )
-        if self.bias:
-            flat = [g for pair in zip(grads.grad_weights, grads.grad_biases) for g in pair]
-        else:
-            flat = list(grads.grad_weights)
-        return losses, flat  # type: ignore[return-value]
+        return losses, join_params(grads.grad_weights, grads.grad_biases, self.bias)
 
     def step(self, input: Tensor, target: Tensor) -> Tensor:
         """One SGD step of every active model; returns the per-model batch losses (K,) before the update."""
