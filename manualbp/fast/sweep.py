@@ -199,21 +199,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
                 "vectorized_group_size": K,
             }
         )
-        arch = {
-            "in_features": data0.in_features,
-            "hidden": list(model.hidden_features),
-            "out_features": data0.out_features,
-            "activation": [s[0] for s in model.activation_specs],
-            "bias": model.bias,
-            "negative_slope": mc.get("negative_slope", 0.01),
-        }
-        result = {
-            "status": status,
-            "stop_reason": reason,
-            "metrics": metrics,
-            "arch": arch,
-            "model_state": {n_: v.detach().cpu() for n_, v in model.state_dict().items()},
-        }
+        result = _loop.stored_result(status, reason, metrics, model, mc)
         out_dir = c["output_dir"]
         if out_dir:
             _loop._atomic_write_text(

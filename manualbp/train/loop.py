@@ -274,6 +274,27 @@ def build_model(
     return model
 
 
+def stored_result(
+    status: str, stop_reason: str, metrics: dict[str, Any], model: MLP, model_cfg: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A finished run's record in its checkpoint: enough to return the result and rebuild the model."""
+    arch = {
+        "in_features": model.in_features,
+        "hidden": list(model.hidden_features),
+        "out_features": model.out_features,
+        "activation": [spec[0] for spec in model.activation_specs],
+        "bias": model.bias,
+        "negative_slope": model_cfg.get("negative_slope", 0.01),
+    }
+    return {
+        "status": status,
+        "stop_reason": stop_reason,
+        "metrics": metrics,
+        "arch": arch,
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
 def run(config: Any = None) -> RunResult:
     """Train an MLP as ``config`` says and return a :class:`RunResult` (see :func:`_run` for the details).
 
@@ -520,21 +541,7 @@ def _run(config: Any = None) -> RunResult:
         )
         metrics.update(extra)
         final_model = backend.model
-        arch = {
-            "in_features": data.in_features,
-            "hidden": list(final_model.hidden_features),
-            "out_features": data.out_features,
-            "activation": [spec[0] for spec in final_model.activation_specs],
-            "bias": final_model.bias,
-            "negative_slope": mc.get("negative_slope", 0.01),
-        }
-        result = {
-            "status": status,
-            "stop_reason": stop_reason,
-            "metrics": metrics,
-            "arch": arch,
-            "model_state": {k: v.detach().cpu() for k, v in final_model.state_dict().items()},
-        }
+        result = stored_result(status, stop_reason, metrics, final_model, mc)
         if writer:
             _atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(_json_safe(metrics), indent=2) + "\n")
             save_checkpoint(result)
