@@ -19,15 +19,6 @@ from manualbp.train import sinks as sinks_module
 from manualbp.train.backends import AutogradBackend, ManualBackend
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: one intra-op thread avoids contention on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(**kw):
     """A quick run: no progress bar, no early stopping, no validation split unless asked for."""
     base = {
