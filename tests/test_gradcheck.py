@@ -100,3 +100,37 @@ def test_mlp_function(specs, bias):
 
     check(output_only, (x, *params))
     check(with_hidden, (x, *params))
+
+
+# The activations' backward runs one fused ATen kernel each; pin every kernel to the plain formula of the
+# notes (values, and the derivatives that double backward takes through it), on outputs a of the right range.
+PLAIN_ACTIVATION_BACKWARD = {
+    "sigmoid": (lambda g, a: g * a * (1 - a), lambda z: torch.sigmoid(z)),
+    "tanh": (lambda g, a: g * (1 - a * a), lambda z: torch.tanh(z)),
+    "relu": (lambda g, a: g * (a > 0).to(g.dtype), lambda z: torch.relu(z)),
+    "leaky_relu": (lambda g, a: torch.where(a > 0, g, g * 0.1), lambda z: torch.where(z > 0, z, 0.1 * z)),
+    "identity": (lambda g, a: g, lambda z: z),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_ACTIVATION_BACKWARD))
+def test_activation_backward_kernel_is_the_plain_formula(name):
+    from manualbp import functional as F
+
+    torch.manual_seed(0)
+    plain, forward = PLAIN_ACTIVATION_BACKWARD[name]
+    z = torch.randn(7, 9, dtype=D)
+    z[0, :3] = 0.0  # relu's and leaky_relu's a = 0 edge: both sides give the [a <= 0] branch
+    a = forward(z).requires_grad_(True)
+    g = rand(7, 9)
+    slope = (0.1,) if name == "leaky_relu" else ()
+    mine = F.activation_backward(name, g, a, *slope)
+    ref = plain(g, a)
+    torch.testing.assert_close(mine, ref, rtol=1e-15, atol=1e-15)
+    assert torch.equal(F.activation(name, z, *slope), forward(z))
+    # first-order derivatives of dL/dz with respect to dL/da and to a: what double backward uses
+    v = torch.randn(7, 9, dtype=D)
+    d_mine = torch.autograd.grad(mine, (g, a), v, allow_unused=True, materialize_grads=True)
+    d_ref = torch.autograd.grad(ref, (g, a), v, allow_unused=True, materialize_grads=True)
+    for x, y in zip(d_mine, d_ref):
+        torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-14)
