@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .functional import REDUCTIONS
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
 
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
@@ -18,8 +20,10 @@ def is_tracing(*tensors: Tensor) -> bool:
     """True under torch.compile or a torch.func transform, where value-dependent checks cannot run."""
     if torch.compiler.is_compiling():
         return True
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(is_wrapped(t) for t in tensors)
+    for t in tensors:  # a plain loop: cheaper than any() over a generator on this per-call path
+        if _is_wrapped(t):
+            return True
+    return False
 
 
 def check_tensor(value: object, name: str) -> Tensor:
@@ -38,16 +42,19 @@ def check_floating(t: Tensor, name: str) -> None:
 def check_features(input: object, in_features: int, weight: Tensor, name: str = "input") -> Tensor:
     """A layer's input: a floating tensor of shape (*, in_features) matching the weight's device and dtype."""
     t = check_tensor(input, name)
-    check_floating(t, name)
-    if t.dim() == 0 or t.shape[-1] != in_features:
+    dtype = t.dtype
+    if not dtype.is_floating_point:
+        check_floating(t, name)
+    shape = t.shape
+    if not shape or shape[-1] != in_features:
         raise ValueError(
             f"{name}: expected shape (*, {in_features}) (last dimension = in_features = {in_features}), got {_shape(t)}"
         )
     check_same_device(t, name, weight, "the weights")
-    if t.dtype != weight.dtype:
+    if dtype != weight.dtype:
         raise TypeError(
-            f"{name} has dtype {t.dtype} but the weights have dtype {weight.dtype}; "
-            f"convert one of them (for example model.to({t.dtype}) or {name}.to({weight.dtype}))"
+            f"{name} has dtype {dtype} but the weights have dtype {weight.dtype}; "
+            f"convert one of them (for example model.to({dtype}) or {name}.to({weight.dtype}))"
         )
     return t
 
@@ -99,30 +106,32 @@ def check_classification_loss(input: object, target: object, reduction: object) 
     check_reduction(reduction)
     i = check_tensor(input, "input")
     t = check_tensor(target, "target")
-    check_floating(i, "input")
-    if i.dim() == 0:
+    dtype, target_dtype, shape = i.dtype, t.dtype, i.shape
+    if not dtype.is_floating_point:
+        check_floating(i, "input")
+    if not shape:
         raise ValueError("input: expected logits of shape (*, C) with at least one dimension, got a 0-d tensor")
     check_same_device(t, "target", i, "input")
-    n_classes = i.shape[-1]
+    n_classes = shape[-1]
     if n_classes == 0:
         raise ValueError(f"input: the class dimension C (the last) must be at least 1, got shape {_shape(i)}")
-    if t.is_floating_point():
-        if t.shape != i.shape:
+    if target_dtype.is_floating_point:
+        if t.shape != shape:
             raise ValueError(
                 f"target: probabilities must have the shape of input {_shape(i)}, got {_shape(t)} "
-                f"(class indices must have shape {tuple(i.shape[:-1])} and an integer dtype)"
+                f"(class indices must have shape {tuple(shape[:-1])} and an integer dtype)"
             )
-        if t.dtype != i.dtype:
-            raise TypeError(f"target has dtype {t.dtype} but input has dtype {i.dtype}; they must match")
-    elif t.dtype in (torch.bool,) or t.is_complex():
-        raise TypeError(f"target must hold class indices (an integer dtype) or probabilities, got {t.dtype}")
+        if target_dtype != dtype:
+            raise TypeError(f"target has dtype {target_dtype} but input has dtype {dtype}; they must match")
+    elif target_dtype is torch.bool or target_dtype.is_complex:
+        raise TypeError(f"target must hold class indices (an integer dtype) or probabilities, got {target_dtype}")
     else:
-        if t.shape != i.shape[:-1]:
+        if t.shape != shape[:-1]:
             raise ValueError(
-                f"target: class indices must have shape {tuple(i.shape[:-1])} (input's shape without the "
+                f"target: class indices must have shape {tuple(shape[:-1])} (input's shape without the "
                 f"class dimension C={n_classes}), got {_shape(t)}"
             )
-        if t.numel() and t.device.type != "meta" and not is_tracing(t):
+        if t.numel() and not t.is_meta and not is_tracing(t):
             extremes = torch.aminmax(t)  # one pass over the targets
             low, high = int(extremes.min), int(extremes.max)
             if low < 0 or high >= n_classes:
@@ -130,7 +139,8 @@ def check_classification_loss(input: object, target: object, reduction: object) 
                 raise ValueError(
                     f"target: class index {bad} is out of range for C={n_classes} classes [0, {n_classes})"
                 )
-    _check_not_empty_mean(i, reduction, i.shape[:-1].numel())  # type: ignore[arg-type]
+    if reduction == "mean":
+        _check_not_empty_mean(i, reduction, shape[:-1].numel())
 
 
 def check_positive_int(value: object, name: str) -> int:

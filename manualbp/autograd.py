@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def apply_function(function: type[Function], *args: Any) -> Any:
@@ -51,12 +52,11 @@ def apply_function(function: type[Function], *args: Any) -> Any:
     arguments this calls the C++ ``apply`` directly; under ``torch.compile`` or a transform it is exactly
     ``function.apply(*args)``.
     """
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or any(isinstance(a, Tensor) and _is_wrapped(a) for a in args)
-    ):
+    if torch.compiler.is_compiling() or _transforms_active():
         return function.apply(*args)
+    for a in args:  # a plain loop: a generator expression costs more than the checks themselves
+        if isinstance(a, Tensor) and _is_wrapped(a):
+            return function.apply(*args)
     return super(Function, function).apply(*args)  # torch._C._FunctionBase.apply
 
 
@@ -249,18 +249,22 @@ class MLPFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, activations, bias, *params = inputs
-        weights, _ = split_params(params, bias)
-        needs_w, needs_b = _param_needs(ctx.needs_input_grad[3:], bias, len(weights))
-        below = F.needs_below(ctx.needs_input_grad[0], needs_w, needs_b)
-        hidden = output[1:]
+        input, activations, bias = inputs[0], inputs[1], inputs[2]
+        params = inputs[3:]
+        weights = params[0::2] if bias else params
+        needs = ctx.needs_input_grad
         # Save only what the backward will read, as native autograd does: x for dL/dW^1; W^l when a
         # gradient must pass below layer l; a^l for dL/dW^{l+1} or for sigma' on the way down.
-        ctx.save_for_backward(
-            input if needs_w[0] else None,
-            *(w if below[k] else None for k, w in enumerate(weights)),
-            *(a if (needs_w[k + 1] or below[k + 1]) else None for k, a in enumerate(hidden)),
-        )
+        if all(needs[3:]):  # training: every parameter needs its gradient, so all but W^1 pass one down
+            ctx.save_for_backward(input, weights[0] if needs[0] else None, *weights[1:], *output[1:])
+        else:
+            needs_w, needs_b = _param_needs(needs[3:], bias, len(weights))
+            below = F.needs_below(needs[0], needs_w, needs_b)
+            ctx.save_for_backward(
+                input if needs_w[0] else None,
+                *[w if below[k] else None for k, w in enumerate(weights)],
+                *[a if (needs_w[k + 1] or below[k + 1]) else None for k, a in enumerate(output[1:])],
+            )
         ctx.input_shape = input.shape
         ctx.activations = activations
         ctx.bias = bias
@@ -273,14 +277,19 @@ class MLPFunction(Function):
         n_layers = ctx.n_layers
         saved = ctx.saved_tensors
         input, weights, hidden = saved[0], saved[1 : 1 + n_layers], saved[1 + n_layers :]
-        x = None if input is None or input.dim() == 2 else input.reshape(-1, input.shape[-1])
-        x = input if x is None else x
-        if grad_output is None:  # o was not used downstream
-            ref = next((a for a in grad_hidden if a is not None), None)
-            if ref is None:  # nothing was: every gradient is zero
+        x = input if input is None or input.dim() == 2 else input.reshape(-1, input.shape[-1])  # (N, in)
+        if not any(g is not None for g in grad_hidden):  # the usual case: only o was used downstream
+            grad_hidden = None  # type: ignore[assignment]
+            if grad_output is None:  # nothing was: every gradient is zero
                 return (None,) * (3 + len(ctx.needs_input_grad[3:]))
+        elif grad_output is None:  # only hidden activations were used: dL/do = 0
+            ref = next(a for a in grad_hidden if a is not None)
             grad_output = ref.new_zeros(ref.shape[0], ctx.out_features)
-        needs_w, needs_b = _param_needs(ctx.needs_input_grad[3:], ctx.bias, n_layers)
+        needs = ctx.needs_input_grad
+        if ctx.bias and all(needs[3:]):
+            needs_w = needs_b = None  # every weight and bias: mlp_backward's default
+        else:
+            needs_w, needs_b = _param_needs(needs[3:], ctx.bias, n_layers)
         grads = F.mlp_backward(
             grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, ctx.out_features),  # dL/do, (N, out)
             x,  # type: ignore[arg-type]
@@ -288,12 +297,11 @@ class MLPFunction(Function):
             hidden,
             ctx.activations,
             grad_hidden=grad_hidden,
-            needs_input_grad=ctx.needs_input_grad[0],
+            needs_input_grad=needs[0],
             needs_weight_grad=needs_w,
             needs_bias_grad=needs_b,
         )
         grad_input = grads.grad_input
         if grad_input is not None and grad_input.shape != ctx.input_shape:
             grad_input = grad_input.reshape(ctx.input_shape)
-        param_grads = join_params(grads.grad_weights, grads.grad_biases, ctx.bias)
-        return (grad_input, None, None, *param_grads)
+        return (grad_input, None, None, *join_params(grads.grad_weights, grads.grad_biases, ctx.bias))

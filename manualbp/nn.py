@@ -43,6 +43,11 @@ __all__ = [
 ]
 
 
+#: Is autocast on for any device type? One cheap call on the common path instead of a device lookup per
+#: module call (torch.compile constant-folds it); older torch without it asks about the device each time.
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type == "meta":  # autocast has no meta dispatch key; shapes only
         return None
@@ -64,6 +69,8 @@ def _apply_autocast(function, *args):
     Inside the Function autocast is off, so its forward and backward run in the cast dtype as the
     native ops would, and the casts in the graph give float32 parameters float32 gradients.
     """
+    if not _any_autocast_enabled():  # one cheap call on the common path, before asking per device
+        return apply_function(function, *args)
     device_type = args[0].device.type
     dtype = _autocast_dtype(device_type)
     if dtype is None:
@@ -237,7 +244,7 @@ class _Loss(nn.Module):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         self._check(input, target, self.reduction)
-        dtype = _autocast_dtype(input.device.type)
+        dtype = _autocast_dtype(input.device.type) if _any_autocast_enabled() else None
         if dtype is not None and input.dtype in (torch.float16, torch.bfloat16):
             input = input.float()  # autocast runs losses in float32, as PyTorch's losses do
             if target.is_floating_point():
@@ -386,15 +393,37 @@ class MLP(nn.Module):
         )
 
     # -- forward -----------------------------------------------------------------------------------
+    def _function_args(self) -> list:
+        """MLPFunction's arguments after the input: activation specs, bias, then the flat parameters.
+
+        One pass over the submodules (this runs on every forward): the same values as
+        :attr:`activation_specs` and :meth:`flat_parameters`, read afresh so a replaced parameter or a
+        changed negative_slope is always seen.
+        """
+        specs = []
+        args: list = [None, self.bias]
+        bias = self.bias
+        for m in self._modules.values():
+            if isinstance(m, Linear):
+                args.append(m._parameters["weight"])
+                if bias:
+                    args.append(m._parameters["bias"])
+            elif isinstance(m, _Activation):
+                specs.append((m.name, m.negative_slope))
+        args[0] = tuple(specs)
+        return args
+
     def forward_with_hidden(self, input: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Like :meth:`forward`, also returning the hidden activations a^1 .. a^{L-1}, each (N, width)."""
-        params = self.flat_parameters()
-        C.check_features(input, self.in_features, params[0])
-        output, *hidden = _apply_autocast(MLPFunction, input, self.activation_specs, self.bias, *params)
+        args = self._function_args()
+        C.check_features(input, self.in_features, args[2])
+        output, *hidden = _apply_autocast(MLPFunction, input, *args)
         return output, hidden
 
     def forward(self, input: Tensor) -> Tensor:
-        return self.forward_with_hidden(input)[0]
+        args = self._function_args()
+        C.check_features(input, self.in_features, args[2])
+        return _apply_autocast(MLPFunction, input, *args)[0]
 
     # -- interop with torch.nn ---------------------------------------------------------------------
     def to_torch(self) -> nn.Sequential:
