@@ -41,7 +41,9 @@ def check_floating(t: Tensor, name: str) -> None:
 
 def check_features(input: object, in_features: int, weight: Tensor, name: str = "input") -> Tensor:
     """A layer's input: a floating tensor of shape (*, in_features) matching the weight's device and dtype."""
-    t = check_tensor(input, name)
+    if not isinstance(input, Tensor):
+        check_tensor(input, name)
+    t: Tensor = input  # type: ignore[assignment]
     dtype = t.dtype
     if not dtype.is_floating_point:
         check_floating(t, name)
@@ -50,7 +52,8 @@ def check_features(input: object, in_features: int, weight: Tensor, name: str = 
         raise ValueError(
             f"{name}: expected shape (*, {in_features}) (last dimension = in_features = {in_features}), got {_shape(t)}"
         )
-    check_same_device(t, name, weight, "the weights")
+    if t.device != weight.device:
+        check_same_device(t, name, weight, "the weights")
     if dtype != weight.dtype:
         raise TypeError(
             f"{name} has dtype {dtype} but the weights have dtype {weight.dtype}; "
@@ -103,15 +106,22 @@ def check_regression_loss(input: object, target: object, reduction: object) -> N
 def check_classification_loss(input: object, target: object, reduction: object) -> None:
     """Cross-entropy: floating logits (*, C); class indices (*) of an integer dtype in [0, C), or
     probabilities (*, C) of input's dtype."""
-    check_reduction(reduction)
-    i = check_tensor(input, "input")
-    t = check_tensor(target, "target")
+    # The helpers raise the errors; on the happy path each condition is tested inline (this runs per call).
+    if reduction not in REDUCTIONS:
+        check_reduction(reduction)
+    if not isinstance(input, Tensor):
+        check_tensor(input, "input")
+    if not isinstance(target, Tensor):
+        check_tensor(target, "target")
+    i: Tensor = input  # type: ignore[assignment]
+    t: Tensor = target  # type: ignore[assignment]
     dtype, target_dtype, shape = i.dtype, t.dtype, i.shape
     if not dtype.is_floating_point:
         check_floating(i, "input")
     if not shape:
         raise ValueError("input: expected logits of shape (*, C) with at least one dimension, got a 0-d tensor")
-    check_same_device(t, "target", i, "input")
+    if t.device != i.device:
+        check_same_device(t, "target", i, "input")
     n_classes = shape[-1]
     if n_classes == 0:
         raise ValueError(f"input: the class dimension C (the last) must be at least 1, got shape {_shape(i)}")

@@ -278,12 +278,16 @@ class MLPFunction(Function):
         saved = ctx.saved_tensors
         input, weights, hidden = saved[0], saved[1 : 1 + n_layers], saved[1 + n_layers :]
         x = input if input is None or input.dim() == 2 else input.reshape(-1, input.shape[-1])  # (N, in)
-        if not any(g is not None for g in grad_hidden):  # the usual case: only o was used downstream
+        ref = None
+        for g in grad_hidden:
+            if g is not None:
+                ref = g
+                break
+        if ref is None:  # the usual case: only o was used downstream
             grad_hidden = None  # type: ignore[assignment]
             if grad_output is None:  # nothing was: every gradient is zero
                 return (None,) * (3 + len(ctx.needs_input_grad[3:]))
         elif grad_output is None:  # only hidden activations were used: dL/do = 0
-            ref = next(a for a in grad_hidden if a is not None)
             grad_output = ref.new_zeros(ref.shape[0], ctx.out_features)
         needs = ctx.needs_input_grad
         if ctx.bias and all(needs[3:]):

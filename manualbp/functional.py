@@ -107,12 +107,12 @@ def linear_backward(
         return grad_input, grad_weight, grad_bias
     g = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, grad_output.shape[-1])  # dL/dz, (N, out)
     if needs_input_grad:
-        grad_input = g @ weight  # dL/da_j = sum_i dL/dz_i w_ij, (N, in)
+        grad_input = g.mm(weight)  # dL/da_j = sum_i dL/dz_i w_ij, (N, in)
         if grad_output.dim() != 2:
             grad_input = grad_input.reshape(*grad_output.shape[:-1], weight.shape[1])  # (*, in)
     if needs_weight_grad:
         a = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
-        grad_weight = g.mT @ a  # dL/dw_ij = dL/dz_i a_j, (out, in)
+        grad_weight = g.t().mm(a)  # dL/dw_ij = dL/dz_i a_j, (out, in)
     if needs_bias_grad:
         grad_bias = g.sum(0)  # dL/db_i = dL/dz_i, summed over the batch, (out,)
     return grad_input, grad_weight, grad_bias

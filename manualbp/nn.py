@@ -423,7 +423,9 @@ class MLP(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         args = self._function_args()
         C.check_features(input, self.in_features, args[2])
-        return _apply_autocast(MLPFunction, input, *args)[0]
+        if _any_autocast_enabled():
+            return _apply_autocast(MLPFunction, input, *args)[0]
+        return apply_function(MLPFunction, input, *args)[0]
 
     # -- interop with torch.nn ---------------------------------------------------------------------
     def to_torch(self) -> nn.Sequential:
