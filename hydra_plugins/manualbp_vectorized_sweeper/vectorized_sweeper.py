@@ -43,6 +43,33 @@ class VectorizedSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="vectorized", node=VectorizedSweeperConf, provider="manualbp")
 
 
+class _ParsedOnce:
+    """A Hydra config repository that reads and parses each config file once and hands out deep copies.
+
+    Each composition modifies what it loads (Hydra gives each one a fresh ``CachingConfigRepository``), so a
+    copy stands in for a fresh parse; copying a small config is much cheaper than parsing its YAML.
+    ``CachingConfigRepository`` deep-copies its delegate: a copy of this is this, so the memo is shared.
+    """
+
+    def __init__(self, repository: Any) -> None:
+        self.delegate = repository
+        self.memo: dict[str, Any] = {}
+
+    def __deepcopy__(self, memo: dict) -> "_ParsedOnce":
+        return self
+
+    def load_config(self, config_path: str) -> Any:
+        if config_path not in self.memo:
+            self.memo[config_path] = self.delegate.load_config(config_path)
+        return copy.deepcopy(self.memo[config_path])
+
+    def initialize_sources(self, config_search_path: Any) -> None:  # pragma: no cover - not used (see below)
+        raise RuntimeError("_ParsedOnce: the config search path cannot change")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.delegate, name)
+
+
 class JobComposer:
     """Each job's config, as Hydra's ``ConfigLoaderImpl.load_sweep_config`` composes it, composed once per
     distinct set of config-group overrides.
@@ -63,6 +90,10 @@ class JobComposer:
         self.hydra_overrides: list[str] = list(OmegaConf.to_container(master.hydra.overrides.hydra))  # type: ignore[arg-type]
         self._bases: dict[tuple, tuple[DictConfig, dict, list]] = {}
         self._repo: Any = None
+        # config files parsed once per sweep; not when hydra.searchpath re-initializes each composition's sources
+        self._files = None if master.hydra.get("searchpath") else _ParsedOnce(loader.repository)
+        self._parser = OverridesParser.create()
+        self._parsed: dict[str, Any] = {}
         self.composed = 0  # full compositions done (cache misses and fallbacks)
 
     def __call__(self, overrides: Sequence[str]) -> DictConfig:
@@ -73,6 +104,25 @@ class JobComposer:
         self.composed += 1
         return self.loader.load_sweep_config(self.master, list(overrides))
 
+    def _parse(self, lines: list[str]) -> list[Any]:
+        """Hydra's parse of the override lines, each distinct line parsed once (the grammar is slow)."""
+        missing = [line for line in dict.fromkeys(lines) if line not in self._parsed]
+        if missing:
+            self._parsed.update(zip(missing, self._parser.parse_overrides(overrides=missing)))
+        return [copy.copy(self._parsed[line]) for line in lines]
+
+    def _caching_repo(self, parsed: list[Any]) -> Any:
+        """ConfigLoaderImpl._parse_overrides_and_create_caching_repo, on the parsed-once files."""
+        from hydra._internal.config_repository import CachingConfigRepository
+
+        if self._files is None:
+            return self.loader._parse_overrides_and_create_caching_repo(
+                self.config_name, [o.input_line for o in parsed]
+            )[1]
+        repo = CachingConfigRepository(self._files)
+        self.loader._process_config_searchpath(self.config_name, parsed, repo)
+        return repo
+
     def _compose(self, overrides: list[str]) -> DictConfig:
         from hydra import __version__, version
         from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
@@ -81,16 +131,16 @@ class JobComposer:
         from hydra.core.utils import JobRuntime
 
         lines = self.hydra_overrides + overrides
-        parsed = OverridesParser.create().parse_overrides(overrides=lines)
+        parsed = self._parse(lines)
         if any(o.get_key_element() == "hydra.searchpath" for o in parsed[len(self.hydra_overrides) :]):
             raise ValueError("hydra.searchpath differs per job")
         self.loader.validate_sweep_overrides_legal(overrides=parsed, run_mode=RunMode.RUN, from_shell=True)
         if self._repo is None:
-            self._repo = self.loader._parse_overrides_and_create_caching_repo(self.config_name, lines)[1]
+            self._repo = self._caching_repo(parsed)
         config_overrides = Overrides(repo=self._repo, overrides_list=parsed).config_overrides
         key = tuple(o.input_line for o in parsed if not any(o is c for c in config_overrides))
         if key not in self._bases:
-            _, repo = self.loader._parse_overrides_and_create_caching_repo(self.config_name, lines)
+            repo = self._caching_repo(parsed)
             defaults_list = create_defaults_list(
                 repo=repo, config_name=self.config_name, overrides_list=parsed, prepend_hydra=True, skip_missing=False
             )
@@ -164,8 +214,9 @@ class VectorizedSweeper(Sweeper):
         overrides = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         return BasicSweeper.split_arguments(overrides, None)[0]
 
-    def _compose(self, overrides: list[str], idx: int) -> tuple[DictConfig, dict]:
-        """The job's composed config (with hydra.job.num and output dir set) and run()'s plain config."""
+    def _compose(self, overrides: list[str], idx: int) -> tuple[DictConfig, DictConfig, dict]:
+        """The job's composed config (with hydra.job.num and output dir set), its task part (what the
+        ordinary launcher saves as .hydra/config.yaml) and run()'s plain config."""
         from manualbp.experiment import prepare_config
 
         cfg = self._composer(overrides)
@@ -178,7 +229,7 @@ class VectorizedSweeper(Sweeper):
         HydraConfig.instance().set_config(cfg)
         task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         config = prepare_config(task_cfg)
-        return cfg, config
+        return cfg, task_cfg, config
 
     def sweep(self, arguments: list[str]) -> Any:
         from manualbp.experiment import headline, objective
@@ -191,12 +242,12 @@ class VectorizedSweeper(Sweeper):
         jobs = self._jobs(arguments)
         self._composer = JobComposer(self.hydra_context.config_loader, self.config)  # type: ignore[union-attr]
         tic = time.perf_counter()
-        composed: dict[int, tuple[DictConfig, dict]] = {}
+        composed: dict[int, tuple[DictConfig, DictConfig, dict]] = {}
         groups: dict[str, list[int]] = {}
         fallback: list[int] = []
         for idx, overrides in enumerate(jobs):
             try:
-                cfg, config = self._compose(overrides, idx)
+                cfg, task_cfg, config = self._compose(overrides, idx)
                 key = group_key(config) if str(config["optim"].get("name", "")).lower() == "sgd" else None
             except Exception as exc:  # noqa: BLE001 - let the ordinary job report its own error
                 log.info("job %d runs as an ordinary job (%s: %s)", idx, type(exc).__name__, exc)
@@ -204,7 +255,7 @@ class VectorizedSweeper(Sweeper):
             if key is None:
                 fallback.append(idx)
                 continue
-            composed[idx] = (cfg, config)
+            composed[idx] = (cfg, task_cfg, config)
             groups.setdefault(key, []).append(idx)
         log.info(
             "composed %d job configs in %.1f s (%d full compositions)",
@@ -223,16 +274,26 @@ class VectorizedSweeper(Sweeper):
         for members in batches:
             tic = time.perf_counter()
             for idx in members:
-                cfg, config = composed[idx]
+                cfg, task_cfg, config = composed[idx]
                 hydra_dir = Path(config["output_dir"]) / str(cfg.hydra.output_subdir or ".hydra")
                 hydra_dir.mkdir(parents=True, exist_ok=True)
-                OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), hydra_dir / "config.yaml")
+                OmegaConf.save(task_cfg, hydra_dir / "config.yaml")
                 OmegaConf.save(OmegaConf.create(list(jobs[idx])), hydra_dir / "overrides.yaml")
             log.info("vectorized group of %d jobs: #%s", len(members), ",".join(map(str, members)))
-            results = run_many([composed[idx][1] for idx in members])
+            try:
+                results = run_many([composed[idx][2] for idx in members])
+            except Exception as exc:  # noqa: BLE001 - each job then runs (and fails, or not) on its own
+                log.error(
+                    "vectorized group #%s failed (%s: %s); its jobs run as ordinary jobs",
+                    ",".join(map(str, members)),
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
+                fallback += members
+                continue
             group_returns = []
             for idx, result in zip(members, results):
-                config = composed[idx][1]
+                config = composed[idx][2]
                 print(headline(result, config.get("output_dir")), flush=True)
                 ret = JobReturn()
                 ret.overrides = list(jobs[idx])
