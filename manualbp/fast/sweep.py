@@ -50,7 +50,11 @@ VARYING_OPTIM = ("lr", "momentum", "nesterov", "weight_decay", "dampening")
 
 def group_key(config: Any) -> str:
     """A string equal for configs that can train together in one vectorized group."""
-    cfg = resolve_config(config)
+    return _group_key(resolve_config(config))
+
+
+def _group_key(cfg: dict) -> str:
+    """:func:`group_key` of a resolved config."""
     fixed = {k: v for k, v in cfg.items() if k not in VARYING_KEYS}
     fixed["optim"] = {k: v for k, v in cfg["optim"].items() if k not in VARYING_OPTIM}
     return json.dumps(_loop._json_safe(fixed), sort_keys=True, default=str)
@@ -85,7 +89,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     cfgs = [resolve_config(c) for c in configs]
     if not cfgs:
         return []
-    keys = {group_key(c) for c in cfgs}
+    keys = {_group_key(c) for c in cfgs}
     if len(keys) != 1:
         raise ValueError(
             "run_many: the configs differ in more than seed/init/optim lr-momentum-weight_decay/"
