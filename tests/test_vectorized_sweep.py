@@ -35,6 +35,15 @@ CONFIGS = [
     _cfg(1, "kaiming_normal", 0.05, 0.9, "cosine", {"max_epochs": 4, "early_stopping": {"patience": 1}}),
     _cfg(0, "normal", 0.3, 0.0, "step", {"max_epochs": 2}),
     _cfg(2, "lecun_uniform", 0.2, 0.5, "exponential", {"max_epochs": 4, "max_steps": 30}),
+    # learning rates that change within an epoch: a warmup, a per-step interval
+    {
+        **_cfg(0, "orthogonal", 0.2, 0.0, "cosine", {"max_epochs": 3}),
+        "lr_schedule": {"name": "cosine", "warmup_steps": 7},
+    },
+    {
+        **_cfg(1, "xavier_normal", 0.1, 0.9, "step", {"max_epochs": 3}),
+        "lr_schedule": {"name": "step", "interval": "step", "step_size": 5, "gamma": 0.8},
+    },
 ]
 
 

@@ -17,6 +17,7 @@ group). Not supported: an optimizer other than SGD (a clear error); resuming a g
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -49,7 +50,11 @@ VARYING_OPTIM = ("lr", "momentum", "nesterov", "weight_decay", "dampening")
 
 def group_key(config: Any) -> str:
     """A string equal for configs that can train together in one vectorized group."""
-    cfg = resolve_config(config)
+    return _group_key(resolve_config(config))
+
+
+def _group_key(cfg: dict) -> str:
+    """:func:`group_key` of a resolved config."""
     fixed = {k: v for k, v in cfg.items() if k not in VARYING_KEYS}
     fixed["optim"] = {k: v for k, v in cfg["optim"].items() if k not in VARYING_OPTIM}
     return json.dumps(_loop._json_safe(fixed), sort_keys=True, default=str)
@@ -84,7 +89,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     cfgs = [resolve_config(c) for c in configs]
     if not cfgs:
         return []
-    keys = {group_key(c) for c in cfgs}
+    keys = {_group_key(c) for c in cfgs}
     if len(keys) != 1:
         raise ValueError(
             "run_many: the configs differ in more than seed/init/optim lr-momentum-weight_decay/"
@@ -226,19 +231,38 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
         results[k] = _loop.RunResult(status, reason, metrics, histories[k], c, out_dir, model)
         finished[k] = True
 
+    flushed = [0] * K  # history rows of each run already in its history.csv
+
+    def write_history(k: int) -> None:
+        # appends the rows since the last write (rewriting K growing files every time costs O(epochs^2) rows)
+        path = os.path.join(cfgs[k]["output_dir"], "history.csv")
+        rows = histories[k]
+        columns = list(rows[0])
+        if flushed[k] == 0 or any(list(r) != columns for r in rows[flushed[k] :]):
+            _loop._write_history(path, rows)
+        else:
+            with open(path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=columns)
+                for r in rows[flushed[k] :]:
+                    w.writerow(_loop._csv_row(r))
+        flushed[k] = len(rows)
+
+    step_wise_lr = [_lr_changes_within_epoch(s) for s in schedules]
+    eval_splits = {name: splits[name] for name in ("train", "val") if splits[name][0].shape[-2] > 0}
     while not all(finished):
         t0 = time.perf_counter()
         running = torch.zeros(K, dtype=torch.float64, device=device)
         seen = [0] * K
         active_at_start = [not f and decisions[k] is None for k, f in enumerate(finished)]
+        live = [k for k in range(K) if active_at_start[k]]
         perms = [torch.randperm(n, generator=g).to(device) if bs < n else None for g in shuffles]
         perm = torch.stack(perms) if bs < n else None  # (K, n)
         for b in range(steps_per_epoch):
-            live = [k for k in range(K) if active_at_start[k] and decisions[k] is None]
             if not live:
                 break
+            # the learning rates: every live model's at the epoch's first step, then only the step-wise ones'
             new_lrs = list(last_lr)
-            for k in live:
+            for k in live if b == 0 else (k for k in live if step_wise_lr[k]):
                 new_lrs[k] = schedules[k].lr(steps[k], epoch)
             if new_lrs != last_lr:
                 trainer.set_lr([v if v is not None else 0.0 for v in new_lrs])
@@ -253,30 +277,41 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
                 xb, yb = x_tr, y_tr
             losses = trainer.step(xb, yb)
             count = xb.shape[-2]
-            running.add_(torch.where(trainer.active, losses.to(torch.float64), 0.0), alpha=count)
-            need = [k for k in live if stoppings[k].needs_step_loss(steps[k])]
-            values = losses.tolist() if need else None
+            if len(live) == K:
+                running.add_(losses, alpha=count)
+            else:
+                running.add_(torch.where(trainer.active, losses.to(torch.float64), 0.0), alpha=count)
+            need = [stoppings[k].needs_step_loss(steps[k]) for k in live]
+            values = losses.tolist() if any(need) else None  # one host sync for all K models
             now = elapsed + time.perf_counter() - t0
-            for k in live:
+            stopped = False
+            for k, needed in zip(live, need):
                 steps[k] += 1
                 seen[k] += count
-                check = values[k] if values is not None and k in need else None
-                decisions[k] = stoppings[k].check_step(check, StopContext(epoch, steps[k], now))
+                decisions[k] = stoppings[k].check_step(
+                    values[k] if needed else None,  # type: ignore[index]
+                    StopContext(epoch, steps[k], now),
+                )
                 if decisions[k] is not None:  # its last gradient is this step's: keep its norms
                     stop_norms[k] = [v[k].item() for nm, v in trainer.grad_norms().items() if nm.endswith("weight")]
                     trainer.stop(k)
+                    stopped = True
+            if stopped:
+                live = [k for k in live if decisions[k] is None]
         epoch += 1
-        evals: dict[str, tuple[list[float], list[float]]] = {}
-        for name, (xs, ys) in splits.items():
-            if xs.shape[-2] == 0:
-                continue
+        # the epoch's evaluation (train and val, as run()): all K models at once, one host sync
+        names, values_ = [], []
+        for name, (xs, ys) in eval_splits.items():
             out = trainer.predict(xs)
             lo, sc = _eval_model(out, ys if not shared else ys.expand(K, *ys.shape), loss, task)
-            evals[name] = (lo.tolist(), sc.tolist())
-        run_loss = [r / max(c, 1) for r, c in zip(running.tolist(), seen)]
+            names.append(name)
+            values_ += [lo, sc]
         norms = trainer.grad_norms()
         weight_names = [nm for nm in norms if nm.endswith("weight")]
-        norm_values = {nm: norms[nm].tolist() for nm in weight_names}
+        table = torch.stack([*values_, *(norms[nm].to(torch.float64) for nm in weight_names), running]).tolist()
+        evals = {name: (table[2 * i], table[2 * i + 1]) for i, name in enumerate(names)}
+        norm_values = {nm: table[2 * len(names) + i] for i, nm in enumerate(weight_names)}
+        run_loss = [r / max(c, 1) for r, c in zip(table[-1], seen)]
         elapsed += time.perf_counter() - t0
         for k in range(K):
             if not active_at_start[k]:
@@ -304,9 +339,17 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
                 best_params[k] = [p.clone() for p in trainer.parameters_of(k)]
             histories[k].append(record)
             if cfgs[k]["output_dir"] and (decisions[k] is not None or epoch % HISTORY_EVERY == 0):
-                # rewriting K growing CSV files every epoch costs O(epochs^2) rows: every 10th epoch and at the end
-                _loop._write_history(os.path.join(cfgs[k]["output_dir"], "history.csv"), histories[k])
+                write_history(k)
             if decisions[k] is not None:
                 trainer.stop(k)
                 finish(k)
     return results  # type: ignore[return-value]
+
+
+def _lr_changes_within_epoch(schedule: Any) -> bool:
+    """Whether ``schedule.lr(step, epoch)`` may differ between the steps of one epoch (a per-step interval
+    or a warmup); when not, the loop asks it once per epoch. Unknown schedules are asked every step."""
+    try:
+        return schedule.cfg["interval"] != "epoch" or schedule.warmup != 0
+    except (AttributeError, KeyError, TypeError):
+        return True

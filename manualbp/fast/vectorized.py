@@ -96,7 +96,7 @@ class VectorizedTrainer:
         self._any_momentum = bool((self.momentum != 0).any())
         self._any_nesterov = any(nest)
         self._all_nesterov = all(nest)
-        self.steps = torch.zeros(self.K, dtype=torch.long)
+        self.steps = torch.zeros(self.K, dtype=torch.long, device=ref.device)  # steps taken, per model
         self.momentum_buffers: Optional[list[Tensor]] = None
         self.last_grads: Optional[list[Tensor]] = None
 
@@ -181,7 +181,7 @@ class VectorizedTrainer:
                 p.addcmul_(direction, neg_lr)  # p - lr g
             else:
                 p.copy_(torch.where(self.active.view(-1, 1, 1), torch.addcmul(p, direction, neg_lr), p))
-        self.steps += self.active.cpu().long()
+        self.steps += self.active  # on the device: no host sync per step
 
     # -- per-model state -------------------------------------------------------------------------------
     def set_lr(self, lr: Scalars) -> None:
