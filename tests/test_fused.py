@@ -116,3 +116,34 @@ def test_bad_arguments():
         FusedTrainer(model, manualbp.CrossEntropyLoss("none"), lr=0.1)
     with pytest.raises(ValueError, match="loss must be one of"):
         FusedTrainer(model, "hinge", lr=0.1)
+
+
+def test_parameters_are_views_of_the_blocks_and_prepare_checks_its_input():
+    model, ref = _twins("tanh")
+    trainer = FusedTrainer(model, "cross_entropy", lr=0.1)
+    x, y = _data()
+    trainer.step(x[:32], y[:32])
+    # the model saw the update through its own parameters, and still round-trips through nn.Sequential
+    assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), ref.parameters()))
+    seq = model.to_torch()
+    seq.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(seq(x), model(x), rtol=1e-12, atol=1e-12)
+    # prepared rows in any order train exactly like the raw batch
+    twin, _ = _twins("tanh")
+    twin.load_state_dict(model.state_dict())
+    other = FusedTrainer(twin, "cross_entropy", lr=0.1)
+    xp, yp = other.prepare(x, y)
+    assert xp.shape == (150, 7) and bool((xp[:, -1] == 1).all()) and yp.shape == (150, 3)
+    order = torch.randperm(150, generator=torch.Generator().manual_seed(3))[:32]
+    l1, l2 = trainer.step(x[order], y[order]), other.step_prepared(xp[order], yp[order])
+    assert l1.item() == l2.item()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match=r"input must have shape \(N, 6\)"):
+        trainer.prepare(x[:, :5], y)
+    with pytest.raises(ValueError, match="outside"):
+        trainer.prepare(x, y + 5)
+    with pytest.raises(ValueError, match="target"):
+        trainer.prepare(x, y[:3])
+    with pytest.raises(ValueError, match="0 examples"):
+        trainer.prepare(x[:0], y[:0])

@@ -15,6 +15,7 @@ def _cfg(backend, **optim):
         "optim": {"name": "sgd", "lr": 0.1, "batch_size": 64, **optim},
         "stopping": {"max_epochs": 4, "early_stopping": None},
         "progress": False,
+        "checkpoint_every_s": 0,
     }
 
 

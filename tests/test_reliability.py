@@ -16,7 +16,13 @@ import torch
 from manualbp.train import run
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = {"data": {"name": "iris"}, "model": {"hidden": [8]}, "stopping": {"max_epochs": 6}, "progress": False}
+SMALL = {
+    "data": {"name": "iris"},
+    "model": {"hidden": [8]},
+    "stopping": {"max_epochs": 6},
+    "progress": False,
+    "checkpoint_every_s": 0,  # a checkpoint each epoch: the faults below hit a run that has several
+}
 
 
 def comparable(metrics: dict) -> dict:
@@ -65,6 +71,7 @@ def _train_cmd() -> list[str]:
         sys.executable,
         str(ROOT / "experiments" / "train.py"),
         "data=digits",
+        "checkpoint_every_s=0",
         "model.hidden=[128,128]",
         "stopping=max_epochs",
         "stopping.max_epochs=12",

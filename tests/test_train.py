@@ -23,6 +23,7 @@ def cfg(**kw):
     """A quick run: no progress bar, no early stopping, no validation split unless asked for."""
     base = {
         "progress": False,
+        "checkpoint_every_s": 0,
         "data": {"name": "digits", "val_fraction": 0.0},
         "stopping": {"max_epochs": 3, "early_stopping": None},
     }
@@ -409,3 +410,35 @@ def test_readme_training_example_runs(capsys):
     exec(compile(block.group(1), "README.md", "exec"), {})
     status, reason, acc, drift = capsys.readouterr().out.split()
     assert status in ("completed", "stopped") and float(acc) > 0.8 and float(drift) < 1e-3
+
+
+def test_checkpoint_interval_and_resume_across_unsaved_epochs(tmp_path, monkeypatch):
+    """With checkpoint_every_s, epochs between checkpoints are not saved; a kill there reruns the lost
+    epochs (here all: no checkpoint yet) to the same result, and history.csv ends with each epoch once."""
+    config = cfg(stopping={"max_epochs": 5, "early_stopping": None}, checkpoint_every_s=3600.0)
+    whole = run(config)
+    saves = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, *a, **k: (saves.append(obj["epoch"]), real_save(obj, *a, **k)))
+    run({**config, "output_dir": str(tmp_path / "hour")})
+    assert saves == [5]  # only the finished run: an hour of training never passed
+
+    def dying_log(self, metrics, step):
+        if step == 4:
+            raise Interrupt("killed after epoch 4")
+
+    out = str(tmp_path / "killed")
+    saves.clear()
+    with monkeypatch.context() as m:
+        m.setattr(sinks_module.NullSink, "log", dying_log)
+        with pytest.raises(Interrupt):
+            run({**config, "output_dir": out})
+    assert saves == [] and (tmp_path / "killed" / "history.csv").exists()
+    resumed = run({**config, "output_dir": out})  # epochs 1..5 again
+    assert strip_times(resumed.history) == strip_times(whole.history)
+    for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()):
+        assert torch.equal(a, b)
+    rows = (tmp_path / "killed" / "history.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
+    with pytest.raises(ValueError, match="checkpoint_every_s"):
+        run({**config, "checkpoint_every_s": -1})

@@ -43,8 +43,13 @@ class FusedBackend:
         self.trainer = FusedTrainer(model, loss, **sgd_kwargs(optim_cfg, "fused"))
         self.model = model
 
+    def prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The training set as :meth:`step` takes it (ones column, one-hot targets), once per run."""
+        return self.trainer.prepare(x, y)
+
     def step(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.trainer.step(x, y)
+        """One step on rows of :meth:`prepare`'s output."""
+        return self.trainer.step_prepared(x, y)
 
     def set_lr(self, lr: float) -> None:
         self.trainer.set_lr(lr)

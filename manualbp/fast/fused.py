@@ -1,17 +1,25 @@
 """An engine-free fused trainer: forward, hand-derived backward and the SGD update in one pass.
 
-No autograd graph is recorded: the step runs under ``torch.no_grad`` and calls the formulas of
-``manualbp.functional`` (``mlp_forward``, the loss's backward, ``mlp_backward``) directly, then applies
-``torch.optim.SGD``'s update (weight decay, momentum with ``buf = grad`` on the first step, dampening,
-nesterov) in place with ``torch._foreach_*`` ops on the model's own parameter storage. It is the same math
-as ``MLP`` + ``torch.optim.SGD`` step for step, so the trajectories agree (float64: to about 1e-12 after a
-full run; ``tests/test_fused.py``), without the graph bookkeeping, the Python ``Function`` calls, input
-validation per step or the optimizer's per-parameter Python loop.
+No autograd graph is recorded and nothing is allocated per step. Each layer's weight and bias live in one
+``(out, in + 1)`` block ``[W | b]`` (the model's ``weight`` and ``bias`` parameters become views of it, so
+the model stays usable as a module and sees every update), every activation buffer carries a column of
+ones, and so the two passes of the notes become, per layer, one matmul forward, one matmul back, and one
+in-place ``addmm_`` that is at once dL/dW = (dL/dz)^T a_prev, dL/db = sum_n dL/dz and W -= lr dL/dW.
+The activation derivatives are the kernels of ``manualbp.functional``'s ``*_backward`` (written in place);
+cross-entropy's dL/do is softmax(o) - y, the squared errors' o - y, the reduction's 1/N folded into the
+step size. Momentum, dampening, nesterov and weight decay follow ``torch.optim.SGD`` (``buf = grad`` on
+the first step) with ``torch._foreach_*`` ops over the blocks.
+
+It is the same math as ``MLP`` + ``torch.optim.SGD`` step for step (float64: the trajectories agree to
+about 1e-12 after a full run; ``tests/test_fused.py``), without the graph bookkeeping, the Python
+``Function`` calls, per-step input validation, allocations or the optimizer's per-parameter loop.
+:meth:`FusedTrainer.prepare` appends the ones column and one-hot encodes the targets once per data set;
+:meth:`FusedTrainer.step_prepared` then trains on slices of the result (what ``backend: fused`` does).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,16 +27,57 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..autograd import join_params
 from ..nn import MLP
-from ._losses import LOSSES, resolve_loss
+from ._losses import resolve_loss
 
 __all__ = ["FusedTrainer"]
+
+_aten = torch.ops.aten
+
+#: a = sigma(z) written into ``out`` (the activations of ``manualbp.functional``, one kernel each)
+_FORWARD: dict[str, Callable[[Tensor, Tensor, float], Any]] = {
+    "sigmoid": lambda z, out, s: torch.sigmoid(z, out=out),  # a = 1 / (1 + exp(-z))
+    "tanh": lambda z, out, s: torch.tanh(z, out=out),  # a = tanh(z)
+    "relu": lambda z, out, s: torch.clamp_min(z, 0, out=out),  # a = max(z, 0)
+    "leaky_relu": lambda z, out, s: torch._C._nn.leaky_relu(z, s, out=out),  # a = z or slope z
+    "identity": lambda z, out, s: out.copy_(z),  # a = z
+}
+#: g <- g * sigma'(z), in place, from the saved output a: the kernels of ``functional.*_backward``
+_BACKWARD: dict[str, Optional[Callable[[Tensor, Tensor, float], Any]]] = {
+    "sigmoid": lambda g, a, s: _aten.sigmoid_backward.grad_input(g, a, grad_input=g),  # g a (1 - a)
+    "tanh": lambda g, a, s: _aten.tanh_backward.grad_input(g, a, grad_input=g),  # g (1 - a^2)
+    "relu": lambda g, a, s: _aten.threshold_backward.grad_input(g, a, 0, grad_input=g),  # g [a > 0]
+    "leaky_relu": lambda g, a, s: _aten.leaky_relu_backward.grad_input(g, a, s, True, grad_input=g),
+    "identity": None,  # g 1
+}
+
+
+class _Buffers:
+    """Every intermediate of one step for a batch of ``n`` rows, allocated once and reused."""
+
+    def __init__(self, n: int, widths: list[int], bias: bool, like: Tensor) -> None:
+        new = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
+        extra = int(bias)
+        self.z = [new(n, w) for w in widths[1:-1]]  # pre-activations z^l of the hidden layers
+        self.act = [new(n, w + extra) for w in widths[1:-1]]  # [a^l | 1]
+        for a in self.act:
+            if bias:
+                a[:, -1] = 1
+        self.a = [a[:, : a.shape[1] - extra] for a in self.act]  # a^l (views)
+        self.grad = [new(n, w) for w in widths[1:]]  # dL/dz^l / scale (last: dL/do / scale)
+        self.grad_t = [g.t() for g in self.grad]
+        self.out = new(n, widths[-1])  # o, then log softmax(o) for cross-entropy
+        self.out_flat = self.out.view(-1)
+        self.go_flat = self.grad[-1].view(-1)
+        self.loss_scale: Optional[Tensor] = None  # the reduction's factor on the loss (set on first use)
 
 
 class FusedTrainer:
     """Train a :class:`manualbp.MLP` with SGD, engine-free, updating its parameters in place.
 
     Args:
-        model: the MLP; its parameters are updated in place (``model`` stays usable as a module).
+        model: the MLP. Its ``weight``/``bias`` parameters are re-pointed at views of one ``[W | b]``
+            block per layer, which every step updates in place (``model`` stays usable as a module;
+            after moving the model or replacing its parameters, build a new trainer).
         loss: "cross_entropy", "mse", "squared_error" or a matching loss module (manualbp's or torch's).
         lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
 
@@ -57,55 +106,133 @@ class FusedTrainer:
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         self.model = model
         self.loss_name, self.reduction = resolve_loss(loss)
-        self._loss_forward, self._loss_backward = LOSSES[self.loss_name]
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.dampening = float(dampening)
         self.weight_decay = float(weight_decay)
         self.nesterov = bool(nesterov)
         self.steps = 0
-        self._bind()
         self.momentum_buffers: Optional[list[Tensor]] = None
-        self.last_grads: Optional[list[Tensor]] = None
+        self._bind()
 
     def _bind(self) -> None:
-        """Detached views of the model's parameters (same storage): in-place updates need no autograd checks."""
-        params = [p.detach() for p in self.model.flat_parameters()]
-        self.params = params
-        self.weights = params[0::2] if self.model.bias else params
-        self.biases = params[1::2] if self.model.bias else [None] * len(params)
-        self.activations = self.model.activation_specs
+        """One ``[W | b]`` block per layer; the model's parameters become views of it (same values)."""
+        model = self.model
+        self.bias = model.bias
+        self.activations = model.activation_specs
+        self.widths = [model.in_features] + [lin.out_features for lin in model.linears]
+        self.blocks: list[Tensor] = []
+        with torch.no_grad():
+            for lin in model.linears:
+                w = lin.weight.detach()
+                if self.bias:
+                    block = torch.cat([w, lin.bias.detach().unsqueeze(1)], 1)
+                    lin.weight.data = block[:, :-1]
+                    lin.bias.data = block[:, -1]
+                else:
+                    block = w.contiguous()
+                    lin.weight.data = block
+                self.blocks.append(block)
+        self.blocks_t = [b.t() for b in self.blocks]  # z = [a_prev | 1] [W | b]^T
+        self.weights = [b[:, :-1] if self.bias else b for b in self.blocks]  # W^l (views)
+        self._buffers: dict[int, _Buffers] = {}
+        self._grad_blocks: Optional[list[Tensor]] = None
+        self._last: Optional[tuple[_Buffers, Tensor, float]] = None
+
+    # -- data -----------------------------------------------------------------------------------------
+    def prepare(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(input, target)`` in the form :meth:`step_prepared` takes, for a whole data set at once.
+
+        The input gains a column of ones (with bias) and the model's dtype; class indices become one-hot
+        rows. Rows of the result (any slice, any permutation) are valid batches.
+        """
+        block = self.blocks[0]
+        if input.dim() != 2 or input.shape[1] != self.widths[0]:
+            raise ValueError(f"input must have shape (N, {self.widths[0]}), got {tuple(input.shape)}")
+        if input.device != block.device or target.device != block.device:
+            raise ValueError(f"input and target must be on {block.device}, got {input.device} and {target.device}")
+        n, c = input.shape[0], self.widths[-1]
+        if n == 0 and self.reduction == "mean":
+            raise ValueError("input: a mean loss over 0 examples is undefined (got an empty batch)")
+        input, target = input.detach(), target.detach()
+        x = input.to(block.dtype)
+        if self.bias:
+            x = torch.cat([x, x.new_ones(n, 1)], 1)
+        if self.loss_name == "cross_entropy" and not target.is_floating_point():
+            if target.shape != (n,):
+                raise ValueError(f"target (class indices) must have shape ({n},), got {tuple(target.shape)}")
+            if n and (int(target.min()) < 0 or int(target.max()) >= c):
+                raise ValueError(f"target holds class indices outside [0, {c - 1}]")
+            t = torch.nn.functional.one_hot(target.long(), c).to(block.dtype)
+        else:
+            if target.shape != (n, c):
+                raise ValueError(f"target must have shape ({n}, {c}), got {tuple(target.shape)}")
+            t = target.to(block.dtype)
+        return x.contiguous(), t.contiguous()
 
     # -- the step ------------------------------------------------------------------------------------
-    def gradients(self, input: Tensor, target: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """(loss, [dL/dW1, dL/db1, ...]) for one batch: forward, loss and the two-pass backward, no graph."""
-        with torch.no_grad():
-            fwd = F.mlp_forward(input, self.weights, self.biases, self.activations)  # o and a^1 .. a^{L-1}
-            loss = self._loss_forward(fwd.output, target, self.reduction)
-            grad_o = self._loss_backward(1.0, fwd.output, target, self.reduction)[0]  # dL/do (base case 1)
-            grads = F.mlp_backward(
-                grad_o,
-                input,
-                self.weights,
-                fwd.hidden,
-                self.activations,
-                needs_input_grad=False,
-                needs_bias_grad=[self.model.bias] * len(self.weights),
-            )
-        return loss, join_params(grads.grad_weights, grads.grad_biases, self.model.bias)
-
     def step(self, input: Tensor, target: Tensor) -> Tensor:
         """One SGD step on a batch; returns the batch loss (detached, before the update)."""
-        loss, grads = self.gradients(input, target)
-        with torch.no_grad():
-            self._update(grads)
+        return self.step_prepared(*self.prepare(input, target))
+
+    def step_prepared(self, input: Tensor, target: Tensor) -> Tensor:
+        """One SGD step on a batch of :meth:`prepare`'s output; returns the batch loss (before the update)."""
+        n = input.shape[0]
+        buf = self._buffers.get(n)
+        if buf is None:
+            buf = self._buffers[n] = _Buffers(n, self.widths, self.bias, self.blocks[0])
+        blocks, blocks_t, acts = self.blocks, self.blocks_t, self.activations
+        # no grad mode needed: blocks, buffers and prepared data never require grad, so no graph is built
+        # forward: z^l = [a^{l-1} | 1] [W^l | b^l]^T, a^l = sigma(z^l); o = [a^{L-1} | 1] [W^L | b^L]^T
+        h = input
+        for k, (name, slope) in enumerate(acts):
+            torch.mm(h, blocks_t[k], out=buf.z[k])
+            _FORWARD[name](buf.z[k], buf.a[k], slope)
+            h = buf.act[k]
+        torch.mm(h, blocks_t[-1], out=buf.out)
+        # loss and dL/do = scale * grad[-1]
+        t = target.view(-1)
+        if self.loss_name == "cross_entropy":  # L_n = -sum_k y_k log softmax(o)_k; dL/do = softmax(o) - y
+            torch.log_softmax(buf.out, 1, out=buf.out)
+            torch.exp(buf.out, out=buf.grad[-1])
+            loss = torch.dot(buf.out_flat, t)
+            buf.go_flat.sub_(t)
+            loss_scale, scale = -1.0, 1.0
+        else:  # squared errors: dL/do = o - y (notes: 1/2 sum_k) or 2 (o - y) (mse), over the reduction
+            torch.sub(buf.out, target, out=buf.grad[-1])
+            loss = torch.dot(buf.go_flat, buf.go_flat)
+            loss_scale, scale = (0.5, 1.0) if self.loss_name == "squared_error" else (1.0, 2.0)
+        if self.reduction == "mean":
+            count = n if self.loss_name != "mse" else n * self.widths[-1]
+            loss_scale, scale = loss_scale / count, scale / count
+        if buf.loss_scale is None:  # a cached 0-dim tensor: multiplying by a Python float converts it each step
+            buf.loss_scale = torch.tensor(loss_scale, dtype=loss.dtype, device=loss.device)
+        loss.mul_(buf.loss_scale)
+        # backward, top layer first (block k is layer l = k + 1): dL/da^{l-1} = dL/dz^l W^l, dL/dz^{l-1} = dL/da^{l-1} sigma'
+        plain = self.momentum == 0 and self.weight_decay == 0
+        if not plain and self._grad_blocks is None:
+            self._grad_blocks = [torch.empty_like(b) for b in blocks]
+        for k in range(len(blocks) - 1, -1, -1):
+            below = buf.act[k - 1] if k else input  # [a^{l-1} | 1]
+            if k:
+                torch.mm(buf.grad[k], self.weights[k], out=buf.grad[k - 1])
+                backward = _BACKWARD[acts[k - 1][0]]
+                if backward is not None:
+                    backward(buf.grad[k - 1], buf.a[k - 1], acts[k - 1][1])
+            if plain:  # [W | b] -= lr dL/d[W | b] = lr scale grad^T [a^{l-1} | 1], one kernel
+                blocks[k].addmm_(buf.grad_t[k], below, alpha=-self.lr * scale)
+            else:  # dL/d[W | b] = scale grad^T [a^{l-1} | 1]
+                self._grad_blocks[k].addmm_(buf.grad_t[k], below, beta=0, alpha=scale)  # type: ignore[index]
+        if not plain:
+            self._sgd_update(self._grad_blocks)  # type: ignore[arg-type]
+        self._last = (buf, input, scale)
+        self.steps += 1
         return loss
 
-    def _update(self, grads: list[Tensor]) -> None:
+    def _sgd_update(self, grads: list[Tensor]) -> None:
         # torch.optim.SGD, per parameter: g = g + wd p; buf = g (first step) or m buf + (1 - d) g;
         # g = g + m buf (nesterov) or buf; p -= lr g. ``grads`` itself stays the raw dL/dp (for grad_norms).
-        params = self.params
-        self.last_grads = grads
+        params = self.blocks
         if self.weight_decay != 0:
             grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
         if self.momentum != 0:
@@ -121,23 +248,39 @@ class FusedTrainer:
         else:
             direction = grads
         torch._foreach_add_(params, direction, alpha=-self.lr)
-        self.steps += 1
 
     # -- the rest of the backend contract ---------------------------------------------------------------
+    @property
+    def last_grads(self) -> Optional[list[Tensor]]:
+        """The last step's [dL/dW1, dL/db1, ...] (as ``p.grad`` would hold them), or None before a step."""
+        if self._last is None:
+            return None
+        if self._grad_blocks is not None and (self.momentum != 0 or self.weight_decay != 0):
+            blocks = self._grad_blocks
+        else:  # the plain step never materialises them: dL/d[W | b] = scale grad^T [a^{l-1} | 1]
+            buf, input, scale = self._last
+            below = [input] + buf.act[: len(self.blocks) - 1]
+            blocks = [torch.mm(g_t, a).mul_(scale) for g_t, a in zip(buf.grad_t, below)]
+        if not self.bias:
+            return list(blocks)
+        return join_params([b[:, :-1] for b in blocks], [b[:, -1] for b in blocks], True)
+
     def set_lr(self, lr: float) -> None:
         self.lr = float(lr)
 
     def predict(self, input: Tensor) -> Tensor:
         """The model's output o for ``input`` (no graph)."""
         with torch.no_grad():
-            return F.mlp_forward(input, self.weights, self.biases, self.activations).output
+            biases = [b[:, -1] for b in self.blocks] if self.bias else [None] * len(self.blocks)
+            return F.mlp_forward(input, self.weights, biases, self.activations).output
 
     def grad_norms(self) -> dict[str, float]:
         """L2 norm of the last step's gradient dL/dp (as p.grad holds it) per parameter, keyed like state_dict."""
-        if self.last_grads is None:
+        grads = self.last_grads
+        if grads is None:
             return {}
         names = [n for n, _ in self.model.named_parameters()]
-        norms = torch.stack(torch._foreach_norm(self.last_grads)).tolist()
+        norms = torch.stack(torch._foreach_norm(grads)).tolist()
         return dict(zip(names, norms))
 
     def state_dict(self) -> dict[str, Any]:

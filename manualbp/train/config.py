@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "progress": True,
     "output_dir": None,
+    "checkpoint_every_s": 10.0,
     "data": {
         "name": "digits",
         "path": None,
@@ -142,6 +143,10 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     if not isinstance(cfg["progress"], bool):
         raise TypeError(f"progress must be true or false, got {cfg['progress']!r}")
+    if not is_number(cfg["checkpoint_every_s"]) or cfg["checkpoint_every_s"] < 0:
+        raise ValueError(
+            f"checkpoint_every_s must be a number of seconds >= 0 (0: every epoch), got {cfg['checkpoint_every_s']!r}"
+        )
     if cfg["output_dir"] is not None and not isinstance(cfg["output_dir"], str):
         raise TypeError(f"output_dir must be a path string or null, got {type(cfg['output_dir']).__name__}")
     if cfg["loss"] not in LOSSES:

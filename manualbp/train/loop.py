@@ -34,9 +34,9 @@ from .stopping import StopContext, build_stopping
 __all__ = ["run", "build_model", "RunResult", "evaluate", "resolve_device", "CHECKPOINT", "NON_SEMANTIC_KEYS"]
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the fused backend keeps one momentum buffer per [W | b] block
 #: config keys that may change between an interrupted run and its resumption
-NON_SEMANTIC_KEYS = ("progress", "logger", "output_dir")
+NON_SEMANTIC_KEYS = ("progress", "logger", "output_dir", "checkpoint_every_s")
 
 
 @dataclass
@@ -318,7 +318,8 @@ def _run(config: Any = None) -> RunResult:
             logger, progress, output_dir``; missing keys take :data:`~manualbp.train.config.DEFAULTS`.
 
     With ``output_dir`` set, the run writes ``config.json``, ``history.csv`` (each epoch),
-    ``metrics.json`` (at the end) and ``checkpoint.pt`` (each epoch, atomically). The same config with
+    ``metrics.json`` (at the end) and ``checkpoint.pt`` (atomically, after the first epoch that ends
+    ``checkpoint_every_s`` seconds of training after the last one; 0: every epoch; and at the end). The same config with
     the same ``output_dir`` resumes from the checkpoint, and returns the stored result without training
     when the run had already finished.
 
@@ -430,6 +431,8 @@ def _run(config: Any = None) -> RunResult:
         os.replace(tmp, ckpt_path)
 
     x_tr, y_tr = data.x_train, data.y_train
+    # a backend may want the training set in its own form (fused: a ones column, one-hot targets), once
+    x_fit, y_fit = backend.prepare(x_tr, y_tr) if hasattr(backend, "prepare") else (x_tr, y_tr)
     eval_splits = {"train": (x_tr, y_tr), "val": (data.x_val, data.y_val)}
     n_layers = len(model.linears)
     sink = _sinks.build_sink(cfg["logger"] if dinfo.is_main else {"name": "none"}, cfg, out_dir)
@@ -445,10 +448,14 @@ def _run(config: Any = None) -> RunResult:
     try:
         decision = None
         last_lr: Optional[float] = None
+        saved_at = elapsed  # training seconds at the last checkpoint
         while decision is None:
             t0 = time.perf_counter()
-            if bs < n:
+            if bs < n:  # this epoch's order, gathered once; batch b is rows b*bs .. (b+1)*bs-1 of it
                 perm = torch.randperm(n, generator=shuffle).to(device)
+                xs, ys = x_fit.index_select(0, perm).split(bs), y_fit.index_select(0, perm).split(bs)
+            else:
+                xs, ys = (x_fit,), (y_fit,)
             running = torch.zeros((), dtype=torch.float64, device=device)
             seen = 0
             for b in range(steps_per_epoch):
@@ -456,15 +463,9 @@ def _run(config: Any = None) -> RunResult:
                 if lr != last_lr:
                     backend.set_lr(lr)
                     last_lr = lr
-                if bs < n:
-                    idx = perm[b * bs : (b + 1) * bs]
-                    if dinfo.enabled:
-                        idx = idx.tensor_split(dinfo.world)[dinfo.rank]
-                    xb, yb = x_tr[idx], y_tr[idx]
-                elif dinfo.enabled:
-                    xb, yb = x_tr.tensor_split(dinfo.world)[dinfo.rank], y_tr.tensor_split(dinfo.world)[dinfo.rank]
-                else:
-                    xb, yb = x_tr, y_tr
+                xb, yb = xs[b], ys[b]
+                if dinfo.enabled:  # this rank's shard of the global batch
+                    xb, yb = xb.tensor_split(dinfo.world)[dinfo.rank], yb.tensor_split(dinfo.world)[dinfo.rank]
                 batch_loss = backend.step(xb, yb)
                 count = xb.shape[0]
                 running.add_(batch_loss, alpha=count)  # float64 accumulator, no host sync
@@ -508,8 +509,9 @@ def _run(config: Any = None) -> RunResult:
             )
             if writer:
                 history_file.update(history)
-            if decision is None:
+            if decision is None and (elapsed - saved_at >= cfg["checkpoint_every_s"]):
                 save_checkpoint()
+                saved_at = elapsed
 
         status, stop_reason = decision
         extra = backend.extra_metrics()  # before any restore: the drift over the whole run
