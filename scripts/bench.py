@@ -22,6 +22,7 @@ manualbp.train.run (evaluation, history, checkpoints), and 64 configurations wit
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -162,7 +163,8 @@ def bench_grid(args, device: torch.device, dtype: torch.dtype, rate: float) -> l
         contenders: dict[str, Callable[[], object]] = {
             "native": make_step(native, nn.CrossEntropyLoss(), x, y),
             "manual": make_step(manual, manualbp.CrossEntropyLoss(), x, y),
-            "fused": lambda fused=fused, x=x, y=y: fused.step(x, y),
+            # as backend=fused trains: the batch prepared once (ones column, one-hot targets), then steps
+            "fused": functools.partial(fused.step_prepared, *fused.prepare(x, y)),
         }
         if args.compile:
             for label, model, lf in (

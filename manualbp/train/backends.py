@@ -118,6 +118,15 @@ def check_optim_cfg(cfg: object) -> tuple[type, dict[str, Any]]:
     if cfg.get("nesterov") and not cfg.get("momentum"):
         raise ValueError("optim.nesterov needs optim.momentum > 0")
     kwargs = _optimizer_kwargs(cfg, cls)
+    if cls is torch.optim.SGD and set(kwargs) <= {"lr", "momentum", "dampening", "weight_decay", "nesterov"}:
+        # checked here without building one: the first torch.optim construction in a process imports
+        # torch._dynamo (about 2 s), which the fused and vectorized backends never need
+        dampening = kwargs["dampening"]
+        if not is_number(dampening):
+            raise ValueError(f"optim.dampening must be a number, got {dampening!r}")
+        if kwargs.get("nesterov") and dampening != 0:
+            raise ValueError("optim: SGD with nesterov needs optim.dampening = 0")
+        return cls, kwargs
     try:  # let the optimizer check its own arguments now, not after the data is loaded
         cls([torch.zeros(1, requires_grad=True)], **kwargs)
     except (ValueError, TypeError) as e:

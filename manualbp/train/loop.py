@@ -306,7 +306,9 @@ def run(config: Any = None) -> RunResult:
     try:
         return _run(config)
     finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        # only when a CUDA run changed it: the call imports torch._inductor (about 2 s the first time)
+        if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != previous:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def _run(config: Any = None) -> RunResult:
