@@ -442,3 +442,14 @@ def test_checkpoint_interval_and_resume_across_unsaved_epochs(tmp_path, monkeypa
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
     with pytest.raises(ValueError, match="checkpoint_every_s"):
         run({**config, "checkpoint_every_s": -1})
+
+
+def test_checkpoint_of_another_version_is_a_clear_error(tmp_path):
+    config = {**cfg(), "output_dir": str(tmp_path / "run")}
+    (tmp_path / "run").mkdir()
+    torch.save({"version": 1, "config": {}}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint version 1, this one reads version 2"):
+        run(config)
+    torch.save([1, 2], tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="is not a manualbp checkpoint"):
+        run(config)

@@ -230,8 +230,13 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same error for the user
         raise ValueError(f"output_dir: cannot read the checkpoint {path!r} (weights_only): {e}") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+    if not isinstance(state, dict) or "version" not in state:
         raise ValueError(f"output_dir: {path!r} is not a manualbp checkpoint (version {CHECKPOINT_VERSION})")
+    if state["version"] != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"output_dir: {path!r} was written by another manualbp (checkpoint version {state['version']!r}, "
+            f"this one reads version {CHECKPOINT_VERSION}); use another output_dir, or delete the checkpoint"
+        )
     return state
 
 
