@@ -24,3 +24,12 @@ def test_version_flag():
         [sys.executable, "-m", "manualbp.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"manualbp {manualbp.__version__}"
+
+
+def test_readme_fused_example_runs(capsys):
+    text = README.read_text()
+    block = re.search(r"<!-- readme-fused -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its FusedTrainer example"
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    accuracy = float(capsys.readouterr().out.split("train accuracy")[1])
+    assert accuracy > 0.9  # it trained (chance is 0.1)
