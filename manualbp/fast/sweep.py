@@ -247,6 +247,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
                     w.writerow(_loop._csv_row(r))
         flushed[k] = len(rows)
 
+    step_limits = [s.has_step_limits for s in stoppings]
     step_wise_lr = [_lr_changes_within_epoch(s) for s in schedules]
     eval_splits = {name: splits[name] for name in ("train", "val") if splits[name][0].shape[-2] > 0}
     while not all(finished):
@@ -288,6 +289,8 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
             for k, needed in zip(live, need):
                 steps[k] += 1
                 seen[k] += count
+                if not needed and not step_limits[k]:
+                    continue  # check_step(None, ...) could not fire: skip the call (64 per step add up)
                 decisions[k] = stoppings[k].check_step(
                     values[k] if needed else None,  # type: ignore[index]
                     StopContext(epoch, steps[k], now),

@@ -202,6 +202,11 @@ class StoppingRules:
             return 1 if self.device_type == "cpu" else 100
         return ce
 
+    @property
+    def has_step_limits(self) -> bool:
+        """Whether :meth:`check_step` can fire without a loss (time_budget or max_steps is set)."""
+        return self.max_steps is not None or self.rules.get("time_budget") is not None
+
     def needs_step_loss(self, step: int) -> bool:
         """Whether :meth:`check_step` will read the loss at this (0-based) step (a host sync off the CPU)."""
         return self.initial_loss is None or step % self.check_every == 0
