@@ -11,6 +11,8 @@ initialized, on the training device), a loss name ("cross_entropy", "squared_err
 - ``state_dict()``/``load_state_dict(sd)``: weights and optimizer state, for checkpoints.
 - ``model``: the manual MLP holding the current weights.
 - ``extra_metrics() -> dict``: backend-specific numbers (for "both": the drift between the twins).
+- optional ``prepare(x, y) -> (x', y')``: the training set in the form ``step`` takes, called once per run
+  (``fused``: a column of ones and one-hot targets); the loop then passes rows of ``x'``/``y'`` to ``step``.
 
 Registered: "manual" (the hand-derived Function), "autograd" (the native ``nn.Sequential`` twin),
 "both" (the two in lockstep). Other backends plug in with :func:`register_backend`.
