@@ -447,9 +447,20 @@ def test_checkpoint_interval_and_resume_across_unsaved_epochs(tmp_path, monkeypa
 def test_checkpoint_of_another_version_is_a_clear_error(tmp_path):
     config = {**cfg(), "output_dir": str(tmp_path / "run")}
     (tmp_path / "run").mkdir()
-    torch.save({"version": 1, "config": {}}, tmp_path / "run" / "checkpoint.pt")
-    with pytest.raises(ValueError, match=r"checkpoint version 1, this one reads version 2"):
+    torch.save({"version": 7, "config": {}}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint version 7, this one reads version 2"):
+        run(config)
+    # version 1 (before the fused backend's [W | b] blocks) resumes for the other backends, not for fused
+    torch.save({"version": 1, "config": {"backend": "fused"}, "result": None}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint version 1"):
         run(config)
     torch.save([1, 2], tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(ValueError, match="is not a manualbp checkpoint"):
         run(config)
+    # a version-1 checkpoint of a manual run resumes
+    out = str(tmp_path / "v1")
+    run({**config, "output_dir": out, "stopping": {"max_epochs": 1, "early_stopping": None}})
+    state = torch.load(tmp_path / "v1" / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "version": 1}, tmp_path / "v1" / "checkpoint.pt")
+    again = run({**config, "output_dir": out, "stopping": {"max_epochs": 1, "early_stopping": None}})
+    assert again.metrics["epochs"] == 1

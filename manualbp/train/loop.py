@@ -232,7 +232,12 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
         raise ValueError(f"output_dir: cannot read the checkpoint {path!r} (weights_only): {e}") from None
     if not isinstance(state, dict) or "version" not in state:
         raise ValueError(f"output_dir: {path!r} is not a manualbp checkpoint (version {CHECKPOINT_VERSION})")
-    if state["version"] != CHECKPOINT_VERSION:
+    version = state["version"]
+    # version 1 differs only in the fused backend's optimizer state: finished runs and other backends read fine
+    readable = version == CHECKPOINT_VERSION or (
+        version == 1 and (state.get("result") is not None or state.get("config", {}).get("backend") != "fused")
+    )
+    if not readable:
         raise ValueError(
             f"output_dir: {path!r} was written by another manualbp (checkpoint version {state['version']!r}, "
             f"this one reads version {CHECKPOINT_VERSION}); use another output_dir, or delete the checkpoint"
