@@ -17,7 +17,6 @@ group). Not supported: an optimizer other than SGD (a clear error); resuming a g
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -42,7 +41,7 @@ __all__ = ["run_many", "group_key", "VARYING_KEYS"]
 
 #: top-level config keys that may differ inside one vectorized group
 VARYING_KEYS = ("seed", "init", "optim", "lr_schedule", "stopping", "output_dir", "logger", "progress", "backend")
-#: history.csv of each run is rewritten every this many epochs (and when the run ends)
+#: history.csv of each run is brought up to date every this many epochs (and when the run ends)
 HISTORY_EVERY = 10
 #: optim keys that may differ (the rest, batch_size and name, must agree)
 VARYING_OPTIM = ("lr", "momentum", "nesterov", "weight_decay", "dampening")
@@ -231,24 +230,12 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
         results[k] = _loop.RunResult(status, reason, metrics, histories[k], c, out_dir, model)
         finished[k] = True
 
-    flushed = [0] * K  # history rows of each run already in its history.csv
-
-    def write_history(k: int) -> None:
-        # appends the rows since the last write (rewriting K growing files every time costs O(epochs^2) rows)
-        path = os.path.join(cfgs[k]["output_dir"], "history.csv")
-        rows = histories[k]
-        columns = list(rows[0])
-        if flushed[k] == 0 or any(list(r) != columns for r in rows[flushed[k] :]):
-            _loop._write_history(path, rows)
-        else:
-            with open(path, "a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=columns)
-                for r in rows[flushed[k] :]:
-                    w.writerow(_loop._csv_row(r))
-        flushed[k] = len(rows)
+    history_files = [
+        _loop._HistoryFile(os.path.join(c["output_dir"], "history.csv")) if c["output_dir"] else None for c in cfgs
+    ]
 
     step_limits = [s.has_step_limits for s in stoppings]
-    step_wise_lr = [_lr_changes_within_epoch(s) for s in schedules]
+    step_wise_lr = [s.changes_within_epoch for s in schedules]
     eval_splits = {name: splits[name] for name in ("train", "val") if splits[name][0].shape[-2] > 0}
     while not all(finished):
         t0 = time.perf_counter()
@@ -341,18 +328,10 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
             if st.improved and st.restore_best:
                 best_params[k] = [p.clone() for p in trainer.parameters_of(k)]
             histories[k].append(record)
-            if cfgs[k]["output_dir"] and (decisions[k] is not None or epoch % HISTORY_EVERY == 0):
-                write_history(k)
+            if history_files[k] and (decisions[k] is not None or epoch % HISTORY_EVERY == 0):
+                history_files[k].update(histories[k])
             if decisions[k] is not None:
                 trainer.stop(k)
                 finish(k)
     return results  # type: ignore[return-value]
 
-
-def _lr_changes_within_epoch(schedule: Any) -> bool:
-    """Whether ``schedule.lr(step, epoch)`` may differ between the steps of one epoch (a per-step interval
-    or a warmup); when not, the loop asks it once per epoch. Unknown schedules are asked every step."""
-    try:
-        return schedule.cfg["interval"] != "epoch" or schedule.warmup != 0
-    except (AttributeError, KeyError, TypeError):
-        return True

@@ -194,21 +194,27 @@ def _write_history(path: str, history: list[dict[str, Any]]) -> None:
 
 
 class _HistoryFile:
-    """``history.csv`` kept up to date each epoch: rewritten whole on the first write of a process (the
-    checkpoint's history is the truth after a resume) or when the columns change, appended to otherwise."""
+    """``history.csv`` kept up to date with a run's history: rewritten whole on the first write of a process
+    (the checkpoint's history is the truth after a resume) or when the columns change; otherwise the rows
+    added since the last update are appended (rewriting a growing file every epoch costs O(epochs^2))."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.columns: Optional[list[str]] = None
+        self.written = 0  # rows of the history already in the file
 
     def update(self, history: list[dict[str, Any]]) -> None:
-        columns = list(history[-1])
-        if self.columns != columns or len(history) == 1:
+        new = history[self.written :]
+        if self.columns is None or any(list(r) != self.columns for r in new):
             _write_history(self.path, history)
+            columns = list(history[0])
             self.columns = columns if all(list(r) == columns for r in history) else None
-            return
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=columns).writerow(_csv_row(history[-1]))
+        else:
+            with open(self.path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                for rec in new:
+                    writer.writerow(_csv_row(rec))
+        self.written = len(history)
 
 
 def _semantic(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -132,6 +132,12 @@ class Schedule:
         self.cooldown_counter = 0
 
     # -- the clock ---------------------------------------------------------------------------------
+    @property
+    def changes_within_epoch(self) -> bool:
+        """Whether :meth:`lr` may differ between the steps of one epoch (a per-step interval or a warmup);
+        when not, a loop may ask it once per epoch."""
+        return self.cfg["interval"] != "epoch" or self.warmup != 0
+
     def _t(self, step: int, epoch: int) -> int:
         s = step - self.warmup
         if self.cfg["interval"] == "step":
