@@ -413,19 +413,19 @@ class MLP(nn.Module):
         args[0] = tuple(specs)
         return args
 
-    def forward_with_hidden(self, input: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Like :meth:`forward`, also returning the hidden activations a^1 .. a^{L-1}, each (N, width)."""
+    def _outputs(self, input: Tensor) -> tuple[Tensor, ...]:
+        """MLPFunction's outputs for ``input``: o, then a^1 .. a^{L-1}."""
         args = self._function_args()
         C.check_features(input, self.in_features, args[2])
-        output, *hidden = _apply_autocast(MLPFunction, input, *args)
+        return _apply_autocast(MLPFunction, input, *args)
+
+    def forward_with_hidden(self, input: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Like :meth:`forward`, also returning the hidden activations a^1 .. a^{L-1}, each (N, width)."""
+        output, *hidden = self._outputs(input)
         return output, hidden
 
     def forward(self, input: Tensor) -> Tensor:
-        args = self._function_args()
-        C.check_features(input, self.in_features, args[2])
-        if _any_autocast_enabled():
-            return _apply_autocast(MLPFunction, input, *args)[0]
-        return apply_function(MLPFunction, input, *args)[0]
+        return self._outputs(input)[0]
 
     # -- interop with torch.nn ---------------------------------------------------------------------
     def to_torch(self) -> nn.Sequential:
