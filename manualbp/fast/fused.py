@@ -135,6 +135,7 @@ class FusedTrainer:
                 self.blocks.append(block)
         self.blocks_t = [b.t() for b in self.blocks]  # z = [a_prev | 1] [W | b]^T
         self.weights = [b[:, :-1] if self.bias else b for b in self.blocks]  # W^l (views)
+        self.biases = [b[:, -1] if self.bias else None for b in self.blocks]  # b^l (views)
         self._buffers: dict[int, _Buffers] = {}
         self._grad_blocks: Optional[list[Tensor]] = None
         self._last: Optional[tuple[_Buffers, Tensor, float]] = None
@@ -271,8 +272,7 @@ class FusedTrainer:
     def predict(self, input: Tensor) -> Tensor:
         """The model's output o for ``input`` (no graph)."""
         with torch.no_grad():
-            biases = [b[:, -1] for b in self.blocks] if self.bias else [None] * len(self.blocks)
-            return F.mlp_forward(input, self.weights, biases, self.activations).output
+            return F.mlp_forward(input, self.weights, self.biases, self.activations).output
 
     def grad_norms(self) -> dict[str, float]:
         """L2 norm of the last step's gradient dL/dp (as p.grad holds it) per parameter, keyed like state_dict."""
