@@ -147,3 +147,45 @@ def test_parameters_are_views_of_the_blocks_and_prepare_checks_its_input():
         trainer.prepare(x, y[:3])
     with pytest.raises(ValueError, match="0 examples"):
         trainer.prepare(x[:0], y[:0])
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "squared_error"])
+def test_step_many_takes_exactly_the_steps_of_step_prepared(loss):
+    # one call per epoch (what backend=fused does) = one step_prepared per batch, bit for bit, last batch ragged
+    model, twin = _twins()
+    a = FusedTrainer(model, loss, lr=0.1, momentum=0.5 if loss == "mse" else 0.0)
+    b = FusedTrainer(twin, loss, lr=0.1, momentum=0.5 if loss == "mse" else 0.0)
+    x, y = _data(loss=loss)
+    xp, yp = a.prepare(x, y)
+    for epoch in range(3):
+        losses = a.step_many(xp, yp, 32)  # 150 rows: 4 batches of 32, then 22
+        expected = [b.step_prepared(xp[i : i + 32], yp[i : i + 32]) for i in range(0, 150, 32)]
+        assert losses.shape == (5,) and torch.equal(losses, torch.stack(expected))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q)
+    assert a.steps == b.steps == 15
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            a.step_many(xp, yp, bad)
+    with pytest.raises(ValueError, match="at least one row"):
+        a.step_many(xp[:0], yp[:0], 32)
+
+
+def test_soft_targets_whose_rows_do_not_sum_to_one_get_the_exact_gradient():
+    # dL/do = softmax(o) sum_k y_k - y: softmax(o) - y only holds for distributions
+    model, ref = _twins()
+    trainer = FusedTrainer(model, "cross_entropy", lr=0.1)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x = _data()[0][:40]
+    y = torch.rand(40, 3, dtype=D, generator=torch.Generator().manual_seed(5)) * 2  # rows sum to 0..6
+    for i in range(0, 40, 16):
+        fused_loss = trainer.step(x[i : i + 16], y[i : i + 16])
+        opt.zero_grad()
+        loss = manualbp.CrossEntropyLoss()(ref(x[i : i + 16]), y[i : i + 16])
+        loss.backward()
+        opt.step()
+        assert abs(fused_loss.item() - loss.item()) <= 1e-12
+    native = torch.nn.functional.cross_entropy(ref.to_torch()(x), y)  # the reference agrees with torch's own
+    assert abs(native.item() - manualbp.CrossEntropyLoss()(ref(x), y).item()) <= 1e-12
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert rel_err(p, q) <= 1e-12

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from manualbp.train import BACKENDS, run
 
@@ -36,18 +37,18 @@ def test_fused_run_resumes_after_a_kill(tmp_path, monkeypatch):
 
     cfg = {**_cfg("fused", momentum=0.9), "output_dir": str(tmp_path / "killed")}
     full = run({**cfg, "output_dir": str(tmp_path / "full")})
-    original, calls = FusedBackend.step, {"n": 0}
+    original, calls = FusedBackend.step_many, {"n": 0}
 
-    def dying_step(self, x, y):
+    def dying_epoch(self, x, y, batch_size):
         calls["n"] += 1
-        if calls["n"] > 45:  # in the third epoch: the checkpoint of epoch 2 is on disk
+        if calls["n"] > 2:  # the third epoch: the checkpoint of epoch 2 is on disk
             raise KeyboardInterrupt
-        return original(self, x, y)
+        return original(self, x, y, batch_size)
 
-    monkeypatch.setattr(FusedBackend, "step", dying_step)
+    monkeypatch.setattr(FusedBackend, "step_many", dying_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
-    monkeypatch.setattr(FusedBackend, "step", original)
+    monkeypatch.setattr(FusedBackend, "step_many", original)
     resumed = run(cfg)
     assert resumed.metrics["epochs"] == full.metrics["epochs"] == 4
     for p, q in zip(resumed.model.parameters(), full.model.parameters()):
@@ -57,3 +58,60 @@ def test_fused_run_resumes_after_a_kill(tmp_path, monkeypatch):
 def test_fused_rejects_adam():
     with pytest.raises(ValueError, match="SGD only"):
         run({**_cfg("fused"), "optim": {"name": "adam", "lr": 0.01}})
+
+
+def _steps_taken(monkeypatch):
+    """Count the backend's step and step_many calls."""
+    from manualbp.fast.backend import FusedBackend
+
+    calls = {"step": 0, "step_many": 0}
+    for name in calls:
+        original = getattr(FusedBackend, name)
+
+        def counted(self, *args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(FusedBackend, name, counted)
+    return calls
+
+
+def test_fused_run_trains_whole_epochs_in_one_call_unless_a_step_rule_needs_the_loop(monkeypatch):
+    calls = _steps_taken(monkeypatch)
+    run(_cfg("fused"))  # 4 epochs of ceil(1257 / 64) = 20 steps: one call each
+    assert calls == {"step": 0, "step_many": 4}
+    for extra in (
+        {"stopping": {"max_epochs": 4, "max_steps": 50, "early_stopping": None}},
+        {"lr_schedule": {"name": "cosine", "interval": "step"}},
+    ):
+        calls.update(step=0, step_many=0)
+        run({**_cfg("fused"), **extra})
+        assert calls["step_many"] == 0 and calls["step"] > 0
+
+
+@pytest.mark.parametrize("factor", [None, 1.5])
+def test_fused_whole_epochs_stop_at_the_step_where_divergence_fires(factor, monkeypatch):
+    # lr 1 on diabetes diverges inside an epoch (a loss above 1.5 x the first at step 2; inf at step 7 of
+    # 5-step epochs): the whole-epoch path rewinds and replays that epoch step by step, so the run stops
+    # where backend=manual stops, with the same weights, step count and message
+    calls = _steps_taken(monkeypatch)
+    cfg = {
+        **_cfg("fused"),
+        "data": {"name": "diabetes"},
+        "loss": "mse",
+        "model": {"activation": "relu"},
+        "optim": {"name": "sgd", "lr": 1.0, "batch_size": 64},
+        "stopping": {"max_epochs": 4, "early_stopping": None, "divergence": {"factor": factor}},
+    }
+    a, b = run({**cfg, "backend": "manual"}), run(cfg)
+    assert b.status == a.status == "diverged"
+    assert b.metrics["steps"] == a.metrics["steps"] == (2 if factor else 7)
+    assert b.metrics["stop_message"] == a.metrics["stop_message"]
+    assert b.metrics["epochs"] == a.metrics["epochs"]
+    assert calls["step_many"] == b.metrics["epochs"] and calls["step"] == 2  # the replayed epoch's steps
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p.isfinite(), q.isfinite())
+        assert (p - q).nan_to_num(0, 0, 0).abs().max().item() <= 1e-9 * max(1.0, q.nan_to_num(0, 0, 0).abs().max().item())
+    assert [r["train_loss_running"] for r in a.history] == pytest.approx(
+        [r["train_loss_running"] for r in b.history], rel=1e-9, nan_ok=True
+    )

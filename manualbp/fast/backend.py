@@ -51,6 +51,10 @@ class FusedBackend:
         """One step on rows of :meth:`prepare`'s output."""
         return self.trainer.step_prepared(x, y)
 
+    def step_many(self, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
+        """A whole epoch: consecutive steps on batches of ``batch_size`` rows of :meth:`prepare`'s output."""
+        return self.trainer.step_many(x, y, batch_size)
+
     def set_lr(self, lr: float) -> None:
         self.trainer.set_lr(lr)
 

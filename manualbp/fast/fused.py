@@ -6,15 +6,17 @@ the model stays usable as a module and sees every update), every activation buff
 ones, and so the two passes of the notes become, per layer, one matmul forward, one matmul back, and one
 in-place ``addmm_`` that is at once dL/dW = (dL/dz)^T a_prev, dL/db = sum_n dL/dz and W -= lr dL/dW.
 The activation derivatives are the kernels of ``manualbp.functional``'s ``*_backward`` (written in place);
-cross-entropy's dL/do is softmax(o) - y, the squared errors' o - y, the reduction's 1/N folded into the
-step size. Momentum, dampening, nesterov and weight decay follow ``torch.optim.SGD`` (``buf = grad`` on
+cross-entropy's dL/do is softmax(o) sum_k y_k - y (softmax(o) - y for one-hot or normalized targets; one
+kernel, which yields its negative), the squared errors' o - y, the reduction's 1/N and that sign folded into
+the step size. Momentum, dampening, nesterov and weight decay follow ``torch.optim.SGD`` (``buf = grad`` on
 the first step) with ``torch._foreach_*`` ops over the blocks.
 
 It is the same math as ``MLP`` + ``torch.optim.SGD`` step for step (float64: the trajectories agree to
 about 1e-12 after a full run; ``tests/test_fused.py``), without the graph bookkeeping, the Python
 ``Function`` calls, per-step input validation, allocations or the optimizer's per-parameter loop.
 :meth:`FusedTrainer.prepare` appends the ones column and one-hot encodes the targets once per data set;
-:meth:`FusedTrainer.step_prepared` then trains on slices of the result (what ``backend: fused`` does).
+:meth:`FusedTrainer.step_prepared` then trains on slices of the result, and :meth:`FusedTrainer.step_many`
+runs a whole epoch of consecutive batches in one call (what ``backend: fused`` does).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ _BACKWARD: dict[str, Optional[Callable[[Tensor, Tensor, float], Any]]] = {
 class _Buffers:
     """Every intermediate of one step for a batch of ``n`` rows, allocated once and reused."""
 
-    def __init__(self, n: int, widths: list[int], bias: bool, like: Tensor) -> None:
+    def __init__(self, n: int, widths: list[int], bias: bool, like: Tensor, loss_name: str, reduction: str) -> None:
         new = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
         extra = int(bias)
         self.z = [new(n, w) for w in widths[1:-1]]  # pre-activations z^l of the hidden layers
@@ -68,7 +70,15 @@ class _Buffers:
         self.out = new(n, widths[-1])  # o, then log softmax(o) for cross-entropy
         self.out_flat = self.out.view(-1)
         self.go_flat = self.grad[-1].view(-1)
-        self.loss_scale: Optional[Tensor] = None  # the reduction's factor on the loss (set on first use)
+        # the loss is loss_scale * (the step's dot product), dL/do is scale * grad[-1]
+        if loss_name == "cross_entropy":  # dot = sum y log softmax(o), grad[-1] = y - softmax(o) sum_k y_k
+            self.loss_scale, self.scale = -1.0, -1.0
+        else:  # dot = |o - y|^2, grad[-1] = o - y: the notes' 1/2 sum_k, or mse's mean with dL/do = 2 (o - y)
+            self.loss_scale, self.scale = (0.5, 1.0) if loss_name == "squared_error" else (1.0, 2.0)
+        if reduction == "mean":
+            count = n if loss_name != "mse" else n * widths[-1]
+            self.loss_scale, self.scale = self.loss_scale / count, self.scale / count
+        self.loss_scale_t = torch.tensor(self.loss_scale, dtype=like.dtype, device=like.device)
 
 
 class FusedTrainer:
@@ -138,7 +148,7 @@ class FusedTrainer:
         self.biases = [b[:, -1] if self.bias else None for b in self.blocks]  # b^l (views)
         self._buffers: dict[int, _Buffers] = {}
         self._grad_blocks: Optional[list[Tensor]] = None
-        self._last: Optional[tuple[_Buffers, Tensor, float]] = None
+        self._last: Optional[tuple[_Buffers, Tensor]] = None
 
     # -- data -----------------------------------------------------------------------------------------
     def prepare(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,10 +188,39 @@ class FusedTrainer:
 
     def step_prepared(self, input: Tensor, target: Tensor) -> Tensor:
         """One SGD step on a batch of :meth:`prepare`'s output; returns the batch loss (before the update)."""
-        n = input.shape[0]
+        buf = self._buffers_for(input.shape[0])
+        return self._step(buf, input, target, target.view(-1)).mul_(buf.loss_scale_t)
+
+    def step_many(self, input: Tensor, target: Tensor, batch_size: int) -> Tensor:
+        """Consecutive SGD steps on the batches of ``batch_size`` rows of :meth:`prepare`'s output.
+
+        Rows ``b * batch_size`` to ``(b + 1) * batch_size - 1`` are batch ``b`` (the last one may be smaller),
+        as one :meth:`step_prepared` call each would take them, with the same result. Returns the batch
+        losses, each before its update, as one tensor of shape ``(number of batches,)``.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        n, c = target.shape
+        if n == 0:
+            raise ValueError("input: step_many needs at least one row (got an empty data set)")
+        xs, ys, ts = input.split(batch_size), target.split(batch_size), target.view(-1).split(batch_size * c)
+        full = self._buffers_for(min(batch_size, n))
+        last = self._buffers_for(n - (len(xs) - 1) * batch_size) if n % batch_size else full
+        dots = [self._step(full, xs[b], ys[b], ts[b]) for b in range(len(xs) - 1)]
+        dots.append(self._step(last, xs[-1], ys[-1], ts[-1]))
+        losses = torch.stack(dots)
+        if last is full:
+            return losses.mul_(full.loss_scale_t)
+        return losses.mul_(torch.stack([full.loss_scale_t] * (len(xs) - 1) + [last.loss_scale_t]))
+
+    def _buffers_for(self, n: int) -> _Buffers:
         buf = self._buffers.get(n)
         if buf is None:
-            buf = self._buffers[n] = _Buffers(n, self.widths, self.bias, self.blocks[0])
+            buf = self._buffers[n] = _Buffers(n, self.widths, self.bias, self.blocks[0], self.loss_name, self.reduction)
+        return buf
+
+    def _step(self, buf: _Buffers, input: Tensor, target: Tensor, target_flat: Tensor) -> Tensor:
+        """One step on a prepared batch (``target_flat``: ``target.view(-1)``); returns the loss / loss_scale."""
         blocks, blocks_t, acts = self.blocks, self.blocks_t, self.activations
         # no grad mode needed: blocks, buffers and prepared data never require grad, so no graph is built
         # forward: z^l = [a^{l-1} | 1] [W^l | b^l]^T, a^l = sigma(z^l); o = [a^{L-1} | 1] [W^L | b^L]^T
@@ -191,24 +230,16 @@ class FusedTrainer:
             _FORWARD[name](buf.z[k], buf.a[k], slope)
             h = buf.act[k]
         torch.mm(h, blocks_t[-1], out=buf.out)
-        # loss and dL/do = scale * grad[-1]
-        t = target.view(-1)
-        if self.loss_name == "cross_entropy":  # L_n = -sum_k y_k log softmax(o)_k; dL/do = softmax(o) - y
+        # the loss (up to buf.loss_scale) and dL/do (up to buf.scale)
+        if self.loss_name == "cross_entropy":  # L_n = -sum_k y_k log softmax(o)_k
             torch.log_softmax(buf.out, 1, out=buf.out)
-            torch.exp(buf.out, out=buf.grad[-1])
-            loss = torch.dot(buf.out_flat, t)
-            buf.go_flat.sub_(t)
-            loss_scale, scale = -1.0, 1.0
+            loss = torch.dot(buf.out_flat, target_flat)
+            # y - softmax(o) sum_k y_k = -dL/do (torch's log-softmax backward kernel, on dL/d log softmax = y)
+            torch._log_softmax_backward_data(target, buf.out, 1, buf.out.dtype, out=buf.grad[-1])
         else:  # squared errors: dL/do = o - y (notes: 1/2 sum_k) or 2 (o - y) (mse), over the reduction
             torch.sub(buf.out, target, out=buf.grad[-1])
             loss = torch.dot(buf.go_flat, buf.go_flat)
-            loss_scale, scale = (0.5, 1.0) if self.loss_name == "squared_error" else (1.0, 2.0)
-        if self.reduction == "mean":
-            count = n if self.loss_name != "mse" else n * self.widths[-1]
-            loss_scale, scale = loss_scale / count, scale / count
-        if buf.loss_scale is None:  # a cached 0-dim tensor: multiplying by a Python float converts it each step
-            buf.loss_scale = torch.tensor(loss_scale, dtype=loss.dtype, device=loss.device)
-        loss.mul_(buf.loss_scale)
+        scale = buf.scale
         # backward, top layer first (block k is layer l = k + 1): dL/da^{l-1} = dL/dz^l W^l, dL/dz^{l-1} = dL/da^{l-1} sigma'
         plain = self.momentum == 0 and self.weight_decay == 0
         if not plain and self._grad_blocks is None:
@@ -226,7 +257,7 @@ class FusedTrainer:
                 self._grad_blocks[k].addmm_(buf.grad_t[k], below, beta=0, alpha=scale)  # type: ignore[index]
         if not plain:
             self._sgd_update(self._grad_blocks)  # type: ignore[arg-type]
-        self._last = (buf, input, scale)
+        self._last = (buf, input)
         self.steps += 1
         return loss
 
@@ -259,9 +290,9 @@ class FusedTrainer:
         if self._grad_blocks is not None and (self.momentum != 0 or self.weight_decay != 0):
             blocks = self._grad_blocks
         else:  # the plain step never materialises them: dL/d[W | b] = scale grad^T [a^{l-1} | 1]
-            buf, input, scale = self._last
+            buf, input = self._last
             below = [input] + buf.act[: len(self.blocks) - 1]
-            blocks = [torch.mm(g_t, a).mul_(scale) for g_t, a in zip(buf.grad_t, below)]
+            blocks = [torch.mm(g_t, a).mul_(buf.scale) for g_t, a in zip(buf.grad_t, below)]
         if not self.bias:
             return list(blocks)
         return join_params([b[:, :-1] for b in blocks], [b[:, -1] for b in blocks], True)

@@ -13,6 +13,11 @@ initialized, on the training device), a loss name ("cross_entropy", "squared_err
 - ``extra_metrics() -> dict``: backend-specific numbers (for "both": the drift between the twins).
 - optional ``prepare(x, y) -> (x', y')``: the training set in the form ``step`` takes, called once per run
   (``fused``: a column of ones and one-hot targets); the loop then passes rows of ``x'``/``y'`` to ``step``.
+- optional ``step_many(x, y, batch_size) -> Tensor``: the steps ``step`` would take on consecutive batches of
+  ``batch_size`` rows (the last may be smaller) in one call, returning each batch's loss, shape (batches,).
+  The loop uses it for whole epochs when no per-step rule needs it in between (no step-level stopping,
+  learning rate fixed within the epoch, no DDP); it rewinds with ``state_dict``/``load_state_dict`` and
+  replays the epoch step by step when the divergence check would have fired within it.
 
 Registered: "manual" (the hand-derived Function), "autograd" (the native ``nn.Sequential`` twin),
 "both" (the two in lockstep). Other backends plug in with :func:`register_backend`.

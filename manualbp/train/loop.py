@@ -467,35 +467,60 @@ def _run(config: Any = None) -> RunResult:
         decision = None
         last_lr: Optional[float] = None
         saved_at = elapsed  # training seconds at the last checkpoint
+        # a whole epoch in one backend call where no per-step rule needs the loop between steps
+        whole_epochs = (
+            hasattr(backend, "step_many")
+            and not dinfo.enabled
+            and not stopping.has_step_limits
+            and not schedule.changes_within_epoch
+        )
+        full_counts = torch.tensor(
+            [bs] * (steps_per_epoch - 1) + [n - (steps_per_epoch - 1) * bs], dtype=torch.float64, device=device
+        )
         while decision is None:
             t0 = time.perf_counter()
             if bs < n:  # this epoch's order, gathered once; batch b is rows b*bs .. (b+1)*bs-1 of it
                 perm = torch.randperm(n, generator=shuffle).to(device)
-                xs, ys = x_fit.index_select(0, perm).split(bs), y_fit.index_select(0, perm).split(bs)
+                x_epoch, y_epoch = x_fit.index_select(0, perm), y_fit.index_select(0, perm)
             else:
-                xs, ys = (x_fit,), (y_fit,)
-            running = torch.zeros((), dtype=torch.float64, device=device)
-            seen = 0
-            for b in range(steps_per_epoch):
+                x_epoch, y_epoch = x_fit, y_fit
+            losses: Optional[Tensor] = None
+            if whole_epochs:
                 lr = schedule.lr(step, epoch)
                 if lr != last_lr:
                     backend.set_lr(lr)
                     last_lr = lr
-                xb, yb = xs[b], ys[b]
-                if dinfo.enabled:  # this rank's shard of the global batch
-                    xb, yb = xb.tensor_split(dinfo.world)[dinfo.rank], yb.tensor_split(dinfo.world)[dinfo.rank]
-                batch_loss = backend.step(xb, yb)
-                count = xb.shape[0]
-                running.add_(batch_loss, alpha=count)  # float64 accumulator, no host sync
-                seen += count
-                step += 1
-                check_loss = batch_loss if stopping.needs_step_loss(step - 1) else None
-                now = elapsed + time.perf_counter() - t0
-                if dinfo.enabled:  # every rank must take the same decision: the mean loss, rank 0's clock
-                    check_loss, now = _dist.reduce_step(batch_loss, now, dinfo)
-                decision = stopping.check_step(check_loss, StopContext(epoch, step, now))
-                if decision is not None:
-                    break
+                rewind = backend.state_dict()
+                losses = backend.step_many(x_epoch, y_epoch, bs)
+                if stopping.fires_within(losses, step):  # replay the epoch step by step: stop where that stops
+                    backend.load_state_dict(rewind)
+                    losses = None
+                else:
+                    step += steps_per_epoch
+                    counts, seen = full_counts, n
+            if losses is None:
+                batch_losses, batch_counts = [], []
+                for xb, yb in zip(x_epoch.split(bs), y_epoch.split(bs)):
+                    lr = schedule.lr(step, epoch)
+                    if lr != last_lr:
+                        backend.set_lr(lr)
+                        last_lr = lr
+                    if dinfo.enabled:  # this rank's shard of the global batch
+                        xb, yb = xb.tensor_split(dinfo.world)[dinfo.rank], yb.tensor_split(dinfo.world)[dinfo.rank]
+                    batch_loss = backend.step(xb, yb)
+                    batch_losses.append(batch_loss)
+                    batch_counts.append(xb.shape[0])
+                    step += 1
+                    check_loss = batch_loss if stopping.needs_step_loss(step - 1) else None
+                    now = elapsed + time.perf_counter() - t0
+                    if dinfo.enabled:  # every rank must take the same decision: the mean loss, rank 0's clock
+                        check_loss, now = _dist.reduce_step(batch_loss, now, dinfo)
+                    decision = stopping.check_step(check_loss, StopContext(epoch, step, now))
+                    if decision is not None:
+                        break
+                losses = torch.stack(batch_losses)
+                counts, seen = torch.tensor(batch_counts, dtype=torch.float64, device=device), sum(batch_counts)
+            running = torch.dot(losses.to(torch.float64), counts)  # the epoch's summed training loss, no host sync
             epoch += 1
             record: dict[str, Any] = {"epoch": epoch, "step": step}
             if dinfo.enabled:

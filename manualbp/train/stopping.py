@@ -217,21 +217,9 @@ class StoppingRules:
         ``loss`` may be None on steps where :meth:`needs_step_loss` is False.
         """
         if loss is not None:
-            value = float(loss)
-            if not math.isfinite(value):
-                return self._fire(
-                    "diverged", "divergence", f"non-finite training loss ({value}) at step {context.step}"
-                )
-            if self.initial_loss is None:
-                self.initial_loss = value
-            factor = self.rules["divergence"]["factor"]
-            if factor is not None and value > factor * self.initial_loss:
-                return self._fire(
-                    "diverged",
-                    "divergence",
-                    f"training loss {value:.4g} at step {context.step} exceeds {factor} x the initial loss "
-                    f"{self.initial_loss:.4g}",
-                )
+            decision = self._check_step_loss(float(loss), context.step)
+            if decision is not None:
+                return decision
         tb = self.rules.get("time_budget")
         if tb is not None and context.elapsed_s >= tb["seconds"]:
             return self._fire(
@@ -239,6 +227,34 @@ class StoppingRules:
             )
         if self.max_steps is not None and context.step >= self.max_steps:
             return self._fire("completed", "max_steps", f"reached max_steps={self.max_steps}")
+        return None
+
+    def fires_within(self, losses: Tensor, first_step: int) -> bool:
+        """Whether :meth:`check_step` would fire on one of these consecutive steps' losses.
+
+        ``losses[i]`` is the loss of (0-based) step ``first_step + i``, each read where
+        :meth:`needs_step_loss` says; for a loop that has run those steps in one go, with no time_budget or
+        max_steps (:attr:`has_step_limits` False). Records the initial loss as :meth:`check_step` does.
+        One host sync.
+        """
+        for i, value in enumerate(losses.tolist()):
+            if self.needs_step_loss(first_step + i) and self._check_step_loss(value, first_step + i + 1) is not None:
+                return True
+        return False
+
+    def _check_step_loss(self, value: float, step: int) -> Decision:
+        """The divergence rule on the training loss after ``step`` (1-based) steps."""
+        if not math.isfinite(value):
+            return self._fire("diverged", "divergence", f"non-finite training loss ({value}) at step {step}")
+        if self.initial_loss is None:
+            self.initial_loss = value
+        factor = self.rules["divergence"]["factor"]
+        if factor is not None and value > factor * self.initial_loss:
+            return self._fire(
+                "diverged",
+                "divergence",
+                f"training loss {value:.4g} at step {step} exceeds {factor} x the initial loss {self.initial_loss:.4g}",
+            )
         return None
 
     # -- per epoch ---------------------------------------------------------------------------------
