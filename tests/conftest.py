@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 # Tiny matmuls are fastest on one thread, and a shared machine never oversubscribes its cores.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses some tests start
+# the data cache of this session (and its subprocesses) stays out of the user's ~/.cache
+os.environ.setdefault("MANUALBP_CACHE_DIR", tempfile.mkdtemp(prefix="manualbp-test-cache-"))
 
 # Comparisons on CUDA use full float32 precision.
 torch.backends.cuda.matmul.allow_tf32 = False

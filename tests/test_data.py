@@ -4,6 +4,9 @@ only (checked against scikit-learn's StandardScaler), files (.npz, .csv, IDX) an
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -192,3 +195,62 @@ def test_mnist1d_offline():
     state = np.random.get_state()[1].copy()
     load({"name": "mnist1d"}, seed=1)
     assert np.array_equal(state, np.random.get_state()[1])  # the global numpy RNG is left alone
+
+
+FIELDS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+@pytest.mark.parametrize(
+    "cfg, seed",
+    [
+        ({"name": "digits"}, 0),
+        ({"name": "diabetes"}, 3),
+        ({"name": "iris", "val_fraction": 0}, 1),
+        ({"name": "xor", "n_samples": 60}, 2),
+    ],
+)
+def test_cached_load_equals_a_fresh_build(tmp_path, monkeypatch, cfg, seed):
+    monkeypatch.setenv("MANUALBP_CACHE_DIR", "off")
+    fresh = load(cfg, seed, torch.float64)
+    monkeypatch.setenv("MANUALBP_CACHE_DIR", str(tmp_path))
+    cold, warm = load(cfg, seed, torch.float64), load(cfg, seed, torch.float64)
+    assert len(list((tmp_path / "data").iterdir())) == 1
+    for d in (cold, warm):
+        assert (d.name, d.task, d.in_features, d.out_features) == (
+            fresh.name,
+            fresh.task,
+            fresh.in_features,
+            fresh.out_features,
+        )
+        for f in FIELDS:
+            assert getattr(d, f).dtype == getattr(fresh, f).dtype and torch.equal(getattr(d, f), getattr(fresh, f)), f
+        np.testing.assert_array_equal(d.x_mean, fresh.x_mean)
+    # another seed or config is another entry; an unreadable entry is rebuilt
+    load(cfg, seed + 1)
+    assert len(list((tmp_path / "data").iterdir())) == 2
+    for entry in (tmp_path / "data").iterdir():
+        entry.write_bytes(b"not an npz")
+    assert torch.equal(load(cfg, seed, torch.float64).x_train, fresh.x_train)
+
+
+def test_cache_off_writes_nothing_and_file_sets_are_never_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MANUALBP_CACHE_DIR", "off")
+    load({"name": "iris"})
+    path = tmp_path / "d.npz"
+    np.savez(path, X=np.random.default_rng(0).normal(size=(40, 3)), y=np.arange(40) % 2)
+    monkeypatch.setenv("MANUALBP_CACHE_DIR", str(tmp_path / "cache"))
+    load({"name": "file", "path": str(path)})
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cached_load_does_not_import_scikit_learn(tmp_path):
+    code = (
+        "import sys; from manualbp.train.data import load_dataset; load_dataset({'name': 'digits'}); "
+        "print('sklearn' in sys.modules)"
+    )
+    env = {**os.environ, "MANUALBP_CACHE_DIR": str(tmp_path)}
+    first, second = (
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        for _ in range(2)
+    )
+    assert (first.stdout.strip(), second.stdout.strip()) == ("True", "False")

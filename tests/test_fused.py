@@ -157,7 +157,7 @@ def test_step_many_takes_exactly_the_steps_of_step_prepared(loss):
     b = FusedTrainer(twin, loss, lr=0.1, momentum=0.5 if loss == "mse" else 0.0)
     x, y = _data(loss=loss)
     xp, yp = a.prepare(x, y)
-    for epoch in range(3):
+    for _ in range(3):
         losses = a.step_many(xp, yp, 32)  # 150 rows: 4 batches of 32, then 22
         expected = [b.step_prepared(xp[i : i + 32], yp[i : i + 32]) for i in range(0, 150, 32)]
         assert losses.shape == (5,) and torch.equal(losses, torch.stack(expected))

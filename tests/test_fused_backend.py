@@ -111,7 +111,9 @@ def test_fused_whole_epochs_stop_at_the_step_where_divergence_fires(factor, monk
     assert calls["step_many"] == b.metrics["epochs"] and calls["step"] == 2  # the replayed epoch's steps
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p.isfinite(), q.isfinite())
-        assert (p - q).nan_to_num(0, 0, 0).abs().max().item() <= 1e-9 * max(1.0, q.nan_to_num(0, 0, 0).abs().max().item())
+        assert (p - q).nan_to_num(0, 0, 0).abs().max().item() <= 1e-9 * max(
+            1.0, q.nan_to_num(0, 0, 0).abs().max().item()
+        )
     assert [r["train_loss_running"] for r in a.history] == pytest.approx(
         [r["train_loss_running"] for r in b.history], rel=1e-9, nan_ok=True
     )

@@ -83,3 +83,28 @@ def test_group_key_and_incompatible_configs():
         run_many([CONFIGS[0], other])
     with pytest.raises(ValueError, match="SGD only"):
         run_many([{**CONFIGS[0], "optim": {"name": "adam", "lr": 0.01, "batch_size": 64}}])
+
+
+def test_models_that_diverge_stop_at_the_step_a_run_alone_stops():
+    # diabetes + relu + lr 1 diverges within epochs (loss > 1.5 x the first at step 2; inf at step 7);
+    # run_many skips the per-model check_step calls that cannot fire, so this pins that it still fires
+    base = {
+        **BASE,
+        "data": {"name": "diabetes"},
+        "loss": "mse",
+        "model": {"activation": "relu"},
+        "optim": {"name": "sgd", "lr": 1.0, "batch_size": 64},
+    }
+    configs = [
+        {**base, "stopping": {"max_epochs": 4, "early_stopping": None, "divergence": {"factor": factor}}}
+        for factor in (None, 1.5)
+    ]
+    configs.append({**base, "optim": {**base["optim"], "lr": 0.01}, "stopping": {"max_epochs": 4}})
+    for v, c in zip(run_many(configs), configs):
+        r = run(dict(c, backend="manual"))
+        assert (v.status, v.metrics["steps"], v.metrics["stop_message"]) == (
+            r.status,
+            r.metrics["steps"],
+            r.metrics["stop_message"],
+        )
+    assert [v.metrics["steps"] for v in run_many(configs)] == [7, 2, 20]

@@ -235,6 +235,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     ]
 
     step_limits = [s.has_step_limits for s in stoppings]
+    limits = [s.step_loss_limit for s in stoppings]  # None until a model's initial loss is known
     step_wise_lr = [s.changes_within_epoch for s in schedules]
     eval_splits = {name: splits[name] for name in ("train", "val") if splits[name][0].shape[-2] > 0}
     while not all(finished):
@@ -276,12 +277,17 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
             for k, needed in zip(live, need):
                 steps[k] += 1
                 seen[k] += count
-                if not needed and not step_limits[k]:
-                    continue  # check_step(None, ...) could not fire: skip the call (64 per step add up)
+                if not step_limits[k]:  # skip the calls that cannot fire (64 per step add up)
+                    if not needed:
+                        continue  # check_step(None, ...): nothing to check
+                    limit = limits[k]
+                    if limit is not None and values[k] < limit:  # type: ignore[index]
+                        continue  # a finite loss below the divergence limit
                 decisions[k] = stoppings[k].check_step(
                     values[k] if needed else None,  # type: ignore[index]
                     StopContext(epoch, steps[k], now),
                 )
+                limits[k] = stoppings[k].step_loss_limit
                 if decisions[k] is not None:  # its last gradient is this step's: keep its norms
                     stop_norms[k] = [v[k].item() for nm, v in trainer.grad_norms().items() if nm.endswith("weight")]
                     trainer.stop(k)
@@ -334,4 +340,3 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
                 trainer.stop(k)
                 finish(k)
     return results  # type: ignore[return-value]
-

@@ -211,6 +211,15 @@ class StoppingRules:
         """Whether :meth:`check_step` will read the loss at this (0-based) step (a host sync off the CPU)."""
         return self.initial_loss is None or step % self.check_every == 0
 
+    @property
+    def step_loss_limit(self) -> Optional[float]:
+        """Once the initial loss is known: the step loss from which on :meth:`check_step`'s divergence rule
+        fires (``factor`` x the initial loss, or inf; a NaN or inf loss fires too). None before that."""
+        if self.initial_loss is None:
+            return None
+        factor = self.rules["divergence"]["factor"]
+        return math.inf if factor is None else factor * self.initial_loss
+
     def check_step(self, loss: Union[float, Tensor, None], context: StopContext) -> Decision:
         """After each optimizer step: divergence of the step loss, time_budget, max_steps.
 
