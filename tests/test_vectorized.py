@@ -26,8 +26,9 @@ def _clone(model):
     return twin
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["momentum-wd", "plain-sgd"])  # plain: the fused step
 @pytest.mark.parametrize("activation,loss", [("sigmoid", "cross_entropy"), ("relu", "mse"), ("tanh", "squared_error")])
-def test_each_model_matches_training_it_alone(activation, loss):
+def test_each_model_matches_training_it_alone(activation, loss, plain):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(120, 6, dtype=D, generator=g)
     y = (
@@ -40,6 +41,8 @@ def test_each_model_matches_training_it_alone(activation, loss):
     moms = [0.0, 0.9, 0.5, 0.9, 0.0]
     wds = [0.0, 1e-3, 0.0, 1e-2, 0.0]
     nest = [False, True, False, False, False]
+    if plain:
+        moms, wds, nest = [0.0] * K, [0.0] * K, [False] * K
     stop_at = {2: 4, 4: 7}  # model 2 stops after epoch 4, model 4 after epoch 7; the others go on
     models = _models(K, activation)
     refs = [_clone(m) for m in models]
@@ -80,7 +83,8 @@ def test_each_model_matches_training_it_alone(activation, loss):
     assert (trainer.weights[0][0] - trainer.weights[0][1]).abs().max() > 1e-3
 
 
-def test_per_model_batches_no_bias_and_grad_norms():
+@pytest.mark.parametrize("momentum", [0.9, 0.0])  # 0: the fused step
+def test_per_model_batches_no_bias_and_grad_norms(momentum):
     """Inputs (K, N, in): each model sees its own batch order, as when each seed shuffles differently."""
     K = 3
     g = torch.Generator().manual_seed(0)
@@ -88,8 +92,8 @@ def test_per_model_batches_no_bias_and_grad_norms():
     y = torch.randint(0, 3, (96,), generator=g)
     models = _models(K, "tanh", bias=False)
     refs = [_clone(m) for m in models]
-    opts = [torch.optim.SGD(r.parameters(), lr=0.1, momentum=0.9) for r in refs]
-    trainer = VectorizedTrainer(models, manualbp.CrossEntropyLoss(), lr=0.1, momentum=0.9)
+    opts = [torch.optim.SGD(r.parameters(), lr=0.1, momentum=momentum) for r in refs]
+    trainer = VectorizedTrainer(models, manualbp.CrossEntropyLoss(), lr=0.1, momentum=momentum)
     orders = [torch.randperm(96, generator=torch.Generator().manual_seed(k)) for k in range(K)]
     for i in range(0, 96, 24):
         idx = torch.stack([o[i : i + 24] for o in orders])  # (K, 24)
@@ -146,3 +150,39 @@ def test_state_dict_roundtrip_and_errors():
         VectorizedTrainer([models[0], manualbp.MLP(6, [5], 3, dtype=D)], lr=0.1)
     with pytest.raises(ValueError, match="one per model"):
         VectorizedTrainer(models, lr=[0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_fused_step_soft_targets_grad_norms_and_shape_errors(shared):
+    # soft targets whose rows do not sum to 1 (dL/do = softmax(o) sum_k y_k - y), shared or per-model
+    # batches, grad norms of the fused step (never materialized during it) against native autograd
+    K = 3
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(K, 20, 6, dtype=D, generator=g)
+    y = torch.rand(K, 20, 3, dtype=D, generator=g) * 2
+    if shared:
+        x, y = x[0], y[0]
+    models = _models(K, "sigmoid")
+    refs = [_clone(m).to_torch() for m in models]
+    opts = [torch.optim.SGD(r.parameters(), lr=0.3) for r in refs]
+    trainer = VectorizedTrainer(models, "cross_entropy", lr=0.3)
+    for _ in range(3):
+        losses = trainer.step(x, y)
+        for k, (ref, opt) in enumerate(zip(refs, opts)):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(ref(x if shared else x[k]), y if shared else y[k])
+            loss.backward()
+            opt.step()
+            assert abs(losses[k].item() - loss.item()) <= 1e-12
+    norms = trainer.grad_norms()
+    for k, ref in enumerate(refs):
+        for p, q in zip(trainer.model(k).parameters(), ref.parameters()):
+            assert rel_err(p, q) <= 1e-12
+        for (name, _), p in zip(models[0].named_parameters(), ref.parameters()):
+            assert abs(norms[name][k].item() - p.grad.norm().item()) <= 1e-10 * p.grad.norm().item()
+    with pytest.raises(ValueError, match="input must have shape"):
+        trainer.step(x[..., :5], y)
+    with pytest.raises(ValueError, match="target must have shape"):
+        trainer.step(x, y[..., :2])
+    with pytest.raises(ValueError, match=r"target \(class indices\) must have shape"):
+        trainer.step(x, torch.zeros(7, dtype=torch.long))

@@ -47,9 +47,12 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["with-momentum", "plain-sgd"])  # plain: the fused step
 @pytest.mark.parametrize("same_seed", [False, True])
-def test_each_run_equals_run_alone(tmp_path, same_seed):
+def test_each_run_equals_run_alone(tmp_path, same_seed, plain):
     configs = [dict(c, seed=0) if same_seed else c for c in CONFIGS]
+    if plain:
+        configs = [dict(c, optim={**c["optim"], "momentum": 0.0}) for c in configs]
     results = run_many([dict(c, output_dir=str(tmp_path / f"v{i}")) for i, c in enumerate(configs)])
     for i, (c, v) in enumerate(zip(configs, results)):
         r = run(dict(c, backend="manual"))

@@ -53,6 +53,25 @@ _BACKWARD: dict[str, Optional[Callable[[Tensor, Tensor, float], Any]]] = {
 }
 
 
+def loss_scales(loss_name: str, reduction: str, n: int, classes: int) -> tuple[float, float]:
+    """``(loss_scale, scale)`` of a batch of ``n`` rows: the loss is loss_scale * (the step's dot product)
+    and dL/do is scale * (the step's output gradient buffer), as both fast trainers compute them:
+
+    - cross-entropy: dot = sum y log softmax(o), buffer = y - softmax(o) sum_k y_k (torch's log-softmax
+      backward kernel on y), so both scales are -1;
+    - squared errors: dot = |o - y|^2, buffer = o - y: the notes' 1/2 sum_k (0.5, 1), mse (1, 2);
+
+    over the reduction: "mean" divides by the rows (mse: by the elements)."""
+    if loss_name == "cross_entropy":
+        loss_scale, scale = -1.0, -1.0
+    else:
+        loss_scale, scale = (0.5, 1.0) if loss_name == "squared_error" else (1.0, 2.0)
+    if reduction == "mean":
+        count = n if loss_name != "mse" else n * classes
+        loss_scale, scale = loss_scale / count, scale / count
+    return loss_scale, scale
+
+
 class _Buffers:
     """Every intermediate of one step for a batch of ``n`` rows, allocated once and reused."""
 
@@ -70,14 +89,7 @@ class _Buffers:
         self.out = new(n, widths[-1])  # o, then log softmax(o) for cross-entropy
         self.out_flat = self.out.view(-1)
         self.go_flat = self.grad[-1].view(-1)
-        # the loss is loss_scale * (the step's dot product), dL/do is scale * grad[-1]
-        if loss_name == "cross_entropy":  # dot = sum y log softmax(o), grad[-1] = y - softmax(o) sum_k y_k
-            self.loss_scale, self.scale = -1.0, -1.0
-        else:  # dot = |o - y|^2, grad[-1] = o - y: the notes' 1/2 sum_k, or mse's mean with dL/do = 2 (o - y)
-            self.loss_scale, self.scale = (0.5, 1.0) if loss_name == "squared_error" else (1.0, 2.0)
-        if reduction == "mean":
-            count = n if loss_name != "mse" else n * widths[-1]
-            self.loss_scale, self.scale = self.loss_scale / count, self.scale / count
+        self.loss_scale, self.scale = loss_scales(loss_name, reduction, n, widths[-1])
         self.loss_scale_t = torch.tensor(self.loss_scale, dtype=like.dtype, device=like.device)
 
 

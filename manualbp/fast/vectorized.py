@@ -1,8 +1,12 @@
 """K models that share an architecture, trained at once as one batched model.
 
-Weights are stacked to (K, out, in) and biases to (K, 1, out), so the formulas of ``manualbp.functional``
-(``mlp_forward``/``mlp_backward``, the losses' backward) run unchanged on all K models with batched
-matmuls. Each model keeps its own initial weights, learning rate, momentum, weight decay, nesterov flag and
+Each layer's weights and biases are stacked into one (K, out, in + 1) block ``[W | b]``, with the weights
+(K, out, in) and biases (K, 1, out) as views of it. Plain SGD (no momentum or weight decay in the group)
+takes :class:`~manualbp.fast.FusedTrainer`'s engine-free step with a model dimension: per layer one batched
+matmul forward, one back and one in-place ``baddbmm_`` that is the gradient and the update at once, each
+model's learning rate folded into its output gradient. With momentum or weight decay the formulas of
+``manualbp.functional`` (``mlp_forward``/``mlp_backward``, the losses' backward) run unchanged on all K
+models with batched matmuls, and torch.optim.SGD's update follows. Each model keeps its own initial weights, learning rate, momentum, weight decay, nesterov flag and
 an active flag: an inactive (stopped) model is frozen, its parameters and momentum buffer no longer
 change, while the others go on. The update is ``torch.optim.SGD``'s, per model, so each model's
 trajectory equals training it alone (float64: to about 1e-10; ``tests/test_vectorized.py``).
@@ -22,6 +26,7 @@ from .. import functional as F
 from ..autograd import join_params
 from ..nn import MLP
 from ._losses import LOSSES, resolve_loss
+from .fused import _BACKWARD, _FORWARD, loss_scales
 
 __all__ = ["VectorizedTrainer"]
 
@@ -71,14 +76,19 @@ class VectorizedTrainer:
         with torch.no_grad():
             layers = [m.flat_parameters() for m in models]
             stacked = [torch.stack([ps[i].detach() for ps in layers]) for i in range(len(layers[0]))]
+        # one (K, out, in + 1) block [W | b] per layer; the weights (K, out, in) and biases (K, 1, out) are views
         if self.bias:
-            self.weights = stacked[0::2]  # (K, out, in)
-            self.biases: list[Optional[Tensor]] = [b.unsqueeze(1) for b in stacked[1::2]]  # (K, 1, out)
+            self.blocks = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(stacked[0::2], stacked[1::2])]
+            self.weights = [blk[:, :, :-1] for blk in self.blocks]
+            self.biases: list[Optional[Tensor]] = [blk[:, :, -1].unsqueeze(1) for blk in self.blocks]
             self.params = join_params(self.weights, self.biases, True)
         else:
+            self.blocks = stacked
             self.weights = stacked
             self.biases = [None] * len(stacked)
             self.params = list(stacked)
+        self.blocks_t = [blk.transpose(1, 2) for blk in self.blocks]
+        self.widths = [first.in_features] + [w.shape[1] for w in self.weights]
         ref = self.weights[0]
         self.dampening = float(dampening)
         self.lr = self._per_model(lr, "lr")
@@ -98,7 +108,9 @@ class VectorizedTrainer:
         self._all_nesterov = all(nest)
         self.steps = torch.zeros(self.K, dtype=torch.long, device=ref.device)  # steps taken, per model
         self.momentum_buffers: Optional[list[Tensor]] = None
-        self.last_grads: Optional[list[Tensor]] = None
+        self._grads: Optional[list[Tensor]] = None  # the last step's gradients, where materialized
+        self._last: Optional[tuple[_Buffers, Tensor]] = None  # the fused step's (buffers, [x | 1])
+        self._buffers: dict[tuple[int, bool], _Buffers] = {}
 
     def _per_model(self, value: Scalars, name: str) -> Tensor:
         ref = self.weights[0]
@@ -144,16 +156,78 @@ class VectorizedTrainer:
 
     def step(self, input: Tensor, target: Tensor) -> Tensor:
         """One SGD step of every active model; returns the per-model batch losses (K,) before the update."""
+        if not (self._any_momentum or self._has_weight_decay):
+            with torch.no_grad():
+                return self._fused_step(input, target)
         losses, grads = self.gradients(input, target)
         with torch.no_grad():
             self._update(grads)
         return losses
 
+    def _forward(self, buf: _Buffers) -> None:
+        """z^l = [a^{l-1} | 1] [W^l | b^l]^T, a^l = sigma(z^l); o = [a^{L-1} | 1] [W^L | b^L]^T, into ``buf``."""
+        h = buf.x_k
+        for k, (name, slope) in enumerate(self.activations):
+            torch.bmm(h, self.blocks_t[k], out=buf.z[k])
+            _FORWARD[name](buf.z[k], buf.a[k], slope)
+            h = buf.act[k]
+        torch.bmm(h, self.blocks_t[-1], out=buf.out)
+
+    def _fused_step(self, input: Tensor, target: Tensor) -> Tensor:
+        """Plain SGD as :class:`~manualbp.fast.FusedTrainer` takes it, K models at once: per layer one
+        batched matmul forward, one back and one in-place ``baddbmm_`` that is dL/d[W | b] and the update.
+        Each model's step size -lr_k * scale multiplies its output gradient before the update matmul."""
+        shared = input.dim() == 2
+        n = input.shape[-2]
+        buf = self._buffers.get((n, shared))
+        if buf is None:
+            buf = self._buffers[(n, shared)] = _Buffers(self, n, shared)
+        if tuple(input.shape) != tuple(buf.x_in.shape):
+            raise ValueError(f"input must have shape {tuple(buf.x_in.shape)}, got {tuple(input.shape)}")
+        buf.x_in.copy_(input)
+        if self.loss_name == "cross_entropy" and not target.is_floating_point():
+            if tuple(target.shape) != tuple(buf.y.shape[:-1]):
+                raise ValueError(
+                    f"target (class indices) must have shape {tuple(buf.y.shape[:-1])}, got {tuple(target.shape)}"
+                )
+            buf.y.zero_().scatter_(-1, target.unsqueeze(-1), 1)  # one-hot rows (out-of-range: torch's error)
+        elif tuple(target.shape) != tuple(buf.y.shape):
+            raise ValueError(f"target must have shape {tuple(buf.y.shape)}, got {tuple(target.shape)}")
+        else:
+            buf.y.copy_(target)
+        blocks, acts, K = self.blocks, self.activations, self.K
+        self._forward(buf)
+        # per-model loss (up to buf.loss_scale) and dL/do (up to buf.scale), as FusedTrainer
+        if self.loss_name == "cross_entropy":
+            torch.log_softmax(buf.out, -1, out=buf.out)
+            dots = torch.mv(buf.out.view(K, -1), buf.y.view(-1)) if shared else _rowdot(buf.out, buf.y)
+            torch._log_softmax_backward_data(buf.y_k, buf.out, 2, buf.out.dtype, out=buf.grad[-1])
+        else:
+            torch.sub(buf.out, buf.y_k, out=buf.grad[-1])
+            dots = _rowdot(buf.grad[-1], buf.grad[-1])
+        step = self.lr * -buf.scale  # (K, 1, 1); frozen models take no step (masked: 0 * inf would be nan)
+        inactive = None if self._all_active else ~self.active.view(-1, 1, 1)
+        # backward, top layer first: dL/da^{l-1} = dL/dz^l W^l (before W^l moves), dL/dz^{l-1} = dL/da^{l-1} sigma'
+        for k in range(len(blocks) - 1, -1, -1):
+            if k:
+                torch.bmm(buf.grad[k], self.weights[k], out=buf.grad[k - 1])
+                backward = _BACKWARD[acts[k - 1][0]]
+                if backward is not None:
+                    backward(buf.grad[k - 1], buf.a[k - 1], acts[k - 1][1])
+            torch.mul(buf.grad[k], step, out=buf.stepped[k])
+            if inactive is not None:
+                buf.stepped[k].masked_fill_(inactive, 0)
+            below = buf.act[k - 1] if k else buf.x_k  # [a^{l-1} | 1]
+            blocks[k].baddbmm_(buf.stepped[k].transpose(1, 2), below)  # [W | b] -= lr_k dL/d[W | b]
+        self._last, self._grads = (buf, buf.x_k), None
+        self.steps += self.active
+        return dots.mul_(buf.loss_scale)
+
     def _update(self, grads: list[Tensor]) -> None:
         # torch.optim.SGD per model k: g = g + wd_k p; buf = g (first step) or m_k buf + (1 - d) g;
         # g = g + m_k buf (nesterov_k) or buf (m_k != 0) or g; p -= lr_k g; nothing moves where inactive.
         # (For m_k = 0 the buffer is 0 * buf + g = g, so one formula serves every model.)
-        self.last_grads = grads
+        self._grads, self._last = grads, None
         if self._any_momentum and self.momentum_buffers is None:
             self.momentum_buffers = [torch.empty_like(p) for p in self.params]
             first = True
@@ -199,9 +273,32 @@ class VectorizedTrainer:
         self._all_active = False
 
     def predict(self, input: Tensor) -> Tensor:
-        """Every model's output for ``input``: (K, N, out)."""
+        """Every model's output for ``input`` (N, in), shared, or (K, N, in): (K, N, out)."""
+        if (
+            input.dim() not in (2, 3)
+            or input.shape[-1] != self.widths[0]
+            or (input.dim() == 3 and len(input) != self.K)
+        ):
+            raise ValueError(
+                f"input must have shape (N, {self.widths[0]}) or ({self.K}, N, {self.widths[0]}), got {tuple(input.shape)}"
+            )
         with torch.no_grad():
-            return F.mlp_forward(input, self.weights, self.biases, self.activations).output
+            buf = _Buffers(self, input.shape[-2], input.dim() == 2, forward_only=True)
+            buf.x_in.copy_(input)
+            self._forward(buf)
+            return buf.out
+
+    @property
+    def last_grads(self) -> Optional[list[Tensor]]:
+        """The last step's [dL/dW1, dL/db1, ...] stacked over the models, or None before a step."""
+        if self._grads is not None or self._last is None:
+            return self._grads
+        buf, x = self._last  # the fused step never materializes them: dL/d[W | b] = scale grad^T [a^{l-1} | 1]
+        below = [x] + buf.act[: len(self.blocks) - 1]
+        blocks = [torch.bmm(g.transpose(1, 2), a).mul_(buf.scale) for g, a in zip(buf.grad, below)]
+        if not self.bias:
+            return blocks
+        return join_params([b[:, :, :-1] for b in blocks], [b[:, :, -1].unsqueeze(1) for b in blocks], True)
 
     def grad_norms(self) -> dict[str, Tensor]:
         """Per-parameter L2 norm of the last step's gradient, one value per model: name -> (K,)."""
@@ -252,3 +349,39 @@ class VectorizedTrainer:
         self.active = state["active"].clone()
         self._all_active = bool(self.active.all())
         self.steps = state["steps"].clone()
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum over everything but the model dimension of a * b: (K, ...) x (K, ...) -> (K,)."""
+    K = a.shape[0]
+    return torch.bmm(a.reshape(K, 1, -1), b.reshape(K, -1, 1)).view(K)
+
+
+class _Buffers:
+    """Every intermediate of the fused step for K models and a batch of ``n`` rows, allocated once."""
+
+    def __init__(self, trainer: VectorizedTrainer, n: int, shared: bool, forward_only: bool = False) -> None:
+        like, K, widths, extra = trainer.blocks[0], trainer.K, trainer.widths, int(trainer.bias)
+        new = lambda *shape: torch.empty(*shape, dtype=like.dtype, device=like.device)  # noqa: E731
+
+        def with_ones(*shape: int) -> Tensor:
+            t = new(*shape[:-1], shape[-1] + extra)
+            if extra:
+                t[..., -1] = 1
+            return t
+
+        lead = () if shared else (K,)
+        self.x = with_ones(*lead, n, widths[0])  # [x | 1], shared by all models or one per model
+        self.x_in = self.x[..., : widths[0]]
+        self.x_k = self.x.expand(K, n, widths[0] + extra)
+        self.z = [new(K, n, w) for w in widths[1:-1]]  # pre-activations z^l
+        self.act = [with_ones(K, n, w) for w in widths[1:-1]]  # [a^l | 1]
+        self.a = [a[..., : a.shape[-1] - extra] for a in self.act]  # a^l (views)
+        self.out = new(K, n, widths[-1])  # o, then log softmax(o) for cross-entropy
+        if forward_only:
+            return
+        self.y = new(*lead, n, widths[-1])  # targets: one-hot rows for class indices
+        self.y_k = self.y.expand(K, n, widths[-1])
+        self.grad = [new(K, n, w) for w in widths[1:]]  # dL/dz^l / scale (last: dL/do / scale)
+        self.stepped = [new(K, n, w) for w in widths[1:]]  # -lr_k dL/dz^l: what the update matmul takes
+        self.loss_scale, self.scale = loss_scales(trainer.loss_name, trainer.reduction, n, widths[-1])
