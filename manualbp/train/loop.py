@@ -1,9 +1,11 @@
 """The training loop: the notes' "while not a stopping criterion: pick examples, compute L, theta <- theta - eta grad L".
 
 :func:`run` turns a config (see :mod:`manualbp.train.config`) into a trained model and a
-:class:`RunResult`. Data stay on the device as tensors; each epoch draws one permutation and indexes
-batches from it; the epoch's loss accumulates as a tensor, so a step costs no host sync beyond the
-divergence check's (``stopping.divergence.check_every``); evaluation runs once an epoch.
+:class:`RunResult`. Data stay on the device as tensors; each epoch draws one permutation, gathers the
+epoch's rows once and splits them into batches; the batch losses stay tensors, so a step costs no host
+sync beyond the divergence check's (``stopping.divergence.check_every``); evaluation runs once an epoch.
+A backend with ``step_many`` (``fused``) trains a whole epoch in one call when no per-step rule needs the
+loop in between, and the epoch is replayed step by step if the divergence check would have fired in it.
 """
 
 from __future__ import annotations
