@@ -263,20 +263,53 @@ def _target_distribution(input: Tensor, target: Tensor) -> Tensor:
     return (target.unsqueeze(-1) == classes).to(input.dtype)  # y_k = [k = target], (*, K)
 
 
+#: ``reduction`` -> the enum of ATen's loss kernels (``torch.nn._reduction.get_enum``).
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+#: The one target value ATen's nll_loss kernels skip (``ignore_index``) instead of rejecting as out of bounds.
+_IGNORE_INDEX = -100
+_nll_loss_forward = _aten.nll_loss_forward.default
+_nll_loss_backward = _aten.nll_loss_backward.default
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def kernel_checks_class_range(input: Tensor, reduction: str) -> bool:
+    """Does :func:`cross_entropy` itself reject every class index outside [0, C) for this ``input``?
+
+    On CPU ATen's nll_loss kernel raises ``IndexError`` for an out-of-range target, except for its
+    ``ignore_index`` -100, which it skips; :func:`cross_entropy` catches that one from the count of examples
+    the kernel returns, which is exact for "mean" and "sum" in float32 and float64. Elsewhere (a GPU,
+    where a bad index is a device-side assert; "none"; float16/bfloat16; torch.compile and torch.func)
+    the targets must be checked beforehand (``manualbp.nn.CrossEntropyLoss`` does).
+    """
+    return (
+        reduction != "none"
+        and input.device.type == "cpu"
+        and input.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+        and not _is_wrapped(input)
+    )
+
+
 def cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Fused softmax + cross-entropy on logits o: L_n = -sum_k y_k log softmax(o)_k.
 
     ``target`` holds class indices (shape ``*``, an integer dtype) or probabilities (shape ``(*, K)``,
     floating). "mean" divides by the number of examples, as ``torch.nn.functional.cross_entropy`` does.
-    Numerically stable through log-sum-exp.
+    Numerically stable through log-sum-exp. A class index outside [0, C) raises ``IndexError`` where
+    :func:`kernel_checks_class_range` says so; unlike ``torch.nn.functional.cross_entropy`` no index is
+    ever skipped silently there (-100 included).
     """
     if not target.is_floating_point():
-        # One-hot y: L_n = -log yhat_{y_n}, computed by torch's fused (stable) log-softmax + gather kernel.
+        # One-hot y: L_n = -log yhat_{y_n}: ATen's stable log-softmax, then nll_loss picks -log yhat at each
+        # target (and sums or averages): the two kernels torch.nn.functional.cross_entropy runs.
         index = target if target.dtype == torch.int64 else target.long()
-        if input.dim() == 2:  # (N, C) logits: no reshaping
-            return torch.nn.functional.cross_entropy(input, index, reduction=reduction)
-        loss = torch.nn.functional.cross_entropy(input.reshape(-1, input.shape[-1]), index.reshape(-1), reduction=reduction)
-        return loss.reshape(target.shape) if reduction == "none" else loss
+        log_probs = torch.log_softmax(input, dim=-1)  # log yhat, (*, K)
+        if input.dim() != 2:  # (N, C) for the kernel
+            log_probs, index = log_probs.reshape(-1, input.shape[-1]), index.reshape(-1)
+        loss, counted = _nll_loss_forward(log_probs, index, None, _REDUCTION_ENUM[reduction], _IGNORE_INDEX)
+        if kernel_checks_class_range(input, reduction) and counted.item() != index.shape[0]:
+            raise IndexError(f"Target {_IGNORE_INDEX} is out of bounds.")  # the kernel skipped it: ATen's words
+        return loss.reshape(target.shape) if reduction == "none" and input.dim() != 2 else loss
     per_example = -(target * _log_softmax(input)).sum(-1)  # L_n = -sum_k y_k log yhat_k, (*)
     return _reduce(per_example, reduction)
 
@@ -286,22 +319,41 @@ def cross_entropy_backward(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Returns (dL/do, dL/dy); dL/dy is None for class-index targets.
 
-    dL/do_k = yhat_k * sum_j y_j - y_k, which is the familiar softmax(o) - y when y is a distribution.
+    dL/do_k = yhat_k * sum_j y_j - y_k, which is the familiar softmax(o) - y when y is a distribution,
+    times the reduction's factor (1/N for "mean", each example's ``grad_output`` for "none").
+
+    Written as g = dL/d(log yhat) = -y * scale, then dL/do = g - yhat * sum_k g_k (the chain rule through
+    log softmax: d log yhat_j / d o_k = [j = k] - yhat_k), which is ATen's one-kernel
+    ``_log_softmax_backward_data(g, log yhat)``; for class indices g itself is ``nll_loss_backward``'s one
+    kernel (zero, and -scale at each target class). ``tests/test_gradcheck.py`` pins both kernels
+    against the plain formula.
     """
+    log_probs = torch.log_softmax(input, dim=-1)  # log yhat, (*, K)
+    if not target.is_floating_point():
+        index = target if target.dtype == torch.int64 else target.long()
+        logp2d = log_probs if log_probs.dim() == 2 else log_probs.reshape(-1, log_probs.shape[-1])  # (N, K)
+        if not isinstance(grad_output, Tensor):  # a plain number: dL_total/dL
+            grad_output = log_probs.new_full((), grad_output)
+        if reduction == "mean":  # d mean / d L_n = 1/N: nll_loss_backward divides by this "total weight"
+            total = log_probs.new_full((), logp2d.shape[0])
+        else:
+            total = log_probs.new_ones(())  # read by "mean" only
+            if reduction == "none" and grad_output.dim() != 1:
+                grad_output = grad_output.reshape(-1)  # one factor per example, (N,)
+        # dL/dlog yhat_k = -y_k * scale: zero, and -scale at the target class of each row, (N, K)
+        if index.dim() != 1:
+            index = index.reshape(-1)  # (N,)
+        g = _nll_loss_backward(grad_output, logp2d, index, None, _REDUCTION_ENUM[reduction], _IGNORE_INDEX, total)
+        grad_input = torch._log_softmax_backward_data(g, logp2d, -1, input.dtype)  # dL/do = yhat - y, (N, K)
+        return grad_input if input.dim() == 2 else grad_input.reshape(input.shape), None
     count = input.shape[:-1].numel()  # examples: every dimension but the last
     scale = _expand_grad(grad_output, reduction, count)
     if reduction == "none":
         scale = scale.unsqueeze(-1)
-    if not target.is_floating_point():  # one-hot y: dL/do = yhat - y, subtracting 1 at each target class
-        probs = torch.softmax(input, dim=-1)  # yhat = softmax(o), (*, K)
-        index = (target if target.dtype == torch.int64 else target.long()).unsqueeze(-1)
-        grad_input = probs.scatter_add(-1, index, probs.new_full(index.shape, -1.0)) * scale  # yhat - y, (*, K)
-        return grad_input, None
-    y = target
-    log_probs = _log_softmax(input)
-    probs = log_probs.exp()  # yhat = softmax(o), (*, K)
-    grad_input = (probs * y.sum(-1, keepdim=True) - y) * scale  # dL/do = yhat sum_j y_j - y, (*, K)
-    grad_target = -log_probs * scale if target.is_floating_point() else None  # dL/dy_k = -log yhat_k
+    neg_scale = -scale
+    g = target * neg_scale  # dL/dlog yhat_k = -y_k * scale, (*, K)
+    grad_input = torch._log_softmax_backward_data(g, log_probs, -1, input.dtype)  # yhat sum_j y_j - y, (*, K)
+    grad_target = log_probs * neg_scale  # dL/dy_k = -log yhat_k, (*, K)
     return grad_input, grad_target
 
 
