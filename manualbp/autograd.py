@@ -238,7 +238,7 @@ class MLPFunction(Function):
 
     @staticmethod
     def forward(input: Tensor, activations: tuple, bias: bool, *params: Tensor):  # type: ignore[override]
-        weights, biases = split_params(params, bias)
+        weights, biases = (params[0::2], params[1::2]) if bias else (params, (None,) * len(params))
         if input.dim() == 2:
             result = F.mlp_forward(input, weights, biases, activations)
             return (result.output, *result.hidden)
@@ -249,15 +249,16 @@ class MLPFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, activations, bias = inputs[0], inputs[1], inputs[2]
-        params = inputs[3:]
-        weights = params[0::2] if bias else params
+        input, bias = inputs[0], inputs[2]
+        weights = inputs[3::2] if bias else inputs[3:]
         needs = ctx.needs_input_grad
         # Save only what the backward will read, as native autograd does: x for dL/dW^1; W^l when a
         # gradient must pass below layer l; a^l for dL/dW^{l+1} or for sigma' on the way down.
         if all(needs[3:]):  # training: every parameter needs its gradient, so all but W^1 pass one down
+            ctx.all_params = True
             ctx.save_for_backward(input, weights[0] if needs[0] else None, *weights[1:], *output[1:])
         else:
+            ctx.all_params = False
             needs_w, needs_b = _param_needs(needs[3:], bias, len(weights))
             below = F.needs_below(needs[0], needs_w, needs_b)
             ctx.save_for_backward(
@@ -265,10 +266,11 @@ class MLPFunction(Function):
                 *[w if below[k] else None for k, w in enumerate(weights)],
                 *[a if (needs_w[k + 1] or below[k + 1]) else None for k, a in enumerate(output[1:])],
             )
-        ctx.input_shape = input.shape
-        ctx.activations = activations
+        ctx.activations = inputs[1]
         ctx.bias = bias
         ctx.n_layers = len(weights)
+        ctx.input_shape = input.shape
+        ctx.input_dim = input.dim()
         ctx.out_features = weights[-1].shape[0]
         ctx.set_materialize_grads(False)
 
@@ -277,26 +279,28 @@ class MLPFunction(Function):
         n_layers = ctx.n_layers
         saved = ctx.saved_tensors
         input, weights, hidden = saved[0], saved[1 : 1 + n_layers], saved[1 + n_layers :]
-        x = input if input is None or input.dim() == 2 else input.reshape(-1, input.shape[-1])  # (N, in)
-        ref = None
+        needs = ctx.needs_input_grad
         for g in grad_hidden:
-            if g is not None:
-                ref = g
+            if g is not None:  # a hidden activation was used downstream too (double backward)
+                if grad_output is None:  # only hidden activations were: dL/do = 0, (N, out)
+                    grad_output = g.new_zeros(g.shape[0], ctx.out_features)
                 break
-        if ref is None:  # the usual case: only o was used downstream
+        else:  # the usual case: only o was used downstream
             grad_hidden = None  # type: ignore[assignment]
             if grad_output is None:  # nothing was: every gradient is zero
-                return (None,) * (3 + len(ctx.needs_input_grad[3:]))
-        elif grad_output is None:  # only hidden activations were used: dL/do = 0
-            grad_output = ref.new_zeros(ref.shape[0], ctx.out_features)
-        needs = ctx.needs_input_grad
-        if ctx.bias and all(needs[3:]):
-            needs_w = needs_b = None  # every weight and bias: mlp_backward's default
+                return (None,) * len(needs)
+        input_dim = ctx.input_dim
+        if input_dim != 2:  # (*, in) and (*, out) -> rows (N, in) and (N, out)
+            grad_output = grad_output.reshape(-1, grad_output.shape[-1])
+            if input is not None:
+                input = input.reshape(-1, input.shape[-1])
+        if ctx.all_params:  # every weight (mlp_backward's default), and every bias if there are biases
+            needs_w, needs_b = None, (None if ctx.bias else [False] * n_layers)
         else:
             needs_w, needs_b = _param_needs(needs[3:], ctx.bias, n_layers)
         grads = F.mlp_backward(
-            grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, ctx.out_features),  # dL/do, (N, out)
-            x,  # type: ignore[arg-type]
+            grad_output,  # dL/do, (N, out)
+            input,  # type: ignore[arg-type]
             weights,
             hidden,
             ctx.activations,
@@ -306,6 +310,8 @@ class MLPFunction(Function):
             needs_bias_grad=needs_b,
         )
         grad_input = grads.grad_input
-        if grad_input is not None and grad_input.shape != ctx.input_shape:
+        if grad_input is not None and input_dim != 2:
             grad_input = grad_input.reshape(ctx.input_shape)
-        return (grad_input, None, None, *join_params(grads.grad_weights, grads.grad_biases, ctx.bias))
+        if ctx.bias:
+            return (grad_input, None, None, *[t for pair in zip(grads.grad_weights, grads.grad_biases) for t in pair])
+        return (grad_input, None, None, *grads.grad_weights)

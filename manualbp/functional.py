@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 _aten = torch.ops.aten
+_torch_linear = torch.nn.functional.linear
 
 __all__ = [
     "linear",
@@ -70,8 +71,8 @@ REDUCTIONS = ("mean", "sum", "none")
 # --------------------------------------------------------------------------------------------------
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """z = a_prev W^T + b for a batch of rows; ``input`` (*, in), ``weight`` (out, in) -> (*, out)."""
-    if input.dim() == 2 and weight.dim() == 2 and bias is not None:
-        return torch.addmm(bias, input, weight.mT)  # z_i = sum_j w_ij x_j + b_i in one kernel, (N, out)
+    if weight.dim() == 2:  # z_i = sum_j w_ij x_j + b_i: torch's linear, one addmm kernel for rows (N, in)
+        return _torch_linear(input, weight, bias)  # (*, out)
     if weight.dim() == 3 and bias is not None and input.dim() in (2, 3):  # K stacked models, one kernel
         batch = input if input.dim() == 3 else input.expand(weight.shape[0], *input.shape)
         return torch.baddbmm(bias, batch, weight.mT)  # z = a_prev W^T + b per model, (K, N, out)
@@ -95,6 +96,12 @@ def linear_backward(
     ``grad_output`` is dL/dz of shape (*, out), ``input`` a_prev of shape (*, in) (only read for
     grad_weight), ``weight`` (out, in) (only read for grad_input).
     """
+    if grad_output.dim() == 2 and (weight is None or weight.dim() == 2):  # a batch of rows (N, out)
+        return (
+            grad_output.mm(weight) if needs_input_grad else None,  # dL/da_j = sum_i dL/dz_i w_ij, (N, in)
+            grad_output.t().mm(input) if needs_weight_grad else None,  # dL/dw_ij = dL/dz_i a_j, (out, in)
+            grad_output.sum(0) if needs_bias_grad else None,  # dL/db_i = dL/dz_i, summed over the batch, (out,)
+        )
     grad_input = grad_weight = grad_bias = None
     if weight is not None and weight.dim() == 3:
         # K stacked models: grad_output (K, N, out), input (K or 1, N, in), weight (K, out, in)
@@ -127,7 +134,7 @@ def sigmoid(input: Tensor) -> Tensor:
 
 
 def sigmoid_backward(grad_output: Tensor, output: Tensor) -> Tensor:
-    return _aten.sigmoid_backward(grad_output, output)  # dL/dz = dL/da * a (1 - a), like z (one kernel)
+    return _aten.sigmoid_backward.default(grad_output, output)  # dL/dz = dL/da * a (1 - a), like z (one kernel)
 
 
 def tanh(input: Tensor) -> Tensor:
@@ -136,7 +143,7 @@ def tanh(input: Tensor) -> Tensor:
 
 
 def tanh_backward(grad_output: Tensor, output: Tensor) -> Tensor:
-    return _aten.tanh_backward(grad_output, output)  # dL/dz = dL/da * (1 - a^2), like z (one kernel)
+    return _aten.tanh_backward.default(grad_output, output)  # dL/dz = dL/da * (1 - a^2), like z (one kernel)
 
 
 def relu(input: Tensor) -> Tensor:
@@ -145,7 +152,7 @@ def relu(input: Tensor) -> Tensor:
 
 
 def relu_backward(grad_output: Tensor, output: Tensor) -> Tensor:
-    return _aten.threshold_backward(grad_output, output, 0)  # dL/dz = dL/da * [a > 0], like z (one kernel)
+    return _aten.threshold_backward.default(grad_output, output, 0)  # dL/dz = dL/da * [a > 0], like z (one kernel)
 
 
 def leaky_relu(input: Tensor, negative_slope: float = 0.01) -> Tensor:
@@ -155,7 +162,7 @@ def leaky_relu(input: Tensor, negative_slope: float = 0.01) -> Tensor:
 
 def leaky_relu_backward(grad_output: Tensor, output: Tensor, negative_slope: float = 0.01) -> Tensor:
     # dL/dz = dL/da * ([a > 0] + slope [a <= 0]), like z (one kernel; True: a is the saved output)
-    return _aten.leaky_relu_backward(grad_output, output, negative_slope, True)
+    return _aten.leaky_relu_backward.default(grad_output, output, negative_slope, True)
 
 
 def identity(input: Tensor) -> Tensor:
@@ -443,9 +450,9 @@ def mlp_forward(
     a = input
     hidden: list[Tensor] = []
     pre: list[Tensor] = []
-    for (weight, bias), (name, slope) in zip(zip(weights[:-1], biases[:-1]), activations):
-        z = linear(a, weight, bias)  # z_i = sum_j w_ij a_j + b_i
-        a = activation(name, z, slope)  # a_i = sigma(z_i)
+    for layer, (name, slope) in enumerate(activations):
+        z = linear(a, weights[layer], biases[layer])  # z_i = sum_j w_ij a_j + b_i
+        a = ACTIVATIONS[name][0](z, slope) if name == "leaky_relu" else ACTIVATIONS[name][0](z)  # a_i = sigma(z_i)
         hidden.append(a)
         if return_pre_activations:
             pre.append(z)
@@ -488,16 +495,20 @@ def mlp_backward(
     a hidden activation (used for double backward; None entries mean zero).
     """
     n_layers = len(weights)
+    all_weights = needs_weight_grad is None
     needs_weight_grad = needs_weight_grad or [True] * n_layers
     needs_bias_grad = needs_bias_grad or [True] * n_layers
-    below = needs_below(needs_input_grad, needs_weight_grad, needs_bias_grad)
+    if all_weights:  # every weight needs its gradient: only layer 0 may keep dL/da^0 = dL/dx to itself
+        below = [needs_input_grad] + [True] * (n_layers - 1)
+    else:
+        below = needs_below(needs_input_grad, needs_weight_grad, needs_bias_grad)
     grad_weights: list[Optional[Tensor]] = [None] * n_layers
     grad_biases: list[Optional[Tensor]] = [None] * n_layers
     grad_hidden_out: list[Tensor] = [None] * (n_layers - 1)  # type: ignore[list-item]
     grad_pre: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
     grad_input = None
     g = grad_output  # dL/do: the base case dL/dL = 1 times dL/do
-    for layer in reversed(range(n_layers)):
+    for layer in range(n_layers - 1, -1, -1):
         a_prev = hidden[layer - 1] if layer > 0 else input
         if return_intermediates:
             grad_pre[layer] = g
@@ -512,13 +523,13 @@ def mlp_backward(
         if layer == 0 or not below[layer]:  # nothing further down needs a gradient
             grad_input = grad_a if layer == 0 else None
             break
-        extra = grad_hidden[layer - 1] if grad_hidden is not None else None
-        if extra is not None:
-            grad_a = grad_a + extra  # a gradient arriving directly at a_prev (double backward)
+        if grad_hidden is not None and grad_hidden[layer - 1] is not None:
+            grad_a = grad_a + grad_hidden[layer - 1]  # a gradient arriving directly at a_prev (double backward)
         if return_intermediates:
             grad_hidden_out[layer - 1] = grad_a
         name, slope = activations[layer - 1]
-        g = activation_backward(name, grad_a, a_prev, slope)  # dL/dz = dL/da * sigma'(z), from a
+        backward = ACTIVATIONS[name][1]  # dL/dz = dL/da * sigma'(z), from a
+        g = backward(grad_a, a_prev, slope) if name == "leaky_relu" else backward(grad_a, a_prev)
     return MLPGradients(
         grad_input,
         grad_weights,
