@@ -168,12 +168,51 @@ SquaredErrorLossFunction = _loss_function(
 MSELossFunction = _loss_function(
     F.mse_loss, F.mse_loss_backward, "MSELossFunction", "PyTorch's mse_loss. ``apply(input, target, reduction)``."
 )
-CrossEntropyFunction = _loss_function(
-    F.cross_entropy,
-    F.cross_entropy_backward,
-    "CrossEntropyFunction",
-    "Fused softmax + cross-entropy on logits; dL/do = softmax(o) - y. ``apply(input, target, reduction)``.",
-)
+_CE_SAVED = "_manualbp_cross_entropy"  # forward -> setup_context, on the loss tensor for an instant
+
+
+class CrossEntropyFunction(Function):
+    """Fused softmax + cross-entropy on logits; dL/do = softmax(o) - y. ``apply(input, target, reduction)``.
+
+    For class indices in eager mode the forward hands log yhat and the example count it computed to the
+    backward, which then runs only the two kernels of the formula; where the backward must build a graph
+    (double backward) or under torch.compile / torch.func it recomputes log yhat from the saved input,
+    differentiably.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:  # type: ignore[override]
+        if target.is_floating_point() or torch.compiler.is_compiling() or _transforms_active() or _is_wrapped(input):
+            return F.cross_entropy(input, target, reduction)
+        loss, log_probs, count = F.class_cross_entropy(input, target, reduction)
+        setattr(loss, _CE_SAVED, (log_probs, count))  # setup_context takes them off at once
+        return loss
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        input, target, reduction = inputs
+        ctx.save_for_backward(input, target)
+        ctx.reduction = reduction
+        ctx.log_probs = output.__dict__.pop(_CE_SAVED, None)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
+        input, target = ctx.saved_tensors  # unpacked even when unused: an in-place change of input still raises
+        if ctx.log_probs is not None and not torch.is_grad_enabled():  # no graph to build: reuse the forward's
+            log_probs, count = ctx.log_probs
+            grad_input, grad_target = F.cross_entropy_backward_from_log_probs(
+                grad_output, log_probs, target, ctx.reduction, count
+            )
+            if grad_input.dim() != input.dim():
+                grad_input = grad_input.reshape(input.shape)  # rows (N, K) -> (*, K)
+        else:
+            grad_input, grad_target = F.cross_entropy_backward(grad_output, input, target, ctx.reduction)
+        needs = ctx.needs_input_grad
+        return (grad_input if needs[0] else None, grad_target if needs[1] else None, None)
+
+
 CrossEntropyOnProbabilitiesFunction = _loss_function(
     F.cross_entropy_on_probabilities,
     F.cross_entropy_on_probabilities_backward,

@@ -51,6 +51,9 @@ __all__ = [
     "mse_loss_backward",
     "cross_entropy",
     "cross_entropy_backward",
+    "class_cross_entropy",
+    "cross_entropy_backward_from_log_probs",
+    "kernel_checks_class_range",
     "softmax",
     "softmax_backward",
     "cross_entropy_on_probabilities",
@@ -277,6 +280,7 @@ _IGNORE_INDEX = -100
 _nll_loss_forward = _aten.nll_loss_forward.default
 _nll_loss_backward = _aten.nll_loss_backward.default
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def kernel_checks_class_range(input: Tensor, reduction: str) -> bool:
@@ -290,11 +294,33 @@ def kernel_checks_class_range(input: Tensor, reduction: str) -> bool:
     """
     return (
         reduction != "none"
-        and input.device.type == "cpu"
-        and input.dtype in (torch.float32, torch.float64)
+        and input.is_cpu
+        and (input.dtype is torch.float32 or input.dtype is torch.float64)
         and not torch.compiler.is_compiling()
+        and not _transforms_active()
         and not _is_wrapped(input)
     )
+
+
+def class_cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`cross_entropy` for class indices, with what its backward can reuse.
+
+    Returns ``(loss, log_probs, count)``: the loss, log yhat = log softmax(o) as rows (N, C), and the number
+    of examples the kernel counted as a 0-d tensor of input's dtype (what
+    :func:`cross_entropy_backward_from_log_probs` takes).
+    """
+    # L_n = -log yhat_{y_n}: ATen's stable log-softmax, then nll_loss picks -log yhat at each target (and
+    # sums or averages): the two kernels torch.nn.functional.cross_entropy runs.
+    index = target if target.dtype == torch.int64 else target.long()
+    log_probs = torch.log_softmax(input, dim=-1)  # log yhat, (*, K)
+    if input.dim() != 2:  # (N, C) for the kernel
+        log_probs, index = log_probs.reshape(-1, input.shape[-1]), index.reshape(-1)
+    loss, count = _nll_loss_forward(log_probs, index, None, _REDUCTION_ENUM[reduction], _IGNORE_INDEX)
+    if kernel_checks_class_range(input, reduction) and count.item() != index.shape[0]:
+        raise IndexError(f"Target {_IGNORE_INDEX} is out of bounds.")  # the kernel skipped it: ATen's words
+    if reduction == "none" and input.dim() != 2:
+        loss = loss.reshape(target.shape)  # (*)
+    return loss, log_probs, count
 
 
 def cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -307,16 +333,7 @@ def cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> Ten
     ever skipped silently there (-100 included).
     """
     if not target.is_floating_point():
-        # One-hot y: L_n = -log yhat_{y_n}: ATen's stable log-softmax, then nll_loss picks -log yhat at each
-        # target (and sums or averages): the two kernels torch.nn.functional.cross_entropy runs.
-        index = target if target.dtype == torch.int64 else target.long()
-        log_probs = torch.log_softmax(input, dim=-1)  # log yhat, (*, K)
-        if input.dim() != 2:  # (N, C) for the kernel
-            log_probs, index = log_probs.reshape(-1, input.shape[-1]), index.reshape(-1)
-        loss, counted = _nll_loss_forward(log_probs, index, None, _REDUCTION_ENUM[reduction], _IGNORE_INDEX)
-        if kernel_checks_class_range(input, reduction) and counted.item() != index.shape[0]:
-            raise IndexError(f"Target {_IGNORE_INDEX} is out of bounds.")  # the kernel skipped it: ATen's words
-        return loss.reshape(target.shape) if reduction == "none" and input.dim() != 2 else loss
+        return class_cross_entropy(input, target, reduction)[0]
     per_example = -(target * _log_softmax(input)).sum(-1)  # L_n = -sum_k y_k log yhat_k, (*)
     return _reduce(per_example, reduction)
 
@@ -328,38 +345,50 @@ def cross_entropy_backward(
 
     dL/do_k = yhat_k * sum_j y_j - y_k, which is the familiar softmax(o) - y when y is a distribution,
     times the reduction's factor (1/N for "mean", each example's ``grad_output`` for "none").
+    The formula is :func:`cross_entropy_backward_from_log_probs`, given log yhat = log softmax(o).
+    """
+    grad_input, grad_target = cross_entropy_backward_from_log_probs(
+        grad_output, torch.log_softmax(input, dim=-1), target, reduction
+    )
+    if grad_input.dim() != input.dim():  # class indices: rows (N, K) -> (*, K)
+        grad_input = grad_input.reshape(input.shape)
+    return grad_input, grad_target
+
+
+def cross_entropy_backward_from_log_probs(
+    grad_output: Tensor, log_probs: Tensor, target: Tensor, reduction: str = "mean", count: Optional[Tensor] = None
+) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`cross_entropy_backward` from log yhat = log softmax(o) (*, K), as the forward computed it.
 
     Written as g = dL/d(log yhat) = -y * scale, then dL/do = g - yhat * sum_k g_k (the chain rule through
     log softmax: d log yhat_j / d o_k = [j = k] - yhat_k), which is ATen's one-kernel
     ``_log_softmax_backward_data(g, log yhat)``; for class indices g itself is ``nll_loss_backward``'s one
-    kernel (zero, and -scale at each target class). ``tests/test_gradcheck.py`` pins both kernels
-    against the plain formula.
+    kernel (zero, and -scale at each target class), and dL/do comes as rows (N, K). ``count`` is the number
+    of examples N as a 0-d tensor of log_probs' dtype (:func:`class_cross_entropy` returns it; made here
+    when None). ``tests/test_gradcheck.py`` pins both kernels against the plain formula.
     """
-    log_probs = torch.log_softmax(input, dim=-1)  # log yhat, (*, K)
     if not target.is_floating_point():
         index = target if target.dtype == torch.int64 else target.long()
-        logp2d = log_probs if log_probs.dim() == 2 else log_probs.reshape(-1, log_probs.shape[-1])  # (N, K)
-        if not isinstance(grad_output, Tensor):  # a plain number: dL_total/dL
-            grad_output = log_probs.new_full((), grad_output)
-        if reduction == "mean":  # d mean / d L_n = 1/N: nll_loss_backward divides by this "total weight"
-            total = log_probs.new_full((), logp2d.shape[0])
-        else:
-            total = log_probs.new_ones(())  # read by "mean" only
-            if reduction == "none" and grad_output.dim() != 1:
-                grad_output = grad_output.reshape(-1)  # one factor per example, (N,)
-        # dL/dlog yhat_k = -y_k * scale: zero, and -scale at the target class of each row, (N, K)
+        if log_probs.dim() != 2:
+            log_probs = log_probs.reshape(-1, log_probs.shape[-1])  # (N, K)
         if index.dim() != 1:
             index = index.reshape(-1)  # (N,)
-        g = _nll_loss_backward(grad_output, logp2d, index, None, _REDUCTION_ENUM[reduction], _IGNORE_INDEX, total)
-        grad_input = torch._log_softmax_backward_data(g, logp2d, -1, input.dtype)  # dL/do = yhat - y, (N, K)
-        return grad_input if input.dim() == 2 else grad_input.reshape(input.shape), None
-    count = input.shape[:-1].numel()  # examples: every dimension but the last
+        if not isinstance(grad_output, Tensor):  # a plain number: dL_total/dL
+            grad_output = log_probs.new_full((), grad_output)
+        if count is None:  # d mean / d L_n = 1/N: nll_loss_backward divides by this "total weight" ("mean" only)
+            count = log_probs.new_full((), log_probs.shape[0]) if reduction == "mean" else log_probs.new_ones(())
+        if reduction == "none" and grad_output.dim() != 1:
+            grad_output = grad_output.reshape(-1)  # one factor per example, (N,)
+        # dL/dlog yhat_k = -y_k * scale: zero, and -scale at the target class of each row, (N, K)
+        g = _nll_loss_backward(grad_output, log_probs, index, None, _REDUCTION_ENUM[reduction], _IGNORE_INDEX, count)
+        return torch._log_softmax_backward_data(g, log_probs, -1, log_probs.dtype), None  # yhat - y, (N, K)
+    count = log_probs.shape[:-1].numel()  # examples: every dimension but the last
     scale = _expand_grad(grad_output, reduction, count)
     if reduction == "none":
         scale = scale.unsqueeze(-1)
     neg_scale = -scale
     g = target * neg_scale  # dL/dlog yhat_k = -y_k * scale, (*, K)
-    grad_input = torch._log_softmax_backward_data(g, log_probs, -1, input.dtype)  # yhat sum_j y_j - y, (*, K)
+    grad_input = torch._log_softmax_backward_data(g, log_probs, -1, log_probs.dtype)  # yhat sum_j y_j - y, (*, K)
     grad_target = log_probs * neg_scale  # dL/dy_k = -log yhat_k, (*, K)
     return grad_input, grad_target
 
