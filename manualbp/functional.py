@@ -131,36 +131,36 @@ def linear_backward(
 # --------------------------------------------------------------------------------------------------
 # Activations a = sigma(z); backward from the saved output a.
 # --------------------------------------------------------------------------------------------------
-def sigmoid(input: Tensor) -> Tensor:
-    """a = 1 / (1 + exp(-z))."""
-    return torch.sigmoid(input)
+def sigmoid(input: Tensor, inplace: bool = False) -> Tensor:
+    """a = 1 / (1 + exp(-z)); ``inplace`` overwrites z with a (for a z nothing else reads)."""
+    return torch.sigmoid_(input) if inplace else torch.sigmoid(input)
 
 
 def sigmoid_backward(grad_output: Tensor, output: Tensor) -> Tensor:
     return _aten.sigmoid_backward.default(grad_output, output)  # dL/dz = dL/da * a (1 - a), like z (one kernel)
 
 
-def tanh(input: Tensor) -> Tensor:
+def tanh(input: Tensor, inplace: bool = False) -> Tensor:
     """a = tanh(z)."""
-    return torch.tanh(input)
+    return torch.tanh_(input) if inplace else torch.tanh(input)
 
 
 def tanh_backward(grad_output: Tensor, output: Tensor) -> Tensor:
     return _aten.tanh_backward.default(grad_output, output)  # dL/dz = dL/da * (1 - a^2), like z (one kernel)
 
 
-def relu(input: Tensor) -> Tensor:
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
     """a = max(z, 0)."""
-    return torch.relu(input)
+    return torch.relu_(input) if inplace else torch.relu(input)
 
 
 def relu_backward(grad_output: Tensor, output: Tensor) -> Tensor:
     return _aten.threshold_backward.default(grad_output, output, 0)  # dL/dz = dL/da * [a > 0], like z (one kernel)
 
 
-def leaky_relu(input: Tensor, negative_slope: float = 0.01) -> Tensor:
+def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     """a = z if z > 0 else negative_slope * z (negative_slope >= 0, so a > 0 exactly when z > 0)."""
-    return torch.nn.functional.leaky_relu(input, negative_slope)
+    return torch.nn.functional.leaky_relu(input, negative_slope, inplace)
 
 
 def leaky_relu_backward(grad_output: Tensor, output: Tensor, negative_slope: float = 0.01) -> Tensor:
@@ -168,7 +168,7 @@ def leaky_relu_backward(grad_output: Tensor, output: Tensor, negative_slope: flo
     return _aten.leaky_relu_backward.default(grad_output, output, negative_slope, True)
 
 
-def identity(input: Tensor) -> Tensor:
+def identity(input: Tensor, inplace: bool = False) -> Tensor:
     """a = z (a linear 'activation')."""
     return input
 
@@ -479,9 +479,11 @@ def mlp_forward(
     a = input
     hidden: list[Tensor] = []
     pre: list[Tensor] = []
+    inplace = not return_pre_activations  # a overwrites z, a fresh tensor nothing else reads: one buffer a layer
     for layer, (name, slope) in enumerate(activations):
         z = linear(a, weights[layer], biases[layer])  # z_i = sum_j w_ij a_j + b_i
-        a = ACTIVATIONS[name][0](z, slope) if name == "leaky_relu" else ACTIVATIONS[name][0](z)  # a_i = sigma(z_i)
+        forward = ACTIVATIONS[name][0]
+        a = forward(z, slope, inplace) if name == "leaky_relu" else forward(z, inplace)  # a_i = sigma(z_i)
         hidden.append(a)
         if return_pre_activations:
             pre.append(z)
@@ -552,6 +554,9 @@ def mlp_backward(
         if layer == 0 or not below[layer]:  # nothing further down needs a gradient
             grad_input = grad_a if layer == 0 else None
             break
+        # Drop each buffer as soon as it is read for the last time, as autograd's engine does: the next
+        # allocation of the same size can then reuse it (fresh large buffers cost page faults).
+        g = None  # type: ignore[assignment]
         if grad_hidden is not None and grad_hidden[layer - 1] is not None:
             grad_a = grad_a + grad_hidden[layer - 1]  # a gradient arriving directly at a_prev (double backward)
         if return_intermediates:
@@ -559,6 +564,7 @@ def mlp_backward(
         name, slope = activations[layer - 1]
         backward = ACTIVATIONS[name][1]  # dL/dz = dL/da * sigma'(z), from a
         g = backward(grad_a, a_prev, slope) if name == "leaky_relu" else backward(grad_a, a_prev)
+        grad_a = None  # type: ignore[assignment]
     return MLPGradients(
         grad_input,
         grad_weights,
