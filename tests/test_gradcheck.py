@@ -178,3 +178,25 @@ def test_cross_entropy_backward_kernels_are_the_plain_formula(reduction, target_
         torch.testing.assert_close(
             F.cross_entropy_backward(1.5, o.detach(), target, reduction)[0], (ref / g * 1.5).detach()
         )
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_ACTIVATION_BACKWARD))
+def test_mlp_forward_in_place_activations_keep_what_is_asked_for(name):
+    """mlp_forward applies each activation in place on its fresh z unless the pre-activations are asked for."""
+    from manualbp import functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=D)
+    weights = [torch.randn(6, 4, dtype=D), torch.randn(3, 6, dtype=D)]
+    biases = [torch.randn(6, dtype=D), torch.randn(3, dtype=D)]
+    specs = ((name, 0.1),)
+    before = [t.clone() for t in (x, *weights, *biases)]
+    plain = F.mlp_forward(x, weights, biases, specs)
+    traced = F.mlp_forward(x, weights, biases, specs, return_pre_activations=True)
+    z = x @ weights[0].T + biases[0]
+    torch.testing.assert_close(traced.pre_activations[0], z, rtol=0, atol=1e-14)  # z itself, not sigma(z)
+    a = PLAIN_ACTIVATION_BACKWARD[name][1](z)
+    for result in (plain, traced):
+        torch.testing.assert_close(result.hidden[0], a, rtol=0, atol=1e-14)
+        torch.testing.assert_close(result.output, a @ weights[1].T + biases[1], rtol=0, atol=1e-13)
+    assert all(torch.equal(t, b) for t, b in zip((x, *weights, *biases), before))  # inputs untouched
