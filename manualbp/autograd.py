@@ -193,15 +193,16 @@ class CrossEntropyFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         input, target, reduction = inputs
-        ctx.save_for_backward(input, target)
+        reused = output.__dict__.pop(_CE_SAVED, ())
+        # saved like any saved tensor (saved_tensors_hooks see them); read only where no graph is built
+        ctx.save_for_backward(input, target, *reused)
         ctx.reduction = reduction
-        ctx.log_probs = output.__dict__.pop(_CE_SAVED, None)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
-        input, target = ctx.saved_tensors  # unpacked even when unused: an in-place change of input still raises
-        if ctx.log_probs is not None and not torch.is_grad_enabled():  # no graph to build: reuse the forward's
-            log_probs, count = ctx.log_probs
+        input, target, *reused = ctx.saved_tensors  # input unpacked even when unused: in-place changes raise
+        if reused and not torch.is_grad_enabled():  # no graph to build: reuse the forward's log yhat and count
+            log_probs, count = reused
             grad_input, grad_target = F.cross_entropy_backward_from_log_probs(
                 grad_output, log_probs, target, ctx.reduction, count
             )

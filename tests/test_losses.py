@@ -250,3 +250,21 @@ def test_cross_entropy_vmap_over_targets_only():
     for k, t in enumerate(targets):
         assert rel_err(values[k], TF.cross_entropy(o, t)) <= 1e-14
         assert rel_err(grads[k], grad(TF.cross_entropy)(o, t)) <= 1e-14
+
+
+def test_cross_entropy_saves_what_its_backward_reuses_through_saved_tensor_hooks():
+    # the forward's log yhat is saved like any saved tensor: offloading / checkpointing hooks see it
+    logits = torch.randn(6, 4, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 0, 1])
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = CrossEntropyLoss()(logits, target)
+    assert (6, 4) in shapes and shapes.count((6, 4)) == 2  # the logits and log yhat
+    loss.backward()
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, target), logits)[0]
+    torch.testing.assert_close(logits.grad, expected)
