@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .functional import REDUCTIONS
+from .functional import REDUCTIONS, kernel_checks_class_range
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -105,7 +105,11 @@ def check_regression_loss(input: object, target: object, reduction: object) -> N
 
 def check_classification_loss(input: object, target: object, reduction: object) -> None:
     """Cross-entropy: floating logits (*, C); class indices (*) of an integer dtype in [0, C), or
-    probabilities (*, C) of input's dtype."""
+    probabilities (*, C) of input's dtype.
+
+    The range of class indices is checked here only where the loss kernel does not reject a bad index
+    itself (see ``functional.kernel_checks_class_range``); ``manualbp.nn.CrossEntropyLoss`` turns the
+    kernel's ``IndexError`` into the same ``ValueError`` (:func:`check_class_range`)."""
     # The helpers raise the errors; on the happy path each condition is tested inline (this runs per call).
     if reduction not in REDUCTIONS:
         check_reduction(reduction)
@@ -141,16 +145,21 @@ def check_classification_loss(input: object, target: object, reduction: object) 
                 f"target: class indices must have shape {tuple(shape[:-1])} (input's shape without the "
                 f"class dimension C={n_classes}), got {_shape(t)}"
             )
-        if t.numel() and not t.is_meta and not is_tracing(t):
-            extremes = torch.aminmax(t)  # one pass over the targets
-            low, high = int(extremes.min), int(extremes.max)
-            if low < 0 or high >= n_classes:
-                bad = low if low < 0 else high
-                raise ValueError(
-                    f"target: class index {bad} is out of range for C={n_classes} classes [0, {n_classes})"
-                )
+        # On CPU the loss kernel itself rejects an out-of-range index (manualbp.nn.CrossEntropyLoss turns
+        # its IndexError into this function's ValueError): no separate pass over the targets, no sync.
+        if t.numel() and not t.is_meta and not kernel_checks_class_range(i, reduction) and not is_tracing(t):
+            check_class_range(t, n_classes)
     if reduction == "mean":
         _check_not_empty_mean(i, reduction, shape[:-1].numel())
+
+
+def check_class_range(target: Tensor, n_classes: int) -> None:
+    """Class indices in [0, n_classes): a ValueError naming the first extreme out of range (one pass, one sync)."""
+    extremes = torch.aminmax(target)
+    low, high = int(extremes.min), int(extremes.max)
+    if low < 0 or high >= n_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"target: class index {bad} is out of range for C={n_classes} classes [0, {n_classes})")
 
 
 def check_positive_int(value: object, name: str) -> int:

@@ -168,12 +168,52 @@ SquaredErrorLossFunction = _loss_function(
 MSELossFunction = _loss_function(
     F.mse_loss, F.mse_loss_backward, "MSELossFunction", "PyTorch's mse_loss. ``apply(input, target, reduction)``."
 )
-CrossEntropyFunction = _loss_function(
-    F.cross_entropy,
-    F.cross_entropy_backward,
-    "CrossEntropyFunction",
-    "Fused softmax + cross-entropy on logits; dL/do = softmax(o) - y. ``apply(input, target, reduction)``.",
-)
+_CE_SAVED = "_manualbp_cross_entropy"  # forward -> setup_context, on the loss tensor for an instant
+
+
+class CrossEntropyFunction(Function):
+    """Fused softmax + cross-entropy on logits; dL/do = softmax(o) - y. ``apply(input, target, reduction)``.
+
+    For class indices in eager mode the forward hands log yhat and the example count it computed to the
+    backward, which then runs only the two kernels of the formula; where the backward must build a graph
+    (double backward) or under torch.compile / torch.func it recomputes log yhat from the saved input,
+    differentiably.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:  # type: ignore[override]
+        if target.is_floating_point() or torch.compiler.is_compiling() or _transforms_active() or _is_wrapped(input):
+            return F.cross_entropy(input, target, reduction)
+        loss, log_probs, count = F.class_cross_entropy(input, target, reduction)
+        setattr(loss, _CE_SAVED, (log_probs, count))  # setup_context takes them off at once
+        return loss
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        input, target, reduction = inputs
+        reused = output.__dict__.pop(_CE_SAVED, ())
+        # saved like any saved tensor (saved_tensors_hooks see them); read only where no graph is built
+        ctx.save_for_backward(input, target, *reused)
+        ctx.reduction = reduction
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
+        input, target, *reused = ctx.saved_tensors  # input unpacked even when unused: in-place changes raise
+        if reused and not torch.is_grad_enabled():  # no graph to build: reuse the forward's log yhat and count
+            log_probs, count = reused
+            grad_input, grad_target = F.cross_entropy_backward_from_log_probs(
+                grad_output, log_probs, target, ctx.reduction, count
+            )
+            if grad_input.dim() != input.dim():
+                grad_input = grad_input.reshape(input.shape)  # rows (N, K) -> (*, K)
+        else:
+            grad_input, grad_target = F.cross_entropy_backward(grad_output, input, target, ctx.reduction)
+        needs = ctx.needs_input_grad
+        return (grad_input if needs[0] else None, grad_target if needs[1] else None, None)
+
+
 CrossEntropyOnProbabilitiesFunction = _loss_function(
     F.cross_entropy_on_probabilities,
     F.cross_entropy_on_probabilities_backward,
@@ -238,7 +278,7 @@ class MLPFunction(Function):
 
     @staticmethod
     def forward(input: Tensor, activations: tuple, bias: bool, *params: Tensor):  # type: ignore[override]
-        weights, biases = split_params(params, bias)
+        weights, biases = (params[0::2], params[1::2]) if bias else (params, (None,) * len(params))
         if input.dim() == 2:
             result = F.mlp_forward(input, weights, biases, activations)
             return (result.output, *result.hidden)
@@ -249,15 +289,16 @@ class MLPFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, activations, bias = inputs[0], inputs[1], inputs[2]
-        params = inputs[3:]
-        weights = params[0::2] if bias else params
+        input, bias = inputs[0], inputs[2]
+        weights = inputs[3::2] if bias else inputs[3:]
         needs = ctx.needs_input_grad
         # Save only what the backward will read, as native autograd does: x for dL/dW^1; W^l when a
         # gradient must pass below layer l; a^l for dL/dW^{l+1} or for sigma' on the way down.
         if all(needs[3:]):  # training: every parameter needs its gradient, so all but W^1 pass one down
+            ctx.all_params = True
             ctx.save_for_backward(input, weights[0] if needs[0] else None, *weights[1:], *output[1:])
         else:
+            ctx.all_params = False
             needs_w, needs_b = _param_needs(needs[3:], bias, len(weights))
             below = F.needs_below(needs[0], needs_w, needs_b)
             ctx.save_for_backward(
@@ -265,10 +306,11 @@ class MLPFunction(Function):
                 *[w if below[k] else None for k, w in enumerate(weights)],
                 *[a if (needs_w[k + 1] or below[k + 1]) else None for k, a in enumerate(output[1:])],
             )
-        ctx.input_shape = input.shape
-        ctx.activations = activations
+        ctx.activations = inputs[1]
         ctx.bias = bias
         ctx.n_layers = len(weights)
+        ctx.input_shape = input.shape
+        ctx.input_dim = input.dim()
         ctx.out_features = weights[-1].shape[0]
         ctx.set_materialize_grads(False)
 
@@ -277,26 +319,28 @@ class MLPFunction(Function):
         n_layers = ctx.n_layers
         saved = ctx.saved_tensors
         input, weights, hidden = saved[0], saved[1 : 1 + n_layers], saved[1 + n_layers :]
-        x = input if input is None or input.dim() == 2 else input.reshape(-1, input.shape[-1])  # (N, in)
-        ref = None
+        needs = ctx.needs_input_grad
         for g in grad_hidden:
-            if g is not None:
-                ref = g
+            if g is not None:  # a hidden activation was used downstream too (double backward)
+                if grad_output is None:  # only hidden activations were: dL/do = 0, (N, out)
+                    grad_output = g.new_zeros(g.shape[0], ctx.out_features)
                 break
-        if ref is None:  # the usual case: only o was used downstream
+        else:  # the usual case: only o was used downstream
             grad_hidden = None  # type: ignore[assignment]
             if grad_output is None:  # nothing was: every gradient is zero
-                return (None,) * (3 + len(ctx.needs_input_grad[3:]))
-        elif grad_output is None:  # only hidden activations were used: dL/do = 0
-            grad_output = ref.new_zeros(ref.shape[0], ctx.out_features)
-        needs = ctx.needs_input_grad
-        if ctx.bias and all(needs[3:]):
-            needs_w = needs_b = None  # every weight and bias: mlp_backward's default
+                return (None,) * len(needs)
+        input_dim = ctx.input_dim
+        if input_dim != 2:  # (*, in) and (*, out) -> rows (N, in) and (N, out)
+            grad_output = grad_output.reshape(-1, grad_output.shape[-1])
+            if input is not None:
+                input = input.reshape(-1, input.shape[-1])
+        if ctx.all_params:  # every weight (mlp_backward's default), and every bias if there are biases
+            needs_w, needs_b = None, (None if ctx.bias else [False] * n_layers)
         else:
             needs_w, needs_b = _param_needs(needs[3:], ctx.bias, n_layers)
         grads = F.mlp_backward(
-            grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, ctx.out_features),  # dL/do, (N, out)
-            x,  # type: ignore[arg-type]
+            grad_output,  # dL/do, (N, out)
+            input,  # type: ignore[arg-type]
             weights,
             hidden,
             ctx.activations,
@@ -306,6 +350,8 @@ class MLPFunction(Function):
             needs_bias_grad=needs_b,
         )
         grad_input = grads.grad_input
-        if grad_input is not None and grad_input.shape != ctx.input_shape:
+        if grad_input is not None and input_dim != 2:
             grad_input = grad_input.reshape(ctx.input_shape)
-        return (grad_input, None, None, *join_params(grads.grad_weights, grads.grad_biases, ctx.bias))
+        if ctx.bias:
+            return (grad_input, None, None, *[t for pair in zip(grads.grad_weights, grads.grad_biases) for t in pair])
+        return (grad_input, None, None, *grads.grad_weights)

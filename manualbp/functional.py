@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 _aten = torch.ops.aten
+_torch_linear = torch.nn.functional.linear
 
 __all__ = [
     "linear",
@@ -50,6 +51,9 @@ __all__ = [
     "mse_loss_backward",
     "cross_entropy",
     "cross_entropy_backward",
+    "class_cross_entropy",
+    "cross_entropy_backward_from_log_probs",
+    "kernel_checks_class_range",
     "softmax",
     "softmax_backward",
     "cross_entropy_on_probabilities",
@@ -70,8 +74,8 @@ REDUCTIONS = ("mean", "sum", "none")
 # --------------------------------------------------------------------------------------------------
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """z = a_prev W^T + b for a batch of rows; ``input`` (*, in), ``weight`` (out, in) -> (*, out)."""
-    if input.dim() == 2 and weight.dim() == 2 and bias is not None:
-        return torch.addmm(bias, input, weight.mT)  # z_i = sum_j w_ij x_j + b_i in one kernel, (N, out)
+    if weight.dim() == 2:  # z_i = sum_j w_ij x_j + b_i: torch's linear, one addmm kernel for rows (N, in)
+        return _torch_linear(input, weight, bias)  # (*, out)
     if weight.dim() == 3 and bias is not None and input.dim() in (2, 3):  # K stacked models, one kernel
         batch = input if input.dim() == 3 else input.expand(weight.shape[0], *input.shape)
         return torch.baddbmm(bias, batch, weight.mT)  # z = a_prev W^T + b per model, (K, N, out)
@@ -95,6 +99,12 @@ def linear_backward(
     ``grad_output`` is dL/dz of shape (*, out), ``input`` a_prev of shape (*, in) (only read for
     grad_weight), ``weight`` (out, in) (only read for grad_input).
     """
+    if grad_output.dim() == 2 and (weight is None or weight.dim() == 2):  # a batch of rows (N, out)
+        return (
+            grad_output.mm(weight) if needs_input_grad else None,  # dL/da_j = sum_i dL/dz_i w_ij, (N, in)
+            grad_output.t().mm(input) if needs_weight_grad else None,  # dL/dw_ij = dL/dz_i a_j, (out, in)
+            grad_output.sum(0) if needs_bias_grad else None,  # dL/db_i = dL/dz_i, summed over the batch, (out,)
+        )
     grad_input = grad_weight = grad_bias = None
     if weight is not None and weight.dim() == 3:
         # K stacked models: grad_output (K, N, out), input (K or 1, N, in), weight (K, out, in)
@@ -121,44 +131,44 @@ def linear_backward(
 # --------------------------------------------------------------------------------------------------
 # Activations a = sigma(z); backward from the saved output a.
 # --------------------------------------------------------------------------------------------------
-def sigmoid(input: Tensor) -> Tensor:
-    """a = 1 / (1 + exp(-z))."""
-    return torch.sigmoid(input)
+def sigmoid(input: Tensor, inplace: bool = False) -> Tensor:
+    """a = 1 / (1 + exp(-z)); ``inplace`` overwrites z with a (for a z nothing else reads)."""
+    return torch.sigmoid_(input) if inplace else torch.sigmoid(input)
 
 
 def sigmoid_backward(grad_output: Tensor, output: Tensor) -> Tensor:
-    return _aten.sigmoid_backward(grad_output, output)  # dL/dz = dL/da * a (1 - a), like z (one kernel)
+    return _aten.sigmoid_backward.default(grad_output, output)  # dL/dz = dL/da * a (1 - a), like z (one kernel)
 
 
-def tanh(input: Tensor) -> Tensor:
+def tanh(input: Tensor, inplace: bool = False) -> Tensor:
     """a = tanh(z)."""
-    return torch.tanh(input)
+    return torch.tanh_(input) if inplace else torch.tanh(input)
 
 
 def tanh_backward(grad_output: Tensor, output: Tensor) -> Tensor:
-    return _aten.tanh_backward(grad_output, output)  # dL/dz = dL/da * (1 - a^2), like z (one kernel)
+    return _aten.tanh_backward.default(grad_output, output)  # dL/dz = dL/da * (1 - a^2), like z (one kernel)
 
 
-def relu(input: Tensor) -> Tensor:
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
     """a = max(z, 0)."""
-    return torch.relu(input)
+    return torch.relu_(input) if inplace else torch.relu(input)
 
 
 def relu_backward(grad_output: Tensor, output: Tensor) -> Tensor:
-    return _aten.threshold_backward(grad_output, output, 0)  # dL/dz = dL/da * [a > 0], like z (one kernel)
+    return _aten.threshold_backward.default(grad_output, output, 0)  # dL/dz = dL/da * [a > 0], like z (one kernel)
 
 
-def leaky_relu(input: Tensor, negative_slope: float = 0.01) -> Tensor:
+def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
     """a = z if z > 0 else negative_slope * z (negative_slope >= 0, so a > 0 exactly when z > 0)."""
-    return torch.nn.functional.leaky_relu(input, negative_slope)
+    return torch.nn.functional.leaky_relu(input, negative_slope, inplace)
 
 
 def leaky_relu_backward(grad_output: Tensor, output: Tensor, negative_slope: float = 0.01) -> Tensor:
     # dL/dz = dL/da * ([a > 0] + slope [a <= 0]), like z (one kernel; True: a is the saved output)
-    return _aten.leaky_relu_backward(grad_output, output, negative_slope, True)
+    return _aten.leaky_relu_backward.default(grad_output, output, negative_slope, True)
 
 
-def identity(input: Tensor) -> Tensor:
+def identity(input: Tensor, inplace: bool = False) -> Tensor:
     """a = z (a linear 'activation')."""
     return input
 
@@ -263,20 +273,67 @@ def _target_distribution(input: Tensor, target: Tensor) -> Tensor:
     return (target.unsqueeze(-1) == classes).to(input.dtype)  # y_k = [k = target], (*, K)
 
 
+#: ``reduction`` -> the enum of ATen's loss kernels (``torch.nn._reduction.get_enum``).
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+#: The one target value ATen's nll_loss kernels skip (``ignore_index``) instead of rejecting as out of bounds.
+_IGNORE_INDEX = -100
+_nll_loss_forward = _aten.nll_loss_forward.default
+_nll_loss_backward = _aten.nll_loss_backward.default
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def kernel_checks_class_range(input: Tensor, reduction: str) -> bool:
+    """Does :func:`cross_entropy` itself reject every class index outside [0, C) for this ``input``?
+
+    On CPU ATen's nll_loss kernel raises ``IndexError`` for an out-of-range target, except for its
+    ``ignore_index`` -100, which it skips; :func:`cross_entropy` catches that one from the count of examples
+    the kernel returns, which is exact for "mean" and "sum" in float32 and float64. Elsewhere (a GPU,
+    where a bad index is a device-side assert; "none"; float16/bfloat16; torch.compile and torch.func)
+    the targets must be checked beforehand (``manualbp.nn.CrossEntropyLoss`` does).
+    """
+    return (
+        reduction != "none"
+        and input.is_cpu
+        and (input.dtype is torch.float32 or input.dtype is torch.float64)
+        and not torch.compiler.is_compiling()
+        and not _transforms_active()
+        and not _is_wrapped(input)
+    )
+
+
+def class_cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`cross_entropy` for class indices, with what its backward can reuse.
+
+    Returns ``(loss, log_probs, count)``: the loss, log yhat = log softmax(o) as rows (N, C), and the number
+    of examples the kernel counted as a 0-d tensor of input's dtype (what
+    :func:`cross_entropy_backward_from_log_probs` takes).
+    """
+    # L_n = -log yhat_{y_n}: ATen's stable log-softmax, then nll_loss picks -log yhat at each target (and
+    # sums or averages): the two kernels torch.nn.functional.cross_entropy runs.
+    index = target if target.dtype == torch.int64 else target.long()
+    log_probs = torch.log_softmax(input, dim=-1)  # log yhat, (*, K)
+    if input.dim() != 2:  # (N, C) for the kernel
+        log_probs, index = log_probs.reshape(-1, input.shape[-1]), index.reshape(-1)
+    loss, count = _nll_loss_forward(log_probs, index, None, _REDUCTION_ENUM[reduction], _IGNORE_INDEX)
+    if kernel_checks_class_range(input, reduction) and count.item() != index.shape[0]:
+        raise IndexError(f"Target {_IGNORE_INDEX} is out of bounds.")  # the kernel skipped it: ATen's words
+    if reduction == "none" and input.dim() != 2:
+        loss = loss.reshape(target.shape)  # (*)
+    return loss, log_probs, count
+
+
 def cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Fused softmax + cross-entropy on logits o: L_n = -sum_k y_k log softmax(o)_k.
 
     ``target`` holds class indices (shape ``*``, an integer dtype) or probabilities (shape ``(*, K)``,
     floating). "mean" divides by the number of examples, as ``torch.nn.functional.cross_entropy`` does.
-    Numerically stable through log-sum-exp.
+    Numerically stable through log-sum-exp. A class index outside [0, C) raises ``IndexError`` where
+    :func:`kernel_checks_class_range` says so; unlike ``torch.nn.functional.cross_entropy`` no index is
+    ever skipped silently there (-100 included).
     """
     if not target.is_floating_point():
-        # One-hot y: L_n = -log yhat_{y_n}, computed by torch's fused (stable) log-softmax + gather kernel.
-        index = target if target.dtype == torch.int64 else target.long()
-        if input.dim() == 2:  # (N, C) logits: no reshaping
-            return torch.nn.functional.cross_entropy(input, index, reduction=reduction)
-        loss = torch.nn.functional.cross_entropy(input.reshape(-1, input.shape[-1]), index.reshape(-1), reduction=reduction)
-        return loss.reshape(target.shape) if reduction == "none" else loss
+        return class_cross_entropy(input, target, reduction)[0]
     per_example = -(target * _log_softmax(input)).sum(-1)  # L_n = -sum_k y_k log yhat_k, (*)
     return _reduce(per_example, reduction)
 
@@ -286,22 +343,53 @@ def cross_entropy_backward(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Returns (dL/do, dL/dy); dL/dy is None for class-index targets.
 
-    dL/do_k = yhat_k * sum_j y_j - y_k, which is the familiar softmax(o) - y when y is a distribution.
+    dL/do_k = yhat_k * sum_j y_j - y_k, which is the familiar softmax(o) - y when y is a distribution,
+    times the reduction's factor (1/N for "mean", each example's ``grad_output`` for "none").
+    The formula is :func:`cross_entropy_backward_from_log_probs`, given log yhat = log softmax(o).
     """
-    count = input.shape[:-1].numel()  # examples: every dimension but the last
+    grad_input, grad_target = cross_entropy_backward_from_log_probs(
+        grad_output, torch.log_softmax(input, dim=-1), target, reduction
+    )
+    if grad_input.dim() != input.dim():  # class indices: rows (N, K) -> (*, K)
+        grad_input = grad_input.reshape(input.shape)
+    return grad_input, grad_target
+
+
+def cross_entropy_backward_from_log_probs(
+    grad_output: Tensor, log_probs: Tensor, target: Tensor, reduction: str = "mean", count: Optional[Tensor] = None
+) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`cross_entropy_backward` from log yhat = log softmax(o) (*, K), as the forward computed it.
+
+    Written as g = dL/d(log yhat) = -y * scale, then dL/do = g - yhat * sum_k g_k (the chain rule through
+    log softmax: d log yhat_j / d o_k = [j = k] - yhat_k), which is ATen's one-kernel
+    ``_log_softmax_backward_data(g, log yhat)``; for class indices g itself is ``nll_loss_backward``'s one
+    kernel (zero, and -scale at each target class), and dL/do comes as rows (N, K). ``count`` is the number
+    of examples N as a 0-d tensor of log_probs' dtype (:func:`class_cross_entropy` returns it; made here
+    when None). ``tests/test_gradcheck.py`` pins both kernels against the plain formula.
+    """
+    if not target.is_floating_point():
+        index = target if target.dtype == torch.int64 else target.long()
+        if log_probs.dim() != 2:
+            log_probs = log_probs.reshape(-1, log_probs.shape[-1])  # (N, K)
+        if index.dim() != 1:
+            index = index.reshape(-1)  # (N,)
+        if not isinstance(grad_output, Tensor):  # a plain number: dL_total/dL
+            grad_output = log_probs.new_full((), grad_output)
+        if count is None:  # d mean / d L_n = 1/N: nll_loss_backward divides by this "total weight" ("mean" only)
+            count = log_probs.new_full((), log_probs.shape[0]) if reduction == "mean" else log_probs.new_ones(())
+        if reduction == "none" and grad_output.dim() != 1:
+            grad_output = grad_output.reshape(-1)  # one factor per example, (N,)
+        # dL/dlog yhat_k = -y_k * scale: zero, and -scale at the target class of each row, (N, K)
+        g = _nll_loss_backward(grad_output, log_probs, index, None, _REDUCTION_ENUM[reduction], _IGNORE_INDEX, count)
+        return torch._log_softmax_backward_data(g, log_probs, -1, log_probs.dtype), None  # yhat - y, (N, K)
+    count = log_probs.shape[:-1].numel()  # examples: every dimension but the last
     scale = _expand_grad(grad_output, reduction, count)
     if reduction == "none":
         scale = scale.unsqueeze(-1)
-    if not target.is_floating_point():  # one-hot y: dL/do = yhat - y, subtracting 1 at each target class
-        probs = torch.softmax(input, dim=-1)  # yhat = softmax(o), (*, K)
-        index = (target if target.dtype == torch.int64 else target.long()).unsqueeze(-1)
-        grad_input = probs.scatter_add(-1, index, probs.new_full(index.shape, -1.0)) * scale  # yhat - y, (*, K)
-        return grad_input, None
-    y = target
-    log_probs = _log_softmax(input)
-    probs = log_probs.exp()  # yhat = softmax(o), (*, K)
-    grad_input = (probs * y.sum(-1, keepdim=True) - y) * scale  # dL/do = yhat sum_j y_j - y, (*, K)
-    grad_target = -log_probs * scale if target.is_floating_point() else None  # dL/dy_k = -log yhat_k
+    neg_scale = -scale
+    g = target * neg_scale  # dL/dlog yhat_k = -y_k * scale, (*, K)
+    grad_input = torch._log_softmax_backward_data(g, log_probs, -1, log_probs.dtype)  # yhat sum_j y_j - y, (*, K)
+    grad_target = log_probs * neg_scale  # dL/dy_k = -log yhat_k, (*, K)
     return grad_input, grad_target
 
 
@@ -391,9 +479,11 @@ def mlp_forward(
     a = input
     hidden: list[Tensor] = []
     pre: list[Tensor] = []
-    for (weight, bias), (name, slope) in zip(zip(weights[:-1], biases[:-1]), activations):
-        z = linear(a, weight, bias)  # z_i = sum_j w_ij a_j + b_i
-        a = activation(name, z, slope)  # a_i = sigma(z_i)
+    inplace = not return_pre_activations  # a overwrites z, a fresh tensor nothing else reads: one buffer a layer
+    for layer, (name, slope) in enumerate(activations):
+        z = linear(a, weights[layer], biases[layer])  # z_i = sum_j w_ij a_j + b_i
+        forward = ACTIVATIONS[name][0]
+        a = forward(z, slope, inplace) if name == "leaky_relu" else forward(z, inplace)  # a_i = sigma(z_i)
         hidden.append(a)
         if return_pre_activations:
             pre.append(z)
@@ -436,16 +526,20 @@ def mlp_backward(
     a hidden activation (used for double backward; None entries mean zero).
     """
     n_layers = len(weights)
+    all_weights = needs_weight_grad is None
     needs_weight_grad = needs_weight_grad or [True] * n_layers
     needs_bias_grad = needs_bias_grad or [True] * n_layers
-    below = needs_below(needs_input_grad, needs_weight_grad, needs_bias_grad)
+    if all_weights:  # every weight needs its gradient: only layer 0 may keep dL/da^0 = dL/dx to itself
+        below = [needs_input_grad] + [True] * (n_layers - 1)
+    else:
+        below = needs_below(needs_input_grad, needs_weight_grad, needs_bias_grad)
     grad_weights: list[Optional[Tensor]] = [None] * n_layers
     grad_biases: list[Optional[Tensor]] = [None] * n_layers
     grad_hidden_out: list[Tensor] = [None] * (n_layers - 1)  # type: ignore[list-item]
     grad_pre: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
     grad_input = None
     g = grad_output  # dL/do: the base case dL/dL = 1 times dL/do
-    for layer in reversed(range(n_layers)):
+    for layer in range(n_layers - 1, -1, -1):
         a_prev = hidden[layer - 1] if layer > 0 else input
         if return_intermediates:
             grad_pre[layer] = g
@@ -460,13 +554,17 @@ def mlp_backward(
         if layer == 0 or not below[layer]:  # nothing further down needs a gradient
             grad_input = grad_a if layer == 0 else None
             break
-        extra = grad_hidden[layer - 1] if grad_hidden is not None else None
-        if extra is not None:
-            grad_a = grad_a + extra  # a gradient arriving directly at a_prev (double backward)
+        # Drop each buffer as soon as it is read for the last time, as autograd's engine does: the next
+        # allocation of the same size can then reuse it (fresh large buffers cost page faults).
+        g = None  # type: ignore[assignment]
+        if grad_hidden is not None and grad_hidden[layer - 1] is not None:
+            grad_a = grad_a + grad_hidden[layer - 1]  # a gradient arriving directly at a_prev (double backward)
         if return_intermediates:
             grad_hidden_out[layer - 1] = grad_a
         name, slope = activations[layer - 1]
-        g = activation_backward(name, grad_a, a_prev, slope)  # dL/dz = dL/da * sigma'(z), from a
+        backward = ACTIVATIONS[name][1]  # dL/dz = dL/da * sigma'(z), from a
+        g = backward(grad_a, a_prev, slope) if name == "leaky_relu" else backward(grad_a, a_prev)
+        grad_a = None  # type: ignore[assignment]
     return MLPGradients(
         grad_input,
         grad_weights,

@@ -287,6 +287,16 @@ class CrossEntropyLoss(_Loss):
     _function = CrossEntropyFunction
     _check = staticmethod(C.check_classification_loss)
 
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        try:
+            return super().forward(input, target)
+        except IndexError:  # on CPU the loss kernel checks the class range itself: say it as the pre-check would
+            try:
+                C.check_class_range(target, input.shape[-1])
+            except ValueError as e:
+                raise e from None
+            raise
+
 
 # --------------------------------------------------------------------------------------------------
 # MLP

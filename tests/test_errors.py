@@ -58,6 +58,37 @@ def test_class_index_out_of_range():
         CrossEntropyLoss()(torch.randn(2, 3), torch.tensor([-1, 0]))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bad", [3, -1, -100, 2**40])
+def test_class_index_out_of_range_every_path(reduction, dtype, bad):
+    """On CPU the loss kernel checks the range itself (no pre-check): the same ValueError for every bad index,
+    -100 included (torch's ignore_index: never skipped silently), for every reduction, dtype, shape and
+    integer dtype of the targets."""
+    x = torch.randn(2, 4, 3, dtype=dtype)
+    for target in (torch.tensor([[0, 1, 2, bad], [2, 1, 0, 0]]), torch.tensor([[0, bad, 2, 1], [0, 0, 0, 0]])):
+        for t, inp in ((target, x), (target[0], x[0]), (target.int() if abs(bad) < 2**31 else target, x)):
+            with pytest.raises(ValueError, match=rf"target: class index {bad} is out of range for C=3") as info:
+                CrossEntropyLoss(reduction)(inp, t)
+            error = info.value  # raised before the kernel, or from its IndexError, which is not shown beneath it
+            assert error.__context__ is None or error.__suppress_context__
+
+
+def test_functional_cross_entropy_never_skips_a_target_where_the_kernel_checks():
+    from manualbp import functional as F
+
+    x = torch.randn(3, 3)
+    assert F.kernel_checks_class_range(x, "mean") and F.kernel_checks_class_range(x, "sum")
+    assert not F.kernel_checks_class_range(x, "none") and not F.kernel_checks_class_range(x.bfloat16(), "mean")
+    assert not F.kernel_checks_class_range(x.to("meta"), "mean")
+    for reduction in ("mean", "sum"):
+        for bad in (-100, -1, 3):
+            with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+                F.cross_entropy(x, torch.tensor([0, bad, 1]), reduction)
+    good = torch.tensor([0, 2, 1])
+    torch.testing.assert_close(F.cross_entropy(x, good), torch.nn.functional.cross_entropy(x, good), rtol=0, atol=0)
+
+
 def test_class_target_shape():
     with pytest.raises(ValueError, match=r"target: class indices must have shape \(2,\).*got \(2, 1\)"):
         CrossEntropyLoss()(torch.randn(2, 3), torch.zeros(2, 1, dtype=torch.long))

@@ -62,6 +62,16 @@ def test_cross_entropy_probabilities(reduction):
     check(lambda o, t: A.CrossEntropyFunction.apply(o, t, reduction), (rand(6, 5), y))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_unnormalized_probabilities_and_3d_indices(reduction):
+    """Soft targets whose rows do not sum to 1 (dL/do = yhat sum_j y_j - y), and (*, C) logits with (*) indices."""
+    torch.manual_seed(0)
+    y = (2 * torch.rand(6, 5, dtype=D)).requires_grad_(True)
+    check(lambda o, t: A.CrossEntropyFunction.apply(o, t, reduction), (rand(6, 5), y))
+    idx = torch.randint(0, 5, (2, 3))
+    check(lambda o: A.CrossEntropyFunction.apply(o, idx, reduction), (rand(2, 3, 5),))
+
+
 def test_softmax_and_cross_entropy_on_probabilities():
     torch.manual_seed(0)
     check(A.SoftmaxFunction.apply, (rand(4, 5),))
@@ -134,3 +144,59 @@ def test_activation_backward_kernel_is_the_plain_formula(name):
     d_ref = torch.autograd.grad(ref, (g, a), v, allow_unused=True, materialize_grads=True)
     for x, y in zip(d_mine, d_ref):
         torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_kind", ["indices", "probabilities"])
+def test_cross_entropy_backward_kernels_are_the_plain_formula(reduction, target_kind):
+    """cross_entropy_backward runs ATen's nll_loss_backward and _log_softmax_backward_data; pin them to the
+    plain dL/do = scale (yhat sum_j y_j - y) (values, and the first derivatives double backward takes)."""
+    from manualbp import functional as F
+
+    torch.manual_seed(0)
+    o = rand(6, 5)
+    idx = torch.randint(0, 5, (6,))
+    idx[0] = 4  # the last class too
+    y = torch.nn.functional.one_hot(idx, 5).to(D) if target_kind == "indices" else 2 * torch.rand(6, 5, dtype=D)
+    target = idx if target_kind == "indices" else y
+    g = rand(6) if reduction == "none" else rand(())
+    scale = {"mean": g / 6, "sum": g, "none": g.unsqueeze(-1)}[reduction]
+    ref = scale * (torch.softmax(o, -1) * y.sum(-1, keepdim=True) - y)
+    mine, grad_target = F.cross_entropy_backward(g, o, target, reduction)
+    torch.testing.assert_close(mine, ref, rtol=1e-14, atol=1e-15)
+    if target_kind == "probabilities":
+        torch.testing.assert_close(grad_target, -scale * torch.log_softmax(o, -1), rtol=1e-14, atol=1e-15)
+    else:
+        assert grad_target is None
+    v = torch.randn(6, 5, dtype=D)
+    d_mine = torch.autograd.grad(mine, (g, o), v)
+    d_ref = torch.autograd.grad(ref, (g, o), v)
+    for x, r in zip(d_mine, d_ref):
+        torch.testing.assert_close(x, r, rtol=1e-13, atol=1e-14)
+    # a plain number as dL_total/dL (the vectorized trainer's base case) gives the same
+    if reduction != "none":
+        torch.testing.assert_close(
+            F.cross_entropy_backward(1.5, o.detach(), target, reduction)[0], (ref / g * 1.5).detach()
+        )
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_ACTIVATION_BACKWARD))
+def test_mlp_forward_in_place_activations_keep_what_is_asked_for(name):
+    """mlp_forward applies each activation in place on its fresh z unless the pre-activations are asked for."""
+    from manualbp import functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=D)
+    weights = [torch.randn(6, 4, dtype=D), torch.randn(3, 6, dtype=D)]
+    biases = [torch.randn(6, dtype=D), torch.randn(3, dtype=D)]
+    specs = ((name, 0.1),)
+    before = [t.clone() for t in (x, *weights, *biases)]
+    plain = F.mlp_forward(x, weights, biases, specs)
+    traced = F.mlp_forward(x, weights, biases, specs, return_pre_activations=True)
+    z = x @ weights[0].T + biases[0]
+    torch.testing.assert_close(traced.pre_activations[0], z, rtol=0, atol=1e-14)  # z itself, not sigma(z)
+    a = PLAIN_ACTIVATION_BACKWARD[name][1](z)
+    for result in (plain, traced):
+        torch.testing.assert_close(result.hidden[0], a, rtol=0, atol=1e-14)
+        torch.testing.assert_close(result.output, a @ weights[1].T + biases[1], rtol=0, atol=1e-13)
+    assert all(torch.equal(t, b) for t, b in zip((x, *weights, *biases), before))  # inputs untouched

@@ -197,3 +197,74 @@ def test_functional_formulas_match_the_notes_elementwise():
         for j in range(3):
             assert abs(grads.grad_weights[0][i, j] - dl_dz * xs[j]) < 1e-14  # dL/dw1_ij = dL/dz_i x_j
         assert abs(grads.grad_biases[0][i] - dl_dz) < 1e-14  # dL/db1_i = dL/dz_i
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(7, 4), (2, 3, 4), (4,)])
+def test_cross_entropy_reused_log_probs_equal_recomputed(reduction, shape):
+    """The backward reuses the forward's log yhat when it builds no graph, and recomputes it from the saved
+    input when it does (double backward): both give the same bits, equal to torch's cross_entropy."""
+    torch.manual_seed(0)
+    o = torch.randn(*shape)
+    y = torch.randint(0, 4, shape[:-1]).int()
+    grads = []
+    for create_graph in (False, True):
+        oi = o.clone().requires_grad_(True)
+        loss = CrossEntropyLoss(reduction)(oi, y)
+        assert not hasattr(loss, "_manualbp_cross_entropy")  # handed from forward to setup_context, not kept
+        grads.append(torch.autograd.grad(loss.sum(), oi, create_graph=create_graph)[0])
+    assert torch.equal(grads[0], grads[1].detach())
+    ref_o = o.reshape(-1, 4).clone().requires_grad_(True)
+    ref = TF.cross_entropy(ref_o, y.reshape(-1).long(), reduction=reduction)
+    ref.sum().backward()
+    assert torch.equal(grads[0], ref_o.grad.reshape(shape))
+
+
+def test_cross_entropy_in_place_change_of_logits_still_detected():
+    o = torch.randn(5, 3, requires_grad=True)
+    logits = o * 2
+    loss = CrossEntropyLoss()(logits, torch.tensor([0, 1, 2, 1, 0]))
+    logits.add_(1.0)  # the backward would read stale logits: autograd's version check must still fire
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_cross_entropy_backward_twice_with_retain_graph():
+    o = torch.randn(5, 3, requires_grad=True)
+    loss = CrossEntropyLoss("sum")(o, torch.tensor([0, 1, 2, 1, 0]))
+    loss.backward(retain_graph=True)
+    first = o.grad.clone()
+    loss.backward()
+    assert torch.equal(o.grad, 2 * first)
+
+
+def test_cross_entropy_vmap_over_targets_only():
+    """torch.func with only the targets batched (logits shared): the forward sees a plain input tensor."""
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    o, targets = torch.randn(4, 3, dtype=D), torch.randint(0, 3, (5, 4))
+    loss = CrossEntropyLoss()
+    values = vmap(loss, in_dims=(None, 0))(o, targets)
+    grads = vmap(grad(loss), in_dims=(None, 0))(o, targets)
+    for k, t in enumerate(targets):
+        assert rel_err(values[k], TF.cross_entropy(o, t)) <= 1e-14
+        assert rel_err(grads[k], grad(TF.cross_entropy)(o, t)) <= 1e-14
+
+
+def test_cross_entropy_saves_what_its_backward_reuses_through_saved_tensor_hooks():
+    # the forward's log yhat is saved like any saved tensor: offloading / checkpointing hooks see it
+    logits = torch.randn(6, 4, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 0, 1])
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = CrossEntropyLoss()(logits, target)
+    assert (6, 4) in shapes and shapes.count((6, 4)) == 2  # the logits and log yhat
+    loss.backward()
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, target), logits)[0]
+    torch.testing.assert_close(logits.grad, expected)

@@ -90,7 +90,10 @@ def test_both_backend_float64_drift_is_roundoff():
 
 def test_both_backend_float32_drift_is_reported():
     r = run(cfg(backend="both", stopping={"max_epochs": 2}))
-    assert 0 < r.metrics["max_grad_rel_diff"] < 1e-3
+    # reported, and small; it may be exactly 0: the manual cross-entropy backward runs the very ATen kernels
+    # autograd runs (nll_loss_backward, _log_softmax_backward_data), so float32 need not drift at all
+    assert "max_grad_rel_diff" in r.history[-1]
+    assert 0 <= r.metrics["max_grad_rel_diff"] < 1e-3
     assert 0 <= r.metrics["max_param_rel_diff"] < 1e-4
 
 
