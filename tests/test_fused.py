@@ -189,3 +189,29 @@ def test_soft_targets_whose_rows_do_not_sum_to_one_get_the_exact_gradient():
     assert abs(native.item() - manualbp.CrossEntropyLoss()(ref(x), y).item()) <= 1e-12
     for p, q in zip(model.parameters(), ref.parameters()):
         assert rel_err(p, q) <= 1e-12
+
+
+def test_small_steps_run_on_one_thread_and_the_thread_count_comes_back(monkeypatch):
+    model, _ = _twins()
+    trainer = FusedTrainer(model, "cross_entropy", lr=0.1)
+    x, y = _data()
+    xp, yp = trainer.prepare(x, y)
+    seen, original = [], FusedTrainer._step
+
+    def spy(self, *args):
+        seen.append(torch.get_num_threads())
+        return original(self, *args)
+
+    monkeypatch.setattr(FusedTrainer, "_step", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer.step_many(xp, yp, 32)  # a few kFLOP a step: one thread
+        trainer.step_prepared(xp[:32], yp[:32])
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        trainer.single_thread_flops = 0  # off: torch's count for every step
+        trainer.step_many(xp, yp, 32)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
