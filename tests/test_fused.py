@@ -169,6 +169,10 @@ def test_step_many_takes_exactly_the_steps_of_step_prepared(loss):
             a.step_many(xp, yp, bad)
     with pytest.raises(ValueError, match="at least one row"):
         a.step_many(xp[:0], yp[:0], 32)
+    with pytest.raises(ValueError, match=r"must be prepare\(\)'s output"):
+        a.step_many(xp, yp[:, 0], 32)  # 1-d targets (class indices, say), not prepared
+    with pytest.raises(ValueError, match=r"must be prepare\(\)'s output"):
+        a.step_many(xp[:10], yp, 32)
 
 
 def test_soft_targets_whose_rows_do_not_sum_to_one_get_the_exact_gradient():

@@ -220,6 +220,11 @@ class FusedTrainer:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if target.dim() != 2 or input.dim() != 2 or input.shape[0] != target.shape[0]:
+            raise ValueError(
+                "input and target must be prepare()'s output, (N, features) and (N, outputs) with the same N, "
+                f"got {tuple(input.shape)} and {tuple(target.shape)}"
+            )
         n, c = target.shape
         if n == 0:
             raise ValueError("input: step_many needs at least one row (got an empty data set)")
