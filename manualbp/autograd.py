@@ -278,7 +278,7 @@ class MLPFunction(Function):
 
     @staticmethod
     def forward(input: Tensor, activations: tuple, bias: bool, *params: Tensor):  # type: ignore[override]
-        weights, biases = (params[0::2], params[1::2]) if bias else (params, (None,) * len(params))
+        weights, biases = split_params(params, bias)
         if input.dim() == 2:
             result = F.mlp_forward(input, weights, biases, activations)
             return (result.output, *result.hidden)
@@ -352,6 +352,4 @@ class MLPFunction(Function):
         grad_input = grads.grad_input
         if grad_input is not None and input_dim != 2:
             grad_input = grad_input.reshape(ctx.input_shape)
-        if ctx.bias:
-            return (grad_input, None, None, *[t for pair in zip(grads.grad_weights, grads.grad_biases) for t in pair])
-        return (grad_input, None, None, *grads.grad_weights)
+        return (grad_input, None, None, *join_params(grads.grad_weights, grads.grad_biases, ctx.bias))

@@ -187,10 +187,10 @@ ACTIVATIONS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
 }
 
 
-def activation(name: str, input: Tensor, negative_slope: float = 0.01) -> Tensor:
-    """Apply the activation called ``name`` (a key of ``ACTIVATIONS``)."""
+def activation(name: str, input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    """Apply the activation called ``name`` (a key of ``ACTIVATIONS``); ``inplace`` overwrites ``input``."""
     forward = ACTIVATIONS[name][0]
-    return forward(input, negative_slope) if name == "leaky_relu" else forward(input)
+    return forward(input, negative_slope, inplace) if name == "leaky_relu" else forward(input, inplace)
 
 
 def activation_backward(name: str, grad_output: Tensor, output: Tensor, negative_slope: float = 0.01) -> Tensor:
@@ -482,8 +482,7 @@ def mlp_forward(
     inplace = not return_pre_activations  # a overwrites z, a fresh tensor nothing else reads: one buffer a layer
     for layer, (name, slope) in enumerate(activations):
         z = linear(a, weights[layer], biases[layer])  # z_i = sum_j w_ij a_j + b_i
-        forward = ACTIVATIONS[name][0]
-        a = forward(z, slope, inplace) if name == "leaky_relu" else forward(z, inplace)  # a_i = sigma(z_i)
+        a = activation(name, z, slope, inplace)  # a_i = sigma(z_i)
         hidden.append(a)
         if return_pre_activations:
             pre.append(z)
@@ -562,8 +561,7 @@ def mlp_backward(
         if return_intermediates:
             grad_hidden_out[layer - 1] = grad_a
         name, slope = activations[layer - 1]
-        backward = ACTIVATIONS[name][1]  # dL/dz = dL/da * sigma'(z), from a
-        g = backward(grad_a, a_prev, slope) if name == "leaky_relu" else backward(grad_a, a_prev)
+        g = activation_backward(name, grad_a, a_prev, slope)  # dL/dz = dL/da * sigma'(z), from a
         grad_a = None  # type: ignore[assignment]
     return MLPGradients(
         grad_input,
