@@ -54,6 +54,27 @@ _BACKWARD: dict[str, Optional[Callable[[Tensor, Tensor, float], Any]]] = {
 }
 
 
+def forward_into(matmul: Callable[..., Tensor], h: Tensor, blocks_t: list[Tensor], activations: Any, buf: Any) -> None:
+    """The forward pass into ``buf``: z^l = [a^{l-1} | 1] [W^l | b^l]^T, a^l = sigma(z^l) (written into the
+    view ``buf.a[l]`` of ``buf.act[l]`` = [a^l | 1]), o = [a^{L-1} | 1] [W^L | b^L]^T. ``h`` is [x | 1];
+    ``matmul`` is ``torch.mm`` for one model, ``torch.bmm`` for K stacked ones."""
+    for k, (name, slope) in enumerate(activations):
+        matmul(h, blocks_t[k], out=buf.z[k])
+        _FORWARD[name](buf.z[k], buf.a[k], slope)
+        h = buf.act[k]
+    matmul(h, blocks_t[-1], out=buf.out)
+
+
+def backprop_into(matmul: Callable[..., Tensor], buf: Any, k: int, weights: list[Tensor], activations: Any) -> None:
+    """One layer down (block k is layer l = k + 1): dL/da^{l-1} = dL/dz^l W^l into ``buf.grad[k - 1]``, then
+    dL/dz^{l-1} = dL/da^{l-1} sigma' in place, from the saved a^{l-1}."""
+    matmul(buf.grad[k], weights[k], out=buf.grad[k - 1])
+    name, slope = activations[k - 1]
+    backward = _BACKWARD[name]
+    if backward is not None:
+        backward(buf.grad[k - 1], buf.a[k - 1], slope)
+
+
 def loss_scales(loss_name: str, reduction: str, n: int, classes: int) -> tuple[float, float]:
     """``(loss_scale, scale)`` of a batch of ``n`` rows: the loss is loss_scale * (the step's dot product)
     and dL/do is scale * (the step's output gradient buffer), as both fast trainers compute them:
@@ -266,15 +287,9 @@ class FusedTrainer:
 
     def _step(self, buf: _Buffers, input: Tensor, target: Tensor, target_flat: Tensor) -> Tensor:
         """One step on a prepared batch (``target_flat``: ``target.view(-1)``); returns the loss / loss_scale."""
-        blocks, blocks_t, acts = self.blocks, self.blocks_t, self.activations
+        blocks = self.blocks
         # no grad mode needed: blocks, buffers and prepared data never require grad, so no graph is built
-        # forward: z^l = [a^{l-1} | 1] [W^l | b^l]^T, a^l = sigma(z^l); o = [a^{L-1} | 1] [W^L | b^L]^T
-        h = input
-        for k, (name, slope) in enumerate(acts):
-            torch.mm(h, blocks_t[k], out=buf.z[k])
-            _FORWARD[name](buf.z[k], buf.a[k], slope)
-            h = buf.act[k]
-        torch.mm(h, blocks_t[-1], out=buf.out)
+        forward_into(torch.mm, input, self.blocks_t, self.activations, buf)
         # the loss (up to buf.loss_scale) and dL/do (up to buf.scale)
         if self.loss_name == "cross_entropy":  # L_n = -sum_k y_k log softmax(o)_k
             torch.log_softmax(buf.out, 1, out=buf.out)
@@ -292,10 +307,7 @@ class FusedTrainer:
         for k in range(len(blocks) - 1, -1, -1):
             below = buf.act[k - 1] if k else input  # [a^{l-1} | 1]
             if k:
-                torch.mm(buf.grad[k], self.weights[k], out=buf.grad[k - 1])
-                backward = _BACKWARD[acts[k - 1][0]]
-                if backward is not None:
-                    backward(buf.grad[k - 1], buf.a[k - 1], acts[k - 1][1])
+                backprop_into(torch.mm, buf, k, self.weights, self.activations)
             if plain:  # [W | b] -= lr dL/d[W | b] = lr scale grad^T [a^{l-1} | 1], one kernel
                 blocks[k].addmm_(buf.grad_t[k], below, alpha=-self.lr * scale)
             else:  # dL/d[W | b] = scale grad^T [a^{l-1} | 1]

@@ -6,9 +6,9 @@ takes :class:`~manualbp.fast.FusedTrainer`'s engine-free step with a model dimen
 matmul forward, one back and one in-place ``baddbmm_`` that is the gradient and the update at once, each
 model's learning rate folded into its output gradient. With momentum or weight decay the formulas of
 ``manualbp.functional`` (``mlp_forward``/``mlp_backward``, the losses' backward) run unchanged on all K
-models with batched matmuls, and torch.optim.SGD's update follows. Each model keeps its own initial weights, learning rate, momentum, weight decay, nesterov flag and
-an active flag: an inactive (stopped) model is frozen, its parameters and momentum buffer no longer
-change, while the others go on. The update is ``torch.optim.SGD``'s, per model, so each model's
+models with batched matmuls, and torch.optim.SGD's update follows. Each model keeps its own initial
+weights, learning rate, momentum, weight decay, nesterov flag and an active flag: an inactive (stopped)
+model is frozen, its parameters and momentum buffer no longer change, while the others go on. The update is ``torch.optim.SGD``'s, per model, so each model's
 trajectory equals training it alone (float64: to about 1e-10; ``tests/test_vectorized.py``).
 
 Inputs may be shared, ``x`` (N, in) and ``y`` (N,) for all models, or per model, ``x`` (K, N, in) and
@@ -26,7 +26,7 @@ from .. import functional as F
 from ..autograd import join_params
 from ..nn import MLP
 from ._losses import LOSSES, resolve_loss
-from .fused import _BACKWARD, _FORWARD, loss_scales
+from .fused import backprop_into, forward_into, loss_scales
 
 __all__ = ["VectorizedTrainer"]
 
@@ -164,15 +164,6 @@ class VectorizedTrainer:
             self._update(grads)
         return losses
 
-    def _forward(self, buf: _Buffers) -> None:
-        """z^l = [a^{l-1} | 1] [W^l | b^l]^T, a^l = sigma(z^l); o = [a^{L-1} | 1] [W^L | b^L]^T, into ``buf``."""
-        h = buf.x_k
-        for k, (name, slope) in enumerate(self.activations):
-            torch.bmm(h, self.blocks_t[k], out=buf.z[k])
-            _FORWARD[name](buf.z[k], buf.a[k], slope)
-            h = buf.act[k]
-        torch.bmm(h, self.blocks_t[-1], out=buf.out)
-
     def _fused_step(self, input: Tensor, target: Tensor) -> Tensor:
         """Plain SGD as :class:`~manualbp.fast.FusedTrainer` takes it, K models at once: per layer one
         batched matmul forward, one back and one in-place ``baddbmm_`` that is dL/d[W | b] and the update.
@@ -196,7 +187,7 @@ class VectorizedTrainer:
         else:
             buf.y.copy_(target)
         blocks, acts, K = self.blocks, self.activations, self.K
-        self._forward(buf)
+        forward_into(torch.bmm, buf.x_k, self.blocks_t, acts, buf)
         # per-model loss (up to buf.loss_scale) and dL/do (up to buf.scale), as FusedTrainer
         if self.loss_name == "cross_entropy":
             torch.log_softmax(buf.out, -1, out=buf.out)
@@ -210,10 +201,7 @@ class VectorizedTrainer:
         # backward, top layer first: dL/da^{l-1} = dL/dz^l W^l (before W^l moves), dL/dz^{l-1} = dL/da^{l-1} sigma'
         for k in range(len(blocks) - 1, -1, -1):
             if k:
-                torch.bmm(buf.grad[k], self.weights[k], out=buf.grad[k - 1])
-                backward = _BACKWARD[acts[k - 1][0]]
-                if backward is not None:
-                    backward(buf.grad[k - 1], buf.a[k - 1], acts[k - 1][1])
+                backprop_into(torch.bmm, buf, k, self.weights, acts)
             torch.mul(buf.grad[k], step, out=buf.stepped[k])
             if inactive is not None:
                 buf.stepped[k].masked_fill_(inactive, 0)
@@ -285,7 +273,7 @@ class VectorizedTrainer:
         with torch.no_grad():
             buf = _Buffers(self, input.shape[-2], input.dim() == 2, forward_only=True)
             buf.x_in.copy_(input)
-            self._forward(buf)
+            forward_into(torch.bmm, buf.x_k, self.blocks_t, self.activations, buf)
             return buf.out
 
     @property
