@@ -257,12 +257,12 @@ class StoppingRules:
             return self._fire("diverged", "divergence", f"non-finite training loss ({value}) at step {step}")
         if self.initial_loss is None:
             self.initial_loss = value
-        factor = self.rules["divergence"]["factor"]
-        if factor is not None and value > factor * self.initial_loss:
+        if value > self.step_loss_limit:  # type: ignore[operator]
             return self._fire(
                 "diverged",
                 "divergence",
-                f"training loss {value:.4g} at step {step} exceeds {factor} x the initial loss {self.initial_loss:.4g}",
+                f"training loss {value:.4g} at step {step} exceeds {self.rules['divergence']['factor']} x the "
+                f"initial loss {self.initial_loss:.4g}",
             )
         return None
 
