@@ -444,18 +444,25 @@ def _cache_path(cfg: Mapping[str, Any], seed: int) -> Optional[str]:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "manualbp")
     if root.lower() in ("off", "none", "0", "") or cfg["name"] in ("file", "teacher"):
         return None
+    key = json.dumps({"data": cfg, "seed": seed, **_cache_sources()}, sort_keys=True)
+    return os.path.join(root, "data", f"{cfg['name']}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
+
+
+@lru_cache(maxsize=1)
+def _cache_sources() -> dict[str, Any]:
+    """What cached arrays depend on besides config and seed, read once per process: the versions of the
+    packages that build them, and this file (any change to how it builds a set invalidates the cache)."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for package in ("scikit-learn", "numpy", "mnist1d"):  # what the arrays depend on, besides this file
+    for package in ("scikit-learn", "numpy", "mnist1d"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    with open(__file__, "rb") as f:  # any change to how this module builds a set invalidates the cache
+    with open(__file__, "rb") as f:
         source = hashlib.sha256(f.read()).hexdigest()
-    key = json.dumps({"data": cfg, "seed": seed, "versions": versions, "source": source}, sort_keys=True)
-    return os.path.join(root, "data", f"{cfg['name']}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz")
+    return {"versions": versions, "source": source}
 
 
 def _read_cache(path: str) -> Optional[dict[str, np.ndarray]]:
