@@ -279,6 +279,11 @@ class FusedTrainer:
         finally:
             torch.set_num_threads(threads)
 
+    @property
+    def _plain(self) -> bool:
+        """Plain SGD: the step updates [W | b] in its gradient's matmul and never materialises dL/d[W | b]."""
+        return self.momentum == 0 and self.weight_decay == 0
+
     def _buffers_for(self, n: int) -> _Buffers:
         buf = self._buffers.get(n)
         if buf is None:
@@ -301,7 +306,7 @@ class FusedTrainer:
             loss = torch.dot(buf.go_flat, buf.go_flat)
         scale = buf.scale
         # backward, top layer first (block k is layer l = k + 1): dL/da^{l-1} = dL/dz^l W^l, dL/dz^{l-1} = dL/da^{l-1} sigma'
-        plain = self.momentum == 0 and self.weight_decay == 0
+        plain = self._plain
         if not plain and self._grad_blocks is None:
             self._grad_blocks = [torch.empty_like(b) for b in blocks]
         for k in range(len(blocks) - 1, -1, -1):
@@ -344,7 +349,7 @@ class FusedTrainer:
         """The last step's [dL/dW1, dL/db1, ...] (as ``p.grad`` would hold them), or None before a step."""
         if self._last is None:
             return None
-        if self._grad_blocks is not None and (self.momentum != 0 or self.weight_decay != 0):
+        if self._grad_blocks is not None and not self._plain:
             blocks = self._grad_blocks
         else:  # the plain step never materialises them: dL/d[W | b] = scale grad^T [a^{l-1} | 1]
             buf, input = self._last
