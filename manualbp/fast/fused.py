@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..autograd import join_params
+from ..native import load as native_kernels
 from ..nn import MLP
 from ._losses import resolve_loss
 
@@ -52,6 +53,9 @@ _BACKWARD: dict[str, Optional[Callable[[Tensor, Tensor, float], Any]]] = {
     "leaky_relu": lambda g, a, s: _aten.leaky_relu_backward.grad_input(g, a, s, True, grad_input=g),
     "identity": None,  # g 1
 }
+
+#: the activations as ``manualbp/csrc/fused.cpp`` numbers them
+_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2, "leaky_relu": 3, "identity": 4}
 
 
 def forward_into(matmul: Callable[..., Tensor], h: Tensor, blocks_t: list[Tensor], activations: Any, buf: Any) -> None:
@@ -116,6 +120,10 @@ class _Buffers:
         self.flops = 6 * n * sum((a + extra) * b for a, b in zip(widths[:-1], widths[1:]))
         self.loss_scale_t = torch.tensor(self.loss_scale, dtype=like.dtype, device=like.device)
 
+    def native_args(self) -> tuple:
+        """These buffers as the C++ step loop takes them (``manualbp/csrc/fused.cpp``)."""
+        return self.z, self.act, self.a, self.grad, self.out, self.scale
+
 
 class FusedTrainer:
     """Train a :class:`manualbp.MLP` with SGD, engine-free, updating its parameters in place.
@@ -170,6 +178,9 @@ class FusedTrainer:
         model = self.model
         self.bias = model.bias
         self.activations = model.activation_specs
+        # the C++ loop's spelling of the activations and the loss
+        self._codes = ([_CODES[n] for n, _ in self.activations], [float(s) for _, s in self.activations])
+        self._loss_code = 0 if self.loss_name == "cross_entropy" else 1
         self.widths = [model.in_features] + [lin.out_features for lin in model.linears]
         self.blocks: list[Tensor] = []
         with torch.no_grad():
@@ -252,10 +263,19 @@ class FusedTrainer:
         xs, ys, ts = input.split(batch_size), target.split(batch_size), target.view(-1).split(batch_size * c)
         full = self._buffers_for(min(batch_size, n))
         last = self._buffers_for(n - (len(xs) - 1) * batch_size) if n % batch_size else full
+        native = native_kernels() if self._plain else None
         with self._threads(full.flops):
-            dots = [self._step(full, xs[b], ys[b], ts[b]) for b in range(len(xs) - 1)]
-            dots.append(self._step(last, xs[-1], ys[-1], ts[-1]))
-        losses = torch.stack(dots)
+            if native is not None:  # the same kernels in the same order, called from C++ (manualbp.native)
+                losses = native.fused_step_many(
+                    self.blocks, self.weights, *self._codes, self._loss_code, self.lr, input, target, batch_size,
+                    *full.native_args(), *last.native_args(),
+                )  # fmt: skip
+                self._last = (last, xs[-1])
+                self.steps += len(xs)
+            else:
+                dots = [self._step(full, xs[b], ys[b], ts[b]) for b in range(len(xs) - 1)]
+                dots.append(self._step(last, xs[-1], ys[-1], ts[-1]))
+                losses = torch.stack(dots)
         if last is full:
             return losses.mul_(full.loss_scale_t)
         return losses.mul_(torch.stack([full.loss_scale_t] * (len(xs) - 1) + [last.loss_scale_t]))

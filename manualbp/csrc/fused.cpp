@@ -1,0 +1,127 @@
+// The FusedTrainer's plain-SGD epoch (manualbp/fast/fused.py, FusedTrainer._step) as one C++ loop.
+//
+// The same ATen kernels with the same arguments in the same order as the Python step, so the result is the
+// same bit for bit; only the per-kernel cost of calling from Python is gone. The formulas and their
+// derivation are documented once, in fused.py; this file only repeats its kernel sequence.
+#include "native.h"
+
+#include <vector>
+
+namespace manualbp {
+namespace {
+
+enum Activation : int64_t { kSigmoid = 0, kTanh = 1, kReLU = 2, kLeakyReLU = 3, kIdentity = 4 };
+enum Loss : int64_t { kCrossEntropy = 0, kSquared = 1 };
+
+// One batch size's preallocated intermediates (fused.py's _Buffers).
+struct Buffers {
+  std::vector<at::Tensor> z, act, a, grad, grad_t;  // z^l, [a^l | 1], a^l (views), dL/dz^l / scale, its .t()
+  at::Tensor out, out_flat, go_flat;                // o (then log softmax(o)), o flat, dL/do / scale flat
+  double scale;                                     // dL/do = scale * grad.back()
+};
+
+Buffers unpack(const std::vector<at::Tensor>& z, const std::vector<at::Tensor>& act, const std::vector<at::Tensor>& a,
+               const std::vector<at::Tensor>& grad, const at::Tensor& out, double scale) {
+  Buffers buf{z, act, a, grad, {}, out, out.view(-1), grad.back().view(-1), scale};
+  for (const auto& g : grad) buf.grad_t.push_back(g.t());
+  return buf;
+}
+
+void activation_forward(int64_t code, double slope, const at::Tensor& z, at::Tensor& out) {
+  switch (code) {
+    case kSigmoid: at::sigmoid_out(out, z); break;
+    case kTanh: at::tanh_out(out, z); break;
+    case kReLU: at::clamp_min_out(out, z, 0); break;
+    case kLeakyReLU: at::leaky_relu_out(out, z, slope); break;
+    default: out.copy_(z);
+  }
+}
+
+void activation_backward(int64_t code, double slope, at::Tensor& g, const at::Tensor& a) {
+  switch (code) {
+    case kSigmoid: at::sigmoid_backward_out(g, g, a); break;
+    case kTanh: at::tanh_backward_out(g, g, a); break;
+    case kReLU: at::threshold_backward_out(g, g, a, 0); break;
+    case kLeakyReLU: at::leaky_relu_backward_out(g, g, a, slope, true); break;
+    default: break;  // identity: g 1
+  }
+}
+
+// One plain-SGD step (FusedTrainer._step with momentum = weight_decay = 0); returns the loss / loss_scale.
+at::Tensor step(const std::vector<at::Tensor>& blocks, const std::vector<at::Tensor>& blocks_t,
+                const std::vector<at::Tensor>& weights, const std::vector<int64_t>& codes,
+                const std::vector<double>& slopes, int64_t loss, double lr, Buffers& buf, const at::Tensor& input,
+                const at::Tensor& target, const at::Tensor& target_flat) {
+  const size_t layers = blocks.size();
+  // forward_into
+  const at::Tensor* h = &input;
+  for (size_t k = 0; k + 1 < layers; ++k) {
+    at::mm_out(buf.z[k], *h, blocks_t[k]);
+    activation_forward(codes[k], slopes[k], buf.z[k], buf.a[k]);
+    h = &buf.act[k];
+  }
+  at::mm_out(buf.out, *h, blocks_t.back());
+  // the loss and dL/do, each up to its scale
+  at::Tensor dot;
+  if (loss == kCrossEntropy) {
+    at::log_softmax_out(buf.out, buf.out, 1);
+    dot = at::dot(buf.out_flat, target_flat);
+    at::_log_softmax_backward_data_out(buf.grad.back(), target, buf.out, 1, buf.out.scalar_type());
+  } else {
+    at::sub_out(buf.grad.back(), buf.out, target);
+    dot = at::dot(buf.go_flat, buf.go_flat);
+  }
+  // backward, top layer first, each layer's update in its gradient's matmul
+  const double alpha = -lr * buf.scale;
+  for (size_t k = layers; k-- > 0;) {
+    const at::Tensor& below = k ? buf.act[k - 1] : input;
+    if (k) {  // backprop_into
+      at::mm_out(buf.grad[k - 1], buf.grad[k], weights[k]);
+      activation_backward(codes[k - 1], slopes[k - 1], buf.grad[k - 1], buf.a[k - 1]);
+    }
+    blocks[k].addmm_(buf.grad_t[k], below, 1, alpha);
+  }
+  return dot;
+}
+
+// FusedTrainer.step_many's loop: consecutive plain-SGD steps on the batches of ``batch_size`` rows.
+// ``full`` and ``last`` are the buffers of a full and of the (possibly smaller) last batch, as
+// (z, act, a, grad, out, scale). Returns the batch losses / loss_scale, shape (number of batches,).
+at::Tensor step_many(const std::vector<at::Tensor>& blocks, const std::vector<at::Tensor>& weights,
+                     const std::vector<int64_t>& codes, const std::vector<double>& slopes, int64_t loss, double lr,
+                     const at::Tensor& input, const at::Tensor& target, int64_t batch_size,
+                     const std::vector<at::Tensor>& full_z, const std::vector<at::Tensor>& full_act,
+                     const std::vector<at::Tensor>& full_a, const std::vector<at::Tensor>& full_grad,
+                     const at::Tensor& full_out, double full_scale, const std::vector<at::Tensor>& last_z,
+                     const std::vector<at::Tensor>& last_act, const std::vector<at::Tensor>& last_a,
+                     const std::vector<at::Tensor>& last_grad, const at::Tensor& last_out, double last_scale) {
+  TORCH_CHECK(!blocks.empty() && blocks.size() == weights.size(), "step_many: one weight view per block");
+  TORCH_CHECK(codes.size() + 1 == blocks.size() && slopes.size() == codes.size(),
+              "step_many: one activation per hidden layer");
+  TORCH_CHECK(batch_size > 0, "step_many: batch_size must be positive");
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> blocks_t;
+  for (const auto& b : blocks) blocks_t.push_back(b.t());
+  Buffers full = unpack(full_z, full_act, full_a, full_grad, full_out, full_scale);
+  Buffers last = unpack(last_z, last_act, last_a, last_grad, last_out, last_scale);
+  const int64_t classes = target.size(1);
+  auto xs = input.split(batch_size);
+  auto ys = target.split(batch_size);
+  auto ts = target.view(-1).split(batch_size * classes);
+  std::vector<at::Tensor> dots;
+  dots.reserve(xs.size());
+  for (size_t b = 0; b < xs.size(); ++b) {
+    Buffers& buf = b + 1 < xs.size() ? full : last;
+    dots.push_back(step(blocks, blocks_t, weights, codes, slopes, loss, lr, buf, xs[b], ys[b], ts[b]));
+  }
+  return at::stack(dots);
+}
+
+}  // namespace
+
+void init_fused(pybind11::module_& m) {
+  m.def("fused_step_many", &step_many, "FusedTrainer.step_many's plain-SGD loop (see manualbp/fast/fused.py)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}
+
+}  // namespace manualbp

@@ -1,0 +1,6 @@
+// The drop-in module's autograd nodes (not yet compiled ones: the module runs its Python Functions).
+#include "native.h"
+
+namespace manualbp {
+void init_module(pybind11::module_& m) {}
+}  // namespace manualbp

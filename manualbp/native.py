@@ -1,0 +1,129 @@
+"""manualbp's compiled kernels: C++ loops over the same ATen kernels the Python paths call.
+
+At digits scale (64-64-10, batch 32) a training step is about ten kernels of a few microseconds each, and
+calling each one from Python costs as much again. ``manualbp/csrc`` holds the hot loops in C++ (the fused
+trainer's whole epoch), calling the same ATen kernels with the same arguments in the same order as the
+Python code, so both give the same numbers bit for bit (``tests/test_native.py`` checks it).
+
+The extension is compiled once per machine, Python and torch version with
+``torch.utils.cpp_extension.load`` (g++ and the Python headers; about a minute on 2 cores), on first use
+or by ``python -m manualbp.native`` (which ``make install`` runs). Without a compiler everything still
+works on the Python paths, only slower: a warning says so once.
+
+Environment:
+    MANUALBP_NATIVE: ``auto`` (default: build or load, fall back to Python with a warning), ``off``
+        (never build; Python paths only), ``require`` (raise if the extension cannot be built).
+    MANUALBP_NATIVE_DIR: where the build lives (default ``~/.cache/manualbp/native/<torch>-py<X.Y>``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+__all__ = ["load", "available", "mode", "build_directory", "sources", "NAME"]
+
+NAME = "manualbp_native"
+MODES = ("auto", "off", "require")
+_SOURCE_DIR = Path(__file__).parent / "csrc"
+
+
+def mode() -> str:
+    """The ``MANUALBP_NATIVE`` setting: auto, off or require (a clear error for anything else)."""
+    value = os.environ.get("MANUALBP_NATIVE", "auto").strip().lower() or "auto"
+    value = {"0": "off", "false": "off", "no": "off", "1": "require", "true": "require", "yes": "require"}.get(
+        value, value
+    )
+    if value not in MODES:
+        raise ValueError(f"MANUALBP_NATIVE must be one of {', '.join(MODES)}, got {os.environ['MANUALBP_NATIVE']!r}")
+    return value
+
+
+def sources() -> list[Path]:
+    """The extension's C++ sources (``manualbp/csrc/*.cpp``)."""
+    return sorted(_SOURCE_DIR.glob("*.cpp"))
+
+
+def build_directory() -> Path:
+    """One build per torch and Python version, so upgrading torch never loads a stale binary."""
+    root = os.environ.get("MANUALBP_NATIVE_DIR")
+    if root:
+        return Path(root).expanduser()
+    tag = f"{torch.__version__.replace('+', '-')}-py{sys.version_info[0]}.{sys.version_info[1]}"
+    return Path.home() / ".cache" / "manualbp" / "native" / tag
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Optional[ModuleType]:
+    """The compiled extension, building it on first use; None where it is off or cannot be built (auto)."""
+    if mode() == "off":
+        return None
+    try:
+        return _build(verbose=False)
+    except Exception as error:  # a missing compiler, headers or a failed build: the Python paths still work
+        if mode() == "require":
+            raise RuntimeError(f"MANUALBP_NATIVE=require but manualbp's extension could not be built: {error}") from error
+        warnings.warn(
+            f"manualbp's compiled kernels are unavailable ({type(error).__name__}: {str(error)[:300]}); "
+            "using the Python paths, which are slower at small sizes. Set MANUALBP_NATIVE=off to skip the build.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def available() -> bool:
+    """Whether the compiled kernels are in use (building them if needed)."""
+    return load() is not None
+
+
+def _build(verbose: bool) -> ModuleType:
+    from torch.utils import cpp_extension  # imports setuptools: only when the extension is wanted
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    fresh = not any(directory.glob(f"{NAME}*.so"))
+    if fresh:
+        print(
+            f"manualbp: compiling its C++ kernels into {directory} (once per machine and torch version, "
+            "about a minute)...",
+            file=sys.stderr,
+            flush=True,
+        )
+    start = time.perf_counter()
+    module = cpp_extension.load(
+        NAME,
+        [str(s) for s in sources()],
+        extra_cflags=["-O2"],
+        build_directory=str(directory),
+        verbose=verbose,
+    )
+    if fresh:
+        print(f"manualbp: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return module
+
+
+def main() -> int:
+    """``python -m manualbp.native``: build (or find) the extension and say where it is."""
+    if mode() == "off":
+        print("manualbp: MANUALBP_NATIVE=off, nothing to build")
+        return 0
+    try:
+        module = _build(verbose="-v" in sys.argv[1:])
+    except Exception as error:
+        print(f"manualbp: the C++ kernels could not be built ({error}); the Python paths will be used", file=sys.stderr)
+        return 1 if mode() == "require" or "--strict" in sys.argv[1:] else 0
+    print(f"manualbp: C++ kernels ready ({module.__file__})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
