@@ -61,23 +61,41 @@ def build_directory() -> Path:
     return Path.home() / ".cache" / "manualbp" / "native" / tag
 
 
-@functools.lru_cache(maxsize=None)
 def load() -> Optional[ModuleType]:
-    """The compiled extension, building it on first use; None where it is off or cannot be built (auto)."""
-    if mode() == "off":
+    """The compiled extension, building it on first use; None where it is off or cannot be built (auto).
+
+    ``MANUALBP_NATIVE`` is read on every call, so a test or a user can switch the Python paths on and off
+    at any time; the build itself is attempted once per process.
+    """
+    setting = mode()
+    if setting == "off":
         return None
-    try:
-        return _build(verbose=False)
-    except Exception as error:  # a missing compiler, headers or a failed build: the Python paths still work
-        if mode() == "require":
-            raise RuntimeError(f"MANUALBP_NATIVE=require but manualbp's extension could not be built: {error}") from error
+    module, error = _built()
+    if error is None:
+        return module
+    if setting == "require":
+        raise RuntimeError(f"MANUALBP_NATIVE=require but manualbp's extension could not be built: {error}") from error
+    if not _warned:
+        _warned.append(True)
         warnings.warn(
             f"manualbp's compiled kernels are unavailable ({type(error).__name__}: {str(error)[:300]}); "
             "using the Python paths, which are slower at small sizes. Set MANUALBP_NATIVE=off to skip the build.",
             RuntimeWarning,
             stacklevel=2,
         )
-        return None
+    return None
+
+
+_warned: list[bool] = []
+
+
+@functools.cache
+def _built() -> tuple[Optional[ModuleType], Optional[Exception]]:
+    """The extension or the reason it could not be built (a missing compiler, headers, a failed build)."""
+    try:
+        return _build(verbose=False), None
+    except Exception as error:
+        return None, error
 
 
 def available() -> bool:
