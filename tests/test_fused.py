@@ -7,6 +7,7 @@ import torch
 from helpers import rel_err
 
 import manualbp
+from manualbp import native
 from manualbp.fast import FusedTrainer
 
 D = torch.float64
@@ -195,18 +196,28 @@ def test_soft_targets_whose_rows_do_not_sum_to_one_get_the_exact_gradient():
         assert rel_err(p, q) <= 1e-12
 
 
-def test_small_steps_run_on_one_thread_and_the_thread_count_comes_back(monkeypatch):
+@pytest.mark.parametrize("kernels", ["python", "cpp"])
+def test_small_steps_run_on_one_thread_and_the_thread_count_comes_back(monkeypatch, kernels):
     model, _ = _twins()
     trainer = FusedTrainer(model, "cross_entropy", lr=0.1)
     x, y = _data()
     xp, yp = trainer.prepare(x, y)
-    seen, original = [], FusedTrainer._step
+    seen = []
 
-    def spy(self, *args):
-        seen.append(torch.get_num_threads())
-        return original(self, *args)
+    def spy(original):
+        def wrapper(*args):
+            seen.append(torch.get_num_threads())
+            return original(*args)
 
-    monkeypatch.setattr(FusedTrainer, "_step", spy)
+        return wrapper
+
+    monkeypatch.setattr(FusedTrainer, "_step", spy(FusedTrainer._step))
+    if kernels == "python":
+        monkeypatch.setenv("MANUALBP_NATIVE", "off")
+    else:  # step_many's epoch loop runs in C++ (step_prepared stays in Python)
+        if native.load() is None:
+            pytest.skip("manualbp's compiled kernels are not built here")
+        monkeypatch.setattr(native.load(), "fused_step_many", spy(native.load().fused_step_many))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

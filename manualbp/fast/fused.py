@@ -260,25 +260,27 @@ class FusedTrainer:
         n, c = target.shape
         if n == 0:
             raise ValueError("input: step_many needs at least one row (got an empty data set)")
-        xs, ys, ts = input.split(batch_size), target.split(batch_size), target.view(-1).split(batch_size * c)
+        batches = -(-n // batch_size)
         full = self._buffers_for(min(batch_size, n))
-        last = self._buffers_for(n - (len(xs) - 1) * batch_size) if n % batch_size else full
+        last = self._buffers_for(n - (batches - 1) * batch_size) if n % batch_size else full
         native = native_kernels() if self._plain else None
         with self._threads(full.flops):
-            if native is not None:  # the same kernels in the same order, called from C++ (manualbp.native)
+            if native is not None:  # the loop below, called from C++: same kernels, same order (manualbp.native)
                 losses = native.fused_step_many(
                     self.blocks, self.weights, *self._codes, self._loss_code, self.lr, input, target, batch_size,
                     *full.native_args(), *last.native_args(),
                 )  # fmt: skip
-                self._last = (last, xs[-1])
-                self.steps += len(xs)
+                self._last = (last, input[(batches - 1) * batch_size :])
+                self.steps += batches
             else:
-                dots = [self._step(full, xs[b], ys[b], ts[b]) for b in range(len(xs) - 1)]
+                xs, ys = input.split(batch_size), target.split(batch_size)
+                ts = target.view(-1).split(batch_size * c)
+                dots = [self._step(full, xs[b], ys[b], ts[b]) for b in range(batches - 1)]
                 dots.append(self._step(last, xs[-1], ys[-1], ts[-1]))
                 losses = torch.stack(dots)
         if last is full:
             return losses.mul_(full.loss_scale_t)
-        return losses.mul_(torch.stack([full.loss_scale_t] * (len(xs) - 1) + [last.loss_scale_t]))
+        return losses.mul_(torch.stack([full.loss_scale_t] * (batches - 1) + [last.loss_scale_t]))
 
     @contextlib.contextmanager
     def _threads(self, flops: float) -> Iterator[None]:
