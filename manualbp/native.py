@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,8 @@ __all__ = ["load", "available", "mode", "build_directory", "sources", "NAME"]
 NAME = "manualbp_native"
 MODES = ("auto", "off", "require")
 _SOURCE_DIR = Path(__file__).parent / "csrc"
+#: a build lock older than this is a killed build's (a build takes one to three minutes)
+STALE_LOCK_S = 900.0
 
 
 def mode() -> str:
@@ -108,24 +111,36 @@ def _build(verbose: bool) -> ModuleType:
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    fresh = not any(directory.glob(f"{NAME}*.so"))
-    if fresh:
+    lock = directory / "lock"  # torch's build lock: a killed build leaves it behind, and the next one waits forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        warnings.warn(f"manualbp: removing a stale build lock {lock} (a build was killed)", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
+    start = time.perf_counter()
+    said: list[bool] = []  # say so when this is a compile (a minute), not a load of a finished build (ms)
+
+    def say() -> None:
+        said.append(True)
         print(
-            f"manualbp: compiling its C++ kernels into {directory} (once per machine and torch version, "
-            "about a minute)...",
+            f"manualbp: compiling its C++ kernels into {directory} (once per machine and torch version, about "
+            "a minute)...",
             file=sys.stderr,
             flush=True,
         )
-    start = time.perf_counter()
-    module = cpp_extension.load(
-        NAME,
-        [str(s) for s in sources()],
-        extra_cflags=["-O2"],
-        build_directory=str(directory),
-        verbose=verbose,
-    )
-    if fresh:
-        print(f"manualbp: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    notice = threading.Timer(1.0, say)
+    notice.start()
+    try:
+        module = cpp_extension.load(
+            NAME,
+            [str(s) for s in sources()],
+            extra_cflags=["-O2"],
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+    finally:
+        notice.cancel()
+    if said:
+        print(f"manualbp: C++ kernels compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return module
 
 

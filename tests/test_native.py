@@ -123,3 +123,21 @@ def test_fused_epoch_in_cpp_takes_soft_targets_and_leaves_momentum_to_python(mon
     xp, yp = heavy.prepare(x, soft.float())
     heavy.step_many(xp, yp, 16)
     assert not called and heavy.momentum_buffers is not None
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_one_kept(monkeypatch, tmp_path):
+    import os
+
+    from torch.utils import cpp_extension
+
+    loaded = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, **kw: loaded.append(kw["build_directory"]) or "module")
+    monkeypatch.setenv("MANUALBP_NATIVE_DIR", str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert native._build(verbose=False) == "module" and lock.exists()  # a build in progress elsewhere: wait for it
+    old = lock.stat().st_mtime - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="removing a stale build lock"):
+        native._build(verbose=False)
+    assert not lock.exists() and loaded == [str(tmp_path)] * 2
