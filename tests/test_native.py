@@ -109,20 +109,38 @@ def test_fused_epoch_in_cpp_equals_the_python_loop_bit_for_bit(monkeypatch, acti
 
 
 @requires_native
-def test_fused_epoch_in_cpp_takes_soft_targets_and_leaves_momentum_to_python(monkeypatch):
+@pytest.mark.parametrize(
+    "optim",
+    [
+        dict(momentum=0.9),
+        dict(momentum=0.8, dampening=0.3, weight_decay=1e-2),
+        dict(momentum=0.9, nesterov=True),
+        dict(weight_decay=0.05),
+    ],
+)
+def test_fused_epoch_in_cpp_with_momentum_and_weight_decay_equals_the_python_loop(monkeypatch, optim):
     g = torch.Generator().manual_seed(1)
-    x, soft = torch.randn(40, 7, generator=g), torch.rand(40, 4, generator=g)  # rows need not sum to 1
-    cpp, python = _twin_trainers("tanh", "cross_entropy", torch.float64, True, (6,))
-    assert torch.equal(_epochs(cpp, x, soft, 16, 2, monkeypatch, "require")[-1], _epochs(python, x, soft, 16, 2, monkeypatch, "off")[-1])
-    assert torch.equal(cpp.blocks[1], python.blocks[1])
-    # momentum: the Python loop runs (no call into the extension at all)
-    heavy = FusedTrainer(manualbp.MLP(7, [6], 4), lr=0.1, momentum=0.9)
-    monkeypatch.setenv("MANUALBP_NATIVE", "require")
-    called = []
-    monkeypatch.setattr(native.load(), "fused_step_many", lambda *a: called.append(a), raising=False)
-    xp, yp = heavy.prepare(x, soft.float())
-    heavy.step_many(xp, yp, 16)
-    assert not called and heavy.momentum_buffers is not None
+    x, soft = torch.randn(40, 7, generator=g, dtype=torch.float64), torch.rand(40, 4, generator=g, dtype=torch.float64)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        models.append(manualbp.MLP(7, [6, 5], 4, activation="tanh", dtype=torch.float64))
+    cpp, python = (FusedTrainer(m, "cross_entropy", lr=0.2, **optim) for m in models)
+    # soft targets whose rows need not sum to 1; 3 epochs: the momentum buffers start, then carry over
+    for a, b in zip(_epochs(cpp, x, soft, 16, 3, monkeypatch, "require"), _epochs(python, x, soft, 16, 3, monkeypatch, "off")):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(cpp.blocks, python.blocks))
+    assert all(torch.equal(a, b) for a, b in zip(cpp.last_grads, python.last_grads))
+    if optim.get("momentum"):
+        assert all(torch.equal(a, b) for a, b in zip(cpp.momentum_buffers, python.momentum_buffers))
+    else:
+        assert cpp.momentum_buffers is None and python.momentum_buffers is None
+    # the optimizer state carries over between the loops: an epoch in C++ after Python's equals Python's
+    python.load_state_dict(cpp.state_dict())  # the same start for both again
+    mixed = _epochs(python, x, soft, 16, 1, monkeypatch, "off") + _epochs(python, x, soft, 16, 1, monkeypatch, "require")
+    pure = _epochs(cpp, x, soft, 16, 2, monkeypatch, "off")
+    assert all(torch.equal(a, b) for a, b in zip(mixed, pure))
+    assert all(torch.equal(a, b) for a, b in zip(cpp.blocks, python.blocks))
 
 
 def test_a_killed_builds_lock_is_removed_and_a_live_one_kept(monkeypatch, tmp_path):

@@ -1,10 +1,12 @@
-// The FusedTrainer's plain-SGD epoch (manualbp/fast/fused.py, FusedTrainer._step) as one C++ loop.
+// The FusedTrainer's epoch (manualbp/fast/fused.py: step_many, _step, _sgd_update) as one C++ loop.
 //
 // The same ATen kernels with the same arguments in the same order as the Python step, so the result is the
 // same bit for bit; only the per-kernel cost of calling from Python is gone. The formulas and their
 // derivation are documented once, in fused.py; this file only repeats its kernel sequence.
 #include "native.h"
 
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace manualbp {
@@ -47,10 +49,36 @@ void activation_backward(int64_t code, double slope, at::Tensor& g, const at::Te
   }
 }
 
-// One plain-SGD step (FusedTrainer._step with momentum = weight_decay = 0); returns the loss / loss_scale.
+// torch.optim.SGD's settings and state (FusedTrainer's lr, momentum, ..., momentum_buffers, _grad_blocks).
+struct SGD {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov;
+  std::vector<at::Tensor> momentum_buffers;  // empty until the first step with momentum
+  std::vector<at::Tensor> grad_blocks;       // dL/d[W | b] (not used by plain SGD)
+  bool plain() const { return momentum == 0 && weight_decay == 0; }
+};
+
+// FusedTrainer._sgd_update
+void sgd_update(const std::vector<at::Tensor>& params, SGD& sgd) {
+  std::vector<at::Tensor> grads = sgd.grad_blocks;
+  if (sgd.weight_decay != 0) grads = at::_foreach_add(grads, params, sgd.weight_decay);
+  std::vector<at::Tensor> direction = grads;
+  if (sgd.momentum != 0) {
+    if (sgd.momentum_buffers.empty()) {
+      for (const auto& g : grads) sgd.momentum_buffers.push_back(g.clone());
+    } else {
+      at::_foreach_mul_(sgd.momentum_buffers, sgd.momentum);
+      at::_foreach_add_(sgd.momentum_buffers, grads, 1 - sgd.dampening);
+    }
+    direction = sgd.nesterov ? at::_foreach_add(grads, sgd.momentum_buffers, sgd.momentum) : sgd.momentum_buffers;
+  }
+  at::_foreach_add_(params, direction, -sgd.lr);
+}
+
+// One step (FusedTrainer._step); returns the loss / loss_scale.
 at::Tensor step(const std::vector<at::Tensor>& blocks, const std::vector<at::Tensor>& blocks_t,
                 const std::vector<at::Tensor>& weights, const std::vector<int64_t>& codes,
-                const std::vector<double>& slopes, int64_t loss, double lr, Buffers& buf, const at::Tensor& input,
+                const std::vector<double>& slopes, int64_t loss, SGD& sgd, Buffers& buf, const at::Tensor& input,
                 const at::Tensor& target, const at::Tensor& target_flat) {
   const size_t layers = blocks.size();
   // forward_into
@@ -71,34 +99,43 @@ at::Tensor step(const std::vector<at::Tensor>& blocks, const std::vector<at::Ten
     at::sub_out(buf.grad.back(), buf.out, target);
     dot = at::dot(buf.go_flat, buf.go_flat);
   }
-  // backward, top layer first, each layer's update in its gradient's matmul
-  const double alpha = -lr * buf.scale;
+  // backward, top layer first; plain SGD updates each layer in its gradient's matmul
+  const bool plain = sgd.plain();
+  const double alpha = -sgd.lr * buf.scale;
   for (size_t k = layers; k-- > 0;) {
     const at::Tensor& below = k ? buf.act[k - 1] : input;
     if (k) {  // backprop_into
       at::mm_out(buf.grad[k - 1], buf.grad[k], weights[k]);
       activation_backward(codes[k - 1], slopes[k - 1], buf.grad[k - 1], buf.a[k - 1]);
     }
-    blocks[k].addmm_(buf.grad_t[k], below, 1, alpha);
+    if (plain) {
+      blocks[k].addmm_(buf.grad_t[k], below, 1, alpha);
+    } else {
+      sgd.grad_blocks[k].addmm_(buf.grad_t[k], below, 0, buf.scale);
+    }
   }
+  if (!plain) sgd_update(blocks, sgd);
   return dot;
 }
 
-// FusedTrainer.step_many's loop: consecutive plain-SGD steps on the batches of ``batch_size`` rows.
-// ``full`` and ``last`` are the buffers of a full and of the (possibly smaller) last batch, as
-// (z, act, a, grad, out, scale). Returns the batch losses / loss_scale, shape (number of batches,).
-at::Tensor step_many(const std::vector<at::Tensor>& blocks, const std::vector<at::Tensor>& weights,
-                     const std::vector<int64_t>& codes, const std::vector<double>& slopes, int64_t loss, double lr,
-                     const at::Tensor& input, const at::Tensor& target, int64_t batch_size,
-                     const std::vector<at::Tensor>& full_z, const std::vector<at::Tensor>& full_act,
-                     const std::vector<at::Tensor>& full_a, const std::vector<at::Tensor>& full_grad,
-                     const at::Tensor& full_out, double full_scale, const std::vector<at::Tensor>& last_z,
-                     const std::vector<at::Tensor>& last_act, const std::vector<at::Tensor>& last_a,
-                     const std::vector<at::Tensor>& last_grad, const at::Tensor& last_out, double last_scale) {
+// FusedTrainer.step_many's loop: consecutive SGD steps on the batches of ``batch_size`` rows. ``full`` and
+// ``last`` are the buffers of a full and of the (possibly smaller) last batch, as (z, act, a, grad, out,
+// scale). Returns the batch losses / loss_scale, shape (number of batches,), and the momentum buffers.
+std::tuple<at::Tensor, std::vector<at::Tensor>> step_many(
+    const std::vector<at::Tensor>& blocks, const std::vector<at::Tensor>& weights, const std::vector<int64_t>& codes,
+    const std::vector<double>& slopes, int64_t loss, double lr, double momentum, double dampening,
+    double weight_decay, bool nesterov, std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> grad_blocks,
+    const at::Tensor& input, const at::Tensor& target, int64_t batch_size, const std::vector<at::Tensor>& full_z,
+    const std::vector<at::Tensor>& full_act, const std::vector<at::Tensor>& full_a,
+    const std::vector<at::Tensor>& full_grad, const at::Tensor& full_out, double full_scale,
+    const std::vector<at::Tensor>& last_z, const std::vector<at::Tensor>& last_act, const std::vector<at::Tensor>& last_a,
+    const std::vector<at::Tensor>& last_grad, const at::Tensor& last_out, double last_scale) {
   TORCH_CHECK(!blocks.empty() && blocks.size() == weights.size(), "step_many: one weight view per block");
   TORCH_CHECK(codes.size() + 1 == blocks.size() && slopes.size() == codes.size(),
               "step_many: one activation per hidden layer");
   TORCH_CHECK(batch_size > 0, "step_many: batch_size must be positive");
+  SGD sgd{lr, momentum, dampening, weight_decay, nesterov, std::move(momentum_buffers), std::move(grad_blocks)};
+  TORCH_CHECK(sgd.plain() || sgd.grad_blocks.size() == blocks.size(), "step_many: one gradient block per layer");
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> blocks_t;
   for (const auto& b : blocks) blocks_t.push_back(b.t());
@@ -112,15 +149,15 @@ at::Tensor step_many(const std::vector<at::Tensor>& blocks, const std::vector<at
   dots.reserve(xs.size());
   for (size_t b = 0; b < xs.size(); ++b) {
     Buffers& buf = b + 1 < xs.size() ? full : last;
-    dots.push_back(step(blocks, blocks_t, weights, codes, slopes, loss, lr, buf, xs[b], ys[b], ts[b]));
+    dots.push_back(step(blocks, blocks_t, weights, codes, slopes, loss, sgd, buf, xs[b], ys[b], ts[b]));
   }
-  return at::stack(dots);
+  return {at::stack(dots), sgd.momentum_buffers};
 }
 
 }  // namespace
 
 void init_fused(pybind11::module_& m) {
-  m.def("fused_step_many", &step_many, "FusedTrainer.step_many's plain-SGD loop (see manualbp/fast/fused.py)",
+  m.def("fused_step_many", &step_many, "FusedTrainer.step_many's loop (see manualbp/fast/fused.py)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 

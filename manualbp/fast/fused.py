@@ -16,7 +16,9 @@ about 1e-12 after a full run; ``tests/test_fused.py``), without the graph bookke
 ``Function`` calls, per-step input validation, allocations or the optimizer's per-parameter loop.
 :meth:`FusedTrainer.prepare` appends the ones column and one-hot encodes the targets once per data set;
 :meth:`FusedTrainer.step_prepared` then trains on slices of the result, and :meth:`FusedTrainer.step_many`
-runs a whole epoch of consecutive batches in one call (what ``backend: fused`` does).
+runs a whole epoch of consecutive batches in one call (what ``backend: fused`` does): in C++ where
+``manualbp.native`` is built (``manualbp/csrc/fused.cpp``, the same kernels in the same order, so the same
+numbers bit for bit), else in Python.
 """
 
 from __future__ import annotations
@@ -263,13 +265,17 @@ class FusedTrainer:
         batches = -(-n // batch_size)
         full = self._buffers_for(min(batch_size, n))
         last = self._buffers_for(n - (batches - 1) * batch_size) if n % batch_size else full
-        native = native_kernels() if self._plain else None
+        native = native_kernels()
         with self._threads(full.flops):
             if native is not None:  # the loop below, called from C++: same kernels, same order (manualbp.native)
-                losses = native.fused_step_many(
-                    self.blocks, self.weights, *self._codes, self._loss_code, self.lr, input, target, batch_size,
-                    *full.native_args(), *last.native_args(),
+                if not self._plain and self._grad_blocks is None:
+                    self._grad_blocks = [torch.empty_like(b) for b in self.blocks]
+                losses, buffers = native.fused_step_many(
+                    self.blocks, self.weights, *self._codes, self._loss_code, self.lr, self.momentum,
+                    self.dampening, self.weight_decay, self.nesterov, self.momentum_buffers or [],
+                    self._grad_blocks or [], input, target, batch_size, *full.native_args(), *last.native_args(),
                 )  # fmt: skip
+                self.momentum_buffers = buffers or None
                 self._last = (last, input[(batches - 1) * batch_size :])
                 self.steps += batches
             else:
