@@ -5,64 +5,41 @@
 // derivation are documented once, in fused.py; this file only repeats its kernel sequence.
 #include "native.h"
 
-#include <tuple>
 #include <utility>
-#include <vector>
 
 namespace manualbp {
 namespace {
 
-enum Activation : int64_t { kSigmoid = 0, kTanh = 1, kReLU = 2, kLeakyReLU = 3, kIdentity = 4 };
 enum Loss : int64_t { kCrossEntropy = 0, kSquared = 1 };
 
 // One batch size's preallocated intermediates (fused.py's _Buffers).
 struct Buffers {
-  std::vector<at::Tensor> z, act, a, grad, grad_t;  // z^l, [a^l | 1], a^l (views), dL/dz^l / scale, its .t()
+  Tensors z, act, a, grad, grad_t;  // z^l, [a^l | 1], a^l (views), dL/dz^l / scale, its .t()
   at::Tensor out, out_flat, go_flat;                // o (then log softmax(o)), o flat, dL/do / scale flat
   double scale;                                     // dL/do = scale * grad.back()
 };
 
-Buffers unpack(const std::vector<at::Tensor>& z, const std::vector<at::Tensor>& act, const std::vector<at::Tensor>& a,
-               const std::vector<at::Tensor>& grad, const at::Tensor& out, double scale) {
+Buffers unpack(const Tensors& z, const Tensors& act, const Tensors& a,
+               const Tensors& grad, const at::Tensor& out, double scale) {
   Buffers buf{z, act, a, grad, {}, out, out.view(-1), grad.back().view(-1), scale};
   for (const auto& g : grad) buf.grad_t.push_back(g.t());
   return buf;
-}
-
-void activation_forward(int64_t code, double slope, const at::Tensor& z, at::Tensor& out) {
-  switch (code) {
-    case kSigmoid: at::sigmoid_out(out, z); break;
-    case kTanh: at::tanh_out(out, z); break;
-    case kReLU: at::clamp_min_out(out, z, 0); break;
-    case kLeakyReLU: at::leaky_relu_out(out, z, slope); break;
-    default: out.copy_(z);
-  }
-}
-
-void activation_backward(int64_t code, double slope, at::Tensor& g, const at::Tensor& a) {
-  switch (code) {
-    case kSigmoid: at::sigmoid_backward_out(g, g, a); break;
-    case kTanh: at::tanh_backward_out(g, g, a); break;
-    case kReLU: at::threshold_backward_out(g, g, a, 0); break;
-    case kLeakyReLU: at::leaky_relu_backward_out(g, g, a, slope, true); break;
-    default: break;  // identity: g 1
-  }
 }
 
 // torch.optim.SGD's settings and state (FusedTrainer's lr, momentum, ..., momentum_buffers, _grad_blocks).
 struct SGD {
   double lr, momentum, dampening, weight_decay;
   bool nesterov;
-  std::vector<at::Tensor> momentum_buffers;  // empty until the first step with momentum
-  std::vector<at::Tensor> grad_blocks;       // dL/d[W | b] (not used by plain SGD)
+  Tensors momentum_buffers;  // empty until the first step with momentum
+  Tensors grad_blocks;       // dL/d[W | b] (not used by plain SGD)
   bool plain() const { return momentum == 0 && weight_decay == 0; }
 };
 
 // FusedTrainer._sgd_update
-void sgd_update(const std::vector<at::Tensor>& params, SGD& sgd) {
-  std::vector<at::Tensor> grads = sgd.grad_blocks;
+void sgd_update(const Tensors& params, SGD& sgd) {
+  Tensors grads = sgd.grad_blocks;
   if (sgd.weight_decay != 0) grads = at::_foreach_add(grads, params, sgd.weight_decay);
-  std::vector<at::Tensor> direction = grads;
+  Tensors direction = grads;
   if (sgd.momentum != 0) {
     if (sgd.momentum_buffers.empty()) {
       for (const auto& g : grads) sgd.momentum_buffers.push_back(g.clone());
@@ -76,8 +53,8 @@ void sgd_update(const std::vector<at::Tensor>& params, SGD& sgd) {
 }
 
 // One step (FusedTrainer._step); returns the loss / loss_scale.
-at::Tensor step(const std::vector<at::Tensor>& blocks, const std::vector<at::Tensor>& blocks_t,
-                const std::vector<at::Tensor>& weights, const std::vector<int64_t>& codes,
+at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
+                const Tensors& weights, const std::vector<int64_t>& codes,
                 const std::vector<double>& slopes, int64_t loss, SGD& sgd, Buffers& buf, const at::Tensor& input,
                 const at::Tensor& target, const at::Tensor& target_flat) {
   const size_t layers = blocks.size();
@@ -118,26 +95,26 @@ at::Tensor step(const std::vector<at::Tensor>& blocks, const std::vector<at::Ten
   return dot;
 }
 
+}  // namespace
+
 // FusedTrainer.step_many's loop: consecutive SGD steps on the batches of ``batch_size`` rows. ``full`` and
 // ``last`` are the buffers of a full and of the (possibly smaller) last batch, as (z, act, a, grad, out,
 // scale). Returns the batch losses / loss_scale, shape (number of batches,), and the momentum buffers.
-std::tuple<at::Tensor, std::vector<at::Tensor>> step_many(
-    const std::vector<at::Tensor>& blocks, const std::vector<at::Tensor>& weights, const std::vector<int64_t>& codes,
-    const std::vector<double>& slopes, int64_t loss, double lr, double momentum, double dampening,
-    double weight_decay, bool nesterov, std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> grad_blocks,
-    const at::Tensor& input, const at::Tensor& target, int64_t batch_size, const std::vector<at::Tensor>& full_z,
-    const std::vector<at::Tensor>& full_act, const std::vector<at::Tensor>& full_a,
-    const std::vector<at::Tensor>& full_grad, const at::Tensor& full_out, double full_scale,
-    const std::vector<at::Tensor>& last_z, const std::vector<at::Tensor>& last_act, const std::vector<at::Tensor>& last_a,
-    const std::vector<at::Tensor>& last_grad, const at::Tensor& last_out, double last_scale) {
+std::tuple<at::Tensor, Tensors> fused_step_many(
+    const Tensors& blocks, const Tensors& weights, const std::vector<int64_t>& codes, const std::vector<double>& slopes,
+    int64_t loss, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+    Tensors momentum_buffers, Tensors grad_blocks, const at::Tensor& input, const at::Tensor& target,
+    int64_t batch_size, const Tensors& full_z, const Tensors& full_act, const Tensors& full_a, const Tensors& full_grad,
+    const at::Tensor& full_out, double full_scale, const Tensors& last_z, const Tensors& last_act,
+    const Tensors& last_a, const Tensors& last_grad, const at::Tensor& last_out, double last_scale) {
   TORCH_CHECK(!blocks.empty() && blocks.size() == weights.size(), "step_many: one weight view per block");
   TORCH_CHECK(codes.size() + 1 == blocks.size() && slopes.size() == codes.size(),
               "step_many: one activation per hidden layer");
   TORCH_CHECK(batch_size > 0, "step_many: batch_size must be positive");
   SGD sgd{lr, momentum, dampening, weight_decay, nesterov, std::move(momentum_buffers), std::move(grad_blocks)};
   TORCH_CHECK(sgd.plain() || sgd.grad_blocks.size() == blocks.size(), "step_many: one gradient block per layer");
-  at::NoGradGuard no_grad;
-  std::vector<at::Tensor> blocks_t;
+  c10::NoGradGuard no_grad;
+  Tensors blocks_t;
   for (const auto& b : blocks) blocks_t.push_back(b.t());
   Buffers full = unpack(full_z, full_act, full_a, full_grad, full_out, full_scale);
   Buffers last = unpack(last_z, last_act, last_a, last_grad, last_out, last_scale);
@@ -145,20 +122,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> step_many(
   auto xs = input.split(batch_size);
   auto ys = target.split(batch_size);
   auto ts = target.view(-1).split(batch_size * classes);
-  std::vector<at::Tensor> dots;
+  Tensors dots;
   dots.reserve(xs.size());
   for (size_t b = 0; b < xs.size(); ++b) {
     Buffers& buf = b + 1 < xs.size() ? full : last;
     dots.push_back(step(blocks, blocks_t, weights, codes, slopes, loss, sgd, buf, xs[b], ys[b], ts[b]));
   }
   return {at::stack(dots), sgd.momentum_buffers};
-}
-
-}  // namespace
-
-void init_fused(pybind11::module_& m) {
-  m.def("fused_step_many", &step_many, "FusedTrainer.step_many's loop (see manualbp/fast/fused.py)",
-        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 
 }  // namespace manualbp

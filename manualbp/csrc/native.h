@@ -1,8 +1,49 @@
-// manualbp's compiled kernels: one Python extension (manualbp.native builds it), one init per source file.
+// manualbp's compiled kernels: what the sources share. Only bindings.cpp includes <torch/extension.h>
+// (pybind11 and torch's Python bindings, ~45 s to compile); the kernels need ATen alone (~13 s).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
 
 namespace manualbp {
-void init_fused(pybind11::module_& m);   // fused.cpp: the FusedTrainer's step loop
-void init_module(pybind11::module_& m);  // module.cpp: the drop-in module's autograd nodes
+
+using Tensors = std::vector<at::Tensor>;
+
+// The activations as manualbp/fast/fused.py's _CODES numbers them.
+enum Activation : int64_t { kSigmoid = 0, kTanh = 1, kReLU = 2, kLeakyReLU = 3, kIdentity = 4 };
+
+// a = sigma(z) written into ``out``: the kernels of manualbp.functional.activation.
+inline void activation_forward(int64_t code, double slope, const at::Tensor& z, at::Tensor& out) {
+  switch (code) {
+    case kSigmoid: at::sigmoid_out(out, z); break;                // a = 1 / (1 + exp(-z))
+    case kTanh: at::tanh_out(out, z); break;                      // a = tanh(z)
+    case kReLU: at::clamp_min_out(out, z, 0); break;              // a = max(z, 0)
+    case kLeakyReLU: at::leaky_relu_out(out, z, slope); break;    // a = z or slope z
+    default: out.copy_(z);                                        // a = z
+  }
+}
+
+// g <- g * sigma'(z), in place, from the saved output a: the kernels of manualbp.functional.activation_backward.
+inline void activation_backward(int64_t code, double slope, at::Tensor& g, const at::Tensor& a) {
+  switch (code) {
+    case kSigmoid: at::sigmoid_backward_out(g, g, a); break;                     // g a (1 - a)
+    case kTanh: at::tanh_backward_out(g, g, a); break;                           // g (1 - a^2)
+    case kReLU: at::threshold_backward_out(g, g, a, 0); break;                   // g [a > 0]
+    case kLeakyReLU: at::leaky_relu_backward_out(g, g, a, slope, true); break;   // g (1 or slope)
+    default: break;                                                              // g 1
+  }
+}
+
+// fused.cpp: FusedTrainer.step_many's loop; returns (the batch losses / loss_scale, the momentum buffers).
+std::tuple<at::Tensor, Tensors> fused_step_many(
+    const Tensors& blocks, const Tensors& weights, const std::vector<int64_t>& codes, const std::vector<double>& slopes,
+    int64_t loss, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+    Tensors momentum_buffers, Tensors grad_blocks, const at::Tensor& input, const at::Tensor& target,
+    int64_t batch_size, const Tensors& full_z, const Tensors& full_act, const Tensors& full_a, const Tensors& full_grad,
+    const at::Tensor& full_out, double full_scale, const Tensors& last_z, const Tensors& last_act,
+    const Tensors& last_a, const Tensors& last_grad, const at::Tensor& last_out, double last_scale);
+
 }  // namespace manualbp
