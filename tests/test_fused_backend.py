@@ -117,3 +117,26 @@ def test_fused_whole_epochs_stop_at_the_step_where_divergence_fires(factor, monk
     assert [r["train_loss_running"] for r in a.history] == pytest.approx(
         [r["train_loss_running"] for r in b.history], rel=1e-9, nan_ok=True
     )
+
+
+@pytest.mark.parametrize("hidden,expected", [([16], 1), ([1024, 1024], 2)])
+def test_a_small_fused_run_holds_one_thread_throughout_and_gives_the_count_back(monkeypatch, hidden, expected):
+    from manualbp.train import loop
+
+    seen = []
+    original = loop.evaluate
+
+    def spy(*args, **kwargs):  # the loop's own evaluation: outside the trainer's step and predict
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # 16 hidden: about 0.3 MFLOP a step, one thread; 1024 x 1024 at batch 64: about 0.4 GFLOP, two
+        cfg = {**_cfg("fused"), "dtype": "float32", "model": {"hidden": hidden}, "stopping": {"max_epochs": 1}}
+        run(cfg)
+        assert set(seen) == {expected} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

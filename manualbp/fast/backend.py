@@ -3,14 +3,14 @@ loop's backend interface (``cls(model, loss, optim_cfg)``, step/set_lr/predict/g
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, ContextManager, Mapping
 
 import torch
 from torch import Tensor
 
 from ..nn import MLP
 from ..train.backends import check_optim_cfg, register_backend
-from .fused import FusedTrainer
+from .fused import FusedTrainer, step_flops
 
 __all__ = ["FusedBackend", "sgd_kwargs"]
 
@@ -54,6 +54,11 @@ class FusedBackend:
     def step_many(self, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
         """A whole epoch: consecutive steps on batches of ``batch_size`` rows of :meth:`prepare`'s output."""
         return self.trainer.step_many(x, y, batch_size)
+
+    def threads(self, batch_size: int) -> ContextManager[None]:
+        """The run's CPU threads: one where a step of ``batch_size`` rows is under the trainer's
+        ``single_thread_flops`` (the whole run then, its evaluation and shuffles too), else torch's."""
+        return self.trainer._threads(step_flops(batch_size, self.trainer.widths, self.trainer.bias))
 
     def set_lr(self, lr: float) -> None:
         self.trainer.set_lr(lr)

@@ -35,7 +35,7 @@ from ..native import load as native_kernels
 from ..nn import MLP
 from ._losses import resolve_loss
 
-__all__ = ["FusedTrainer"]
+__all__ = ["FusedTrainer", "step_flops"]
 
 _aten = torch.ops.aten
 
@@ -100,6 +100,11 @@ def loss_scales(loss_name: str, reduction: str, n: int, classes: int) -> tuple[f
     return loss_scale, scale
 
 
+def step_flops(n: int, widths: list[int], bias: bool) -> int:
+    """One step's floating-point operations on ``n`` rows: 2 n (in + bias) out per layer forward, twice that back."""
+    return 6 * n * sum((a + int(bias)) * b for a, b in zip(widths[:-1], widths[1:]))
+
+
 class _Buffers:
     """Every intermediate of one step for a batch of ``n`` rows, allocated once and reused."""
 
@@ -118,8 +123,7 @@ class _Buffers:
         self.out_flat = self.out.view(-1)
         self.go_flat = self.grad[-1].view(-1)
         self.loss_scale, self.scale = loss_scales(loss_name, reduction, n, widths[-1])
-        # one step's floating-point operations: 2 n in out per layer forward, twice that backward
-        self.flops = 6 * n * sum((a + extra) * b for a, b in zip(widths[:-1], widths[1:]))
+        self.flops = step_flops(n, widths, bias)
         self.loss_scale_t = torch.tensor(self.loss_scale, dtype=like.dtype, device=like.device)
 
     def native_args(self) -> tuple:

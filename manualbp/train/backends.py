@@ -18,6 +18,8 @@ initialized, on the training device), a loss name ("cross_entropy", "squared_err
   The loop uses it for whole epochs when no per-step rule needs it in between (no step-level stopping,
   learning rate fixed within the epoch, no DDP); it rewinds with ``state_dict``/``load_state_dict`` and
   replays the epoch step by step when the divergence check would have fired within it.
+- optional ``threads(batch_size)``: a context manager that ``run`` holds for the whole run (the fused backend
+  runs small steps, and so the whole run, on one CPU thread).
 
 Registered: "manual" (the hand-derived Function), "autograd" (the native ``nn.Sequential`` twin),
 "both" (the two in lockstep). Other backends plug in with :func:`register_backend`.

@@ -10,6 +10,7 @@ loop in between, and the epoch is replayed step by step if the divergence check 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -465,6 +466,11 @@ def _run(config: Any = None) -> RunResult:
         disable=None if cfg["progress"] and dinfo.is_main else True,  # None: quiet when not a terminal
         leave=False,
     )
+    # a backend may pick the CPU threads for the whole run (fused: one thread where a step is microseconds,
+    # so that no small op of the loop's, its evaluation or its shuffle pays OpenMP's fork and join)
+    threads = contextlib.ExitStack()
+    if hasattr(backend, "threads"):
+        threads.enter_context(backend.threads(bs))
     try:
         decision = None
         last_lr: Optional[float] = None
@@ -597,6 +603,8 @@ def _run(config: Any = None) -> RunResult:
         bar.close()
         sink.finish("failed")
         raise
+    finally:
+        threads.close()
     bar.close()
     sink.finish(status)
     return RunResult(status, stop_reason, metrics, history, cfg, out_dir, final_model)
