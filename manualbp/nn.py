@@ -58,11 +58,18 @@ _torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
 _tracing_state = torch._C._get_tracing_state
 _Parameter = nn.Parameter
 _native_cache: list = [object(), None]  # [the MANUALBP_NATIVE value last seen, native.load() for it]
+# os.environ.get encodes the key and decodes the value on every call (about 1 us); its backing dict does not.
+# Setting or deleting a variable through os.environ (monkeypatch.setenv too) updates that dict in place.
+_environ_data = os.environ._data if isinstance(os.environ, os._Environ) else None  # type: ignore[attr-defined]
+_native_key = os.environ.encodekey("MANUALBP_NATIVE") if _environ_data is not None else None
 
 
 def _native():
     """``manualbp.native.load()``, remembered per value of ``MANUALBP_NATIVE`` (so switching it takes effect)."""
-    value = os.environ.get("MANUALBP_NATIVE")
+    if _environ_data is not None:
+        value = _environ_data.get(_native_key)
+    else:
+        value = os.environ.get("MANUALBP_NATIVE")
     if value != _native_cache[0]:
         _native_cache[1] = _native_ext.load()  # raises for a bad value, every time
         _native_cache[0] = value
