@@ -352,3 +352,44 @@ def test_soft_targets_stay_on_the_python_function():
     logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     target = torch.softmax(torch.randn(4, 3, dtype=torch.float64), -1)
     assert manualbp.CrossEntropyLoss()(logits, target).grad_fn.name() == "CrossEntropyFunctionBackward"
+
+
+@pytest.mark.parametrize("case", ["empty-sum", "empty-none", "non-contiguous", "checkpoint", "no-grad"])
+def test_edge_cases_bitwise(monkeypatch, case):
+    def run():
+        model = _model("leaky_relu", True, (5, 4))
+        g = torch.Generator().manual_seed(9)
+        reduction = {"empty-sum": "sum", "empty-none": "none"}.get(case, "mean")
+        if case.startswith("empty"):
+            x, target = torch.randn(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+        else:
+            x = torch.randn(6, 4, 5, dtype=torch.float64, generator=g).transpose(0, 2)[:, ::2]  # (5, 2, 6)
+            target = torch.randint(0, 3, (5, 2), generator=g)
+        x.requires_grad_()
+        if case == "no-grad":
+            with torch.no_grad():
+                return [model(x), manualbp.CrossEntropyLoss()(model(x), target)]
+        if case == "checkpoint":
+            out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+        else:
+            out = model(x)
+        loss = manualbp.CrossEntropyLoss(reduction)(out, target)
+        loss.sum().backward()
+        return [out, loss, x.grad, *(p.grad for p in model.parameters())]
+
+    native_out = run()
+    with python_path(monkeypatch):
+        python_out = run()
+    _assert_bitwise(native_out, python_out)
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_the_python_functions(monkeypatch):
+    model = _model("tanh", True, (5,))
+    x, target = torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    calls = _spy(monkeypatch)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    assert calls["mlp"] == 0
+    torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-14)
+    assert manualbp.CrossEntropyLoss()(out, target).grad_fn is not None
