@@ -271,10 +271,11 @@ def test_ineligible_contexts_use_the_python_functions(monkeypatch, context):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("bad", [3, 17, -1, -100])
-def test_bad_class_index_same_error(monkeypatch, reduction, bad):
-    x = torch.randn(4, 3, requires_grad=True)
+def test_bad_class_index_same_error(monkeypatch, reduction, bad, dtype):
+    x = torch.randn(4, 3, dtype=dtype, requires_grad=True)
     target = torch.tensor([0, 1, bad, 2])
 
     def error():

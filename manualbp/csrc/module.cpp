@@ -228,10 +228,13 @@ struct CrossEntropyNode : public torch::autograd::Function<CrossEntropyNode> {
     }
     auto [loss, count] = at::nll_loss_forward(log_probs, index, {}, reduction, kIgnoreIndex);
     // functional.kernel_checks_class_range (torch.compile and torch.func never reach this node)
-    const bool kernel_checks = reduction != kNone && input.is_cpu() &&
-                               (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
-    if (kernel_checks && count.item<double>() != static_cast<double>(index.size(0))) {
-      TORCH_CHECK_INDEX(false, "Target ", kIgnoreIndex, " is out of bounds.");  // the kernel skipped it
+    if (reduction != kNone && input.is_cpu() &&
+        (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble)) {
+      // count.item(), read in place: a 0-d CPU tensor of input's dtype
+      const double counted = input.scalar_type() == at::kFloat ? *count.const_data_ptr<float>()
+                                                               : *count.const_data_ptr<double>();
+      TORCH_CHECK_INDEX(counted == static_cast<double>(index.size(0)), "Target ", kIgnoreIndex,
+                        " is out of bounds.");  // the kernel skipped it
     }
     if (reduction == kNone && input.dim() != 2) loss = loss.reshape(target.sizes());  // (*)
     ctx->save_for_backward({input, target, log_probs, count});
