@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "identity"]
 DEPTHS = {0: [], 1: [5], 2: [5, 4]}
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 SHAPES = [(7,), (2, 3), ()]  # leading dimensions of the input: 2-D, 3-D and 1-D input
 REDUCTIONS = ["mean", "sum", "none"]
 MLP_NODE, CE_NODE = "MLPNode", "CrossEntropyNode"
