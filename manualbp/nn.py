@@ -480,7 +480,7 @@ class MLP(nn.Module):
         args[0] = tuple(specs)
         return args
 
-    def _outputs(self, input: Tensor) -> tuple[Tensor, ...]:
+    def _outputs(self, input: Tensor) -> Sequence[Tensor]:
         """MLPFunction's outputs for ``input``: o, then a^1 .. a^{L-1} (from its compiled twin where eligible)."""
         args = self._function_args()
         C.check_features(input, self.in_features, args[2])
