@@ -19,6 +19,7 @@ Environment:
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import threading
@@ -30,7 +31,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load", "available", "mode", "build_directory", "sources", "NAME"]
+__all__ = ["load", "available", "mode", "build_directory", "sources", "sources_hash", "NAME"]
 
 NAME = "manualbp_native"
 MODES = ("auto", "off", "require")
@@ -55,6 +56,15 @@ def sources() -> list[Path]:
     return sorted(_SOURCE_DIR.glob("*.cpp"))
 
 
+def sources_hash() -> str:
+    """A digest of every file in ``manualbp/csrc`` (sources and headers)."""
+    digest = hashlib.sha256()
+    for path in sorted(_SOURCE_DIR.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def build_directory() -> Path:
     """One build per torch and Python version, so upgrading torch never loads a stale binary."""
     root = os.environ.get("MANUALBP_NATIVE_DIR")
@@ -68,8 +78,21 @@ def load() -> Optional[ModuleType]:
     """The compiled extension, building it on first use; None where it is off or cannot be built (auto).
 
     ``MANUALBP_NATIVE`` is read on every call, so a test or a user can switch the Python paths on and off
-    at any time; the build itself is attempted once per process.
+    at any time; the build itself is attempted once per process. (The module's forward asks on every call:
+    the answer is remembered per value of the variable.)
     """
+    value = os.environ.get("MANUALBP_NATIVE")
+    if value == _last[0]:
+        return _last[1]
+    module = _load()
+    _last[:] = [value, module]
+    return module
+
+
+_last: list = [object(), None]  # the MANUALBP_NATIVE value last seen and load()'s answer for it
+
+
+def _load() -> Optional[ModuleType]:
     setting = mode()
     if setting == "off":
         return None
@@ -133,7 +156,8 @@ def _build(verbose: bool) -> ModuleType:
         module = cpp_extension.load(
             NAME,
             [str(s) for s in sources()],
-            extra_cflags=["-O2"],
+            # torch rebuilds when a source or a flag changes, but not a header: the flag carries all of them
+            extra_cflags=["-O2", f"-DMANUALBP_SOURCES={sources_hash()}"],
             build_directory=str(directory),
             verbose=verbose,
         )

@@ -13,8 +13,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _checks as C
+from . import native as _native_ext
 from .autograd import (
     ACTIVATION_FUNCTIONS,
     CrossEntropyFunction,
@@ -46,6 +48,36 @@ __all__ = [
 #: Is autocast on for any device type? One cheap call on the common path instead of a device lookup per
 #: module call (torch.compile constant-folds it); older torch without it asks about the device each time.
 _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+_is_compiling = torch.compiler.is_compiling
+_transforms_active = torch._C._are_functorch_transforms_active
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_tracing_state = torch._C._get_tracing_state
+_Parameter = nn.Parameter
+def _native_eligible(input: object, others) -> bool:
+    """May the compiled autograd nodes (``manualbp/csrc/module.cpp``) stand in for the Python Functions?
+
+    Only in plain eager mode: no torch.compile (checked by the caller, first), no torch.func transform and no
+    functorch-wrapped tensor, no autocast (the Python path does its casts), no torch function mode, no
+    forward-mode AD level (C++ nodes have no jvp), no jit tracing, and plain tensors or parameters only
+    (a subclass may override what the Python Function dispatches). This runs on every call: cheap checks only.
+    """
+    if (
+        _any_autocast_enabled()
+        or _transforms_active()
+        or _torch_function_mode_enabled()
+        or _forward_ad._current_level >= 0
+        or _tracing_state() is not None
+        or type(input) is not Tensor
+        or _is_wrapped(input)
+    ):
+        return False
+    for t in others:  # a plain loop: cheaper than any() over a generator
+        if (type(t) is not _Parameter and type(t) is not Tensor) or _is_wrapped(t):
+            return False
+    return True
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -289,6 +321,11 @@ class CrossEntropyLoss(_Loss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         try:
+            if not _is_compiling() and type(target) is Tensor and not target.is_floating_point():
+                native = _native_ext.load()  # class indices: the compiled node where it is eligible
+                if native is not None and _native_eligible(input, (target,)):
+                    self._check(input, target, self.reduction)
+                    return native.cross_entropy(input, target, self.reduction)
             return super().forward(input, target)
         except IndexError:  # on CPU the loss kernel checks the class range itself: say it as the pre-check would
             try:
@@ -423,10 +460,16 @@ class MLP(nn.Module):
         args[0] = tuple(specs)
         return args
 
-    def _outputs(self, input: Tensor) -> tuple[Tensor, ...]:
-        """MLPFunction's outputs for ``input``: o, then a^1 .. a^{L-1}."""
+    def _outputs(self, input: Tensor) -> Sequence[Tensor]:
+        """MLPFunction's outputs for ``input``: o, then a^1 .. a^{L-1} (from its compiled twin where eligible)."""
         args = self._function_args()
         C.check_features(input, self.in_features, args[2])
+        if not _is_compiling():
+            native = _native_ext.load()
+            if native is not None:
+                params = args[2:]
+                if _native_eligible(input, params):
+                    return native.mlp(input, args[0], args[1], params)
         return _apply_autocast(MLPFunction, input, *args)
 
     def forward_with_hidden(self, input: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -24,8 +24,10 @@ import contextlib
 import copy
 import inspect
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from unittest import mock
 
 import torch
 import torch.nn.functional as TF
@@ -1025,13 +1027,22 @@ def inject_bug(name: Optional[str]) -> Iterator[None]:
     """Temporarily break one formula of ``manualbp.functional`` (a testing hook; ``None`` does nothing).
 
     Everything built on the formulas (``MLPFunction``, the per-op Functions, :func:`trace`) sees the bug
-    inside the ``with`` block; the formula is restored on exit. Names: see :data:`BUGS`.
+    inside the ``with`` block; the formula is restored on exit. Names: see :data:`BUGS`. Inside the block
+    ``MANUALBP_NATIVE=off``: the compiled twins of ``MLPFunction`` and ``CrossEntropyFunction``
+    (``manualbp/csrc/module.cpp``) repeat the formulas' kernels and would not see a patched formula.
     """
     if name is None:
         yield
         return
     if name not in BUGS:
         raise ValueError(f"bug must be one of {', '.join(map(repr, BUGS))}, got {name!r}")
+    with mock.patch.dict(os.environ, {"MANUALBP_NATIVE": "off"}):
+        with _inject_bug(name):
+            yield
+
+
+@contextlib.contextmanager
+def _inject_bug(name: str) -> Iterator[None]:
     if name == "sigmoid_missing_derivative":
         saved = F.ACTIVATIONS["sigmoid"]
 

@@ -77,6 +77,7 @@ def test_verify_core_function_catches_a_broken_module(monkeypatch):
     """Without the hook: a broken backward patched into the library is caught by the matrix and by FD."""
     from manualbp import functional as F
 
+    monkeypatch.setenv("MANUALBP_NATIVE", "off")  # a patched formula runs on the Python Functions only
     forward, _ = F.ACTIVATIONS["tanh"]
     monkeypatch.setitem(F.ACTIVATIONS, "tanh", (forward, lambda g, a: g * (1 - a)))  # 1 - a instead of 1 - a^2
     result = V.verify_matrix(["tanh"], ["cross_entropy"], [1], ["float64"])

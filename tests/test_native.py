@@ -41,6 +41,7 @@ def test_mode_reads_the_environment_each_call(monkeypatch):
 def test_a_failed_build_warns_once_and_falls_back_or_raises_when_required(monkeypatch):
     monkeypatch.setattr(native, "_built", lambda: (None, OSError("no compiler here")))
     monkeypatch.setattr(native, "_warned", [])
+    monkeypatch.setattr(native, "_last", [object(), None])  # forget the answer remembered for "auto"
     monkeypatch.setenv("MANUALBP_NATIVE", "auto")
     with pytest.warns(RuntimeWarning, match="compiled kernels are unavailable.*no compiler here.*MANUALBP_NATIVE=off"):
         assert native.load() is None
@@ -64,6 +65,25 @@ def test_build_directory_is_per_torch_and_python_version(monkeypatch, tmp_path):
     monkeypatch.setenv("MANUALBP_NATIVE_DIR", str(tmp_path))
     assert native.build_directory() == tmp_path
     assert {p.name for p in native.sources()} >= {"bindings.cpp", "fused.cpp", "module.cpp"}
+
+
+def test_a_changed_header_rebuilds(monkeypatch, tmp_path):
+    # torch's loader rebuilds when a listed source or a flag changes; a header reaches it through the flag
+    from torch.utils import cpp_extension
+
+    flags = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, **kw: flags.append(kw["extra_cflags"]) or "module")
+    source = tmp_path / "csrc"
+    source.mkdir()
+    for name in ("native.h", "fused.cpp"):
+        (source / name).write_text("// " + name)
+    monkeypatch.setattr(native, "_SOURCE_DIR", source)
+    monkeypatch.setenv("MANUALBP_NATIVE_DIR", str(tmp_path / "build"))
+    native._build(verbose=False)
+    (source / "native.h").write_text("// changed")
+    native._build(verbose=False)
+    assert len(flags) == 2 and flags[0] != flags[1]
+    assert [f for f in flags[1] if f.startswith("-DMANUALBP_SOURCES=")] == [f"-DMANUALBP_SOURCES={native.sources_hash()}"]
 
 
 def test_command_line_reports_off_without_building():

@@ -3,14 +3,14 @@
 
 #include "native.h"
 
-namespace manualbp {
-void init_module(pybind11::module_& m);  // module.cpp
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "manualbp's compiled kernels (built by manualbp.native)";
   m.def("fused_step_many", &manualbp::fused_step_many, "FusedTrainer.step_many's loop (see manualbp/fast/fused.py)",
         py::call_guard<py::gil_scoped_release>());
-  manualbp::init_module(m);
+  m.def("mlp", &manualbp::mlp, "autograd.MLPFunction.apply(input, activations, bias, *params) as a C++ node",
+        py::arg("input"), py::arg("activations"), py::arg("bias"), py::arg("params"));
+  m.def("cross_entropy", &manualbp::cross_entropy,
+        "autograd.CrossEntropyFunction.apply(input, target, reduction) for class indices, as a C++ node",
+        py::arg("input"), py::arg("target"), py::arg("reduction"));
 }

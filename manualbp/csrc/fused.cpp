@@ -10,8 +10,6 @@
 namespace manualbp {
 namespace {
 
-enum Loss : int64_t { kCrossEntropy = 0, kSquared = 1 };
-
 // One batch size's preallocated intermediates (fused.py's _Buffers).
 struct Buffers {
   Tensors z, act, a, grad, grad_t;  // z^l, [a^l | 1], a^l (views), dL/dz^l / scale, its .t()
@@ -55,20 +53,20 @@ void sgd_update(const Tensors& params, SGD& sgd) {
 // One step (FusedTrainer._step); returns the loss / loss_scale.
 at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
                 const Tensors& weights, const std::vector<int64_t>& codes,
-                const std::vector<double>& slopes, int64_t loss, SGD& sgd, Buffers& buf, const at::Tensor& input,
+                const std::vector<double>& slopes, bool cross_entropy, SGD& sgd, Buffers& buf, const at::Tensor& input,
                 const at::Tensor& target, const at::Tensor& target_flat) {
   const size_t layers = blocks.size();
   // forward_into
   const at::Tensor* h = &input;
   for (size_t k = 0; k + 1 < layers; ++k) {
     at::mm_out(buf.z[k], *h, blocks_t[k]);
-    activation_forward(codes[k], slopes[k], buf.z[k], buf.a[k]);
+    activation_into(codes[k], slopes[k], buf.z[k], buf.a[k]);
     h = &buf.act[k];
   }
   at::mm_out(buf.out, *h, blocks_t.back());
   // the loss and dL/do, each up to its scale
   at::Tensor dot;
-  if (loss == kCrossEntropy) {
+  if (cross_entropy) {
     at::log_softmax_out(buf.out, buf.out, 1);
     dot = at::dot(buf.out_flat, target_flat);
     at::_log_softmax_backward_data_out(buf.grad.back(), target, buf.out, 1, buf.out.scalar_type());
@@ -83,7 +81,7 @@ at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
     const at::Tensor& below = k ? buf.act[k - 1] : input;
     if (k) {  // backprop_into
       at::mm_out(buf.grad[k - 1], buf.grad[k], weights[k]);
-      activation_backward(codes[k - 1], slopes[k - 1], buf.grad[k - 1], buf.a[k - 1]);
+      activation_backward_(codes[k - 1], slopes[k - 1], buf.grad[k - 1], buf.a[k - 1]);
     }
     if (plain) {
       blocks[k].addmm_(buf.grad_t[k], below, 1, alpha);
@@ -101,12 +99,14 @@ at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
 // ``last`` are the buffers of a full and of the (possibly smaller) last batch, as (z, act, a, grad, out,
 // scale). Returns the batch losses / loss_scale, shape (number of batches,), and the momentum buffers.
 std::tuple<at::Tensor, Tensors> fused_step_many(
-    const Tensors& blocks, const Tensors& weights, const std::vector<int64_t>& codes, const std::vector<double>& slopes,
-    int64_t loss, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-    Tensors momentum_buffers, Tensors grad_blocks, const at::Tensor& input, const at::Tensor& target,
-    int64_t batch_size, const Tensors& full_z, const Tensors& full_act, const Tensors& full_a, const Tensors& full_grad,
-    const at::Tensor& full_out, double full_scale, const Tensors& last_z, const Tensors& last_act,
-    const Tensors& last_a, const Tensors& last_grad, const at::Tensor& last_out, double last_scale) {
+    const Tensors& blocks, const Tensors& weights, const Activations& activations, const std::string& loss,
+    double lr, double momentum, double dampening, double weight_decay, bool nesterov, Tensors momentum_buffers,
+    Tensors grad_blocks, const at::Tensor& input, const at::Tensor& target, int64_t batch_size, const Tensors& full_z,
+    const Tensors& full_act, const Tensors& full_a, const Tensors& full_grad, const at::Tensor& full_out,
+    double full_scale, const Tensors& last_z, const Tensors& last_act, const Tensors& last_a,
+    const Tensors& last_grad, const at::Tensor& last_out, double last_scale) {
+  const auto [codes, slopes] = activation_codes(activations);
+  const bool cross_entropy = loss == "cross_entropy";  // else squared errors (the notes' 1/2 or mse: the scales)
   TORCH_CHECK(!blocks.empty() && blocks.size() == weights.size(), "step_many: one weight view per block");
   TORCH_CHECK(codes.size() + 1 == blocks.size() && slopes.size() == codes.size(),
               "step_many: one activation per hidden layer");
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, Tensors> fused_step_many(
   dots.reserve(xs.size());
   for (size_t b = 0; b < xs.size(); ++b) {
     Buffers& buf = b + 1 < xs.size() ? full : last;
-    dots.push_back(step(blocks, blocks_t, weights, codes, slopes, loss, sgd, buf, xs[b], ys[b], ts[b]));
+    dots.push_back(step(blocks, blocks_t, weights, codes, slopes, cross_entropy, sgd, buf, xs[b], ys[b], ts[b]));
   }
   return {at::stack(dots), sgd.momentum_buffers};
 }

@@ -5,18 +5,39 @@
 #include <c10/core/GradMode.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace manualbp {
 
 using Tensors = std::vector<at::Tensor>;
+using Activations = std::vector<std::pair<std::string, double>>;  // (name, negative_slope) per hidden layer
 
-// The activations as manualbp/fast/fused.py's _CODES numbers them.
 enum Activation : int64_t { kSigmoid = 0, kTanh = 1, kReLU = 2, kLeakyReLU = 3, kIdentity = 4 };
 
+inline int64_t activation_code(const std::string& name) {
+  if (name == "sigmoid") return kSigmoid;
+  if (name == "tanh") return kTanh;
+  if (name == "relu") return kReLU;
+  if (name == "leaky_relu") return kLeakyReLU;
+  if (name == "identity") return kIdentity;
+  TORCH_CHECK_VALUE(false, "unknown activation ", name);
+}
+
+// Activation codes and negative slopes, one per hidden layer.
+inline std::pair<std::vector<int64_t>, std::vector<double>> activation_codes(const Activations& activations) {
+  std::pair<std::vector<int64_t>, std::vector<double>> out;
+  for (const auto& [name, slope] : activations) {
+    out.first.push_back(activation_code(name));
+    out.second.push_back(slope);
+  }
+  return out;
+}
+
 // a = sigma(z) written into ``out``: the kernels of manualbp.functional.activation.
-inline void activation_forward(int64_t code, double slope, const at::Tensor& z, at::Tensor& out) {
+inline void activation_into(int64_t code, double slope, const at::Tensor& z, at::Tensor& out) {
   switch (code) {
     case kSigmoid: at::sigmoid_out(out, z); break;                // a = 1 / (1 + exp(-z))
     case kTanh: at::tanh_out(out, z); break;                      // a = tanh(z)
@@ -27,7 +48,7 @@ inline void activation_forward(int64_t code, double slope, const at::Tensor& z, 
 }
 
 // g <- g * sigma'(z), in place, from the saved output a: the kernels of manualbp.functional.activation_backward.
-inline void activation_backward(int64_t code, double slope, at::Tensor& g, const at::Tensor& a) {
+inline void activation_backward_(int64_t code, double slope, at::Tensor& g, const at::Tensor& a) {
   switch (code) {
     case kSigmoid: at::sigmoid_backward_out(g, g, a); break;                     // g a (1 - a)
     case kTanh: at::tanh_backward_out(g, g, a); break;                           // g (1 - a^2)
@@ -39,11 +60,17 @@ inline void activation_backward(int64_t code, double slope, at::Tensor& g, const
 
 // fused.cpp: FusedTrainer.step_many's loop; returns (the batch losses / loss_scale, the momentum buffers).
 std::tuple<at::Tensor, Tensors> fused_step_many(
-    const Tensors& blocks, const Tensors& weights, const std::vector<int64_t>& codes, const std::vector<double>& slopes,
-    int64_t loss, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-    Tensors momentum_buffers, Tensors grad_blocks, const at::Tensor& input, const at::Tensor& target,
-    int64_t batch_size, const Tensors& full_z, const Tensors& full_act, const Tensors& full_a, const Tensors& full_grad,
-    const at::Tensor& full_out, double full_scale, const Tensors& last_z, const Tensors& last_act,
-    const Tensors& last_a, const Tensors& last_grad, const at::Tensor& last_out, double last_scale);
+    const Tensors& blocks, const Tensors& weights, const Activations& activations, const std::string& loss,
+    double lr, double momentum, double dampening, double weight_decay, bool nesterov, Tensors momentum_buffers,
+    Tensors grad_blocks, const at::Tensor& input, const at::Tensor& target, int64_t batch_size, const Tensors& full_z,
+    const Tensors& full_act, const Tensors& full_a, const Tensors& full_grad, const at::Tensor& full_out,
+    double full_scale, const Tensors& last_z, const Tensors& last_act, const Tensors& last_a,
+    const Tensors& last_grad, const at::Tensor& last_out, double last_scale);
+
+// module.cpp: autograd.MLPFunction.apply(input, activations, bias, *params) as a C++ autograd node.
+Tensors mlp(const at::Tensor& input, const Activations& activations, bool bias, const Tensors& params);
+
+// module.cpp: autograd.CrossEntropyFunction.apply(input, target, reduction), class indices, as a C++ node.
+at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, const std::string& reduction);
 
 }  // namespace manualbp

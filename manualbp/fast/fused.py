@@ -56,10 +56,6 @@ _BACKWARD: dict[str, Optional[Callable[[Tensor, Tensor, float], Any]]] = {
     "identity": None,  # g 1
 }
 
-#: the activations as ``manualbp/csrc/fused.cpp`` numbers them
-_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2, "leaky_relu": 3, "identity": 4}
-
-
 def forward_into(matmul: Callable[..., Tensor], h: Tensor, blocks_t: list[Tensor], activations: Any, buf: Any) -> None:
     """The forward pass into ``buf``: z^l = [a^{l-1} | 1] [W^l | b^l]^T, a^l = sigma(z^l) (written into the
     view ``buf.a[l]`` of ``buf.act[l]`` = [a^l | 1]), o = [a^{L-1} | 1] [W^L | b^L]^T. ``h`` is [x | 1];
@@ -184,9 +180,6 @@ class FusedTrainer:
         model = self.model
         self.bias = model.bias
         self.activations = model.activation_specs
-        # the C++ loop's spelling of the activations and the loss
-        self._codes = ([_CODES[n] for n, _ in self.activations], [float(s) for _, s in self.activations])
-        self._loss_code = 0 if self.loss_name == "cross_entropy" else 1
         self.widths = [model.in_features] + [lin.out_features for lin in model.linears]
         self.blocks: list[Tensor] = []
         with torch.no_grad():
@@ -275,7 +268,7 @@ class FusedTrainer:
                 if not self._plain and self._grad_blocks is None:
                     self._grad_blocks = [torch.empty_like(b) for b in self.blocks]
                 losses, buffers = native.fused_step_many(
-                    self.blocks, self.weights, *self._codes, self._loss_code, self.lr, self.momentum,
+                    self.blocks, self.weights, self.activations, self.loss_name, self.lr, self.momentum,
                     self.dampening, self.weight_decay, self.nesterov, self.momentum_buffers or [],
                     self._grad_blocks or [], input, target, batch_size, *full.native_args(), *last.native_args(),
                 )  # fmt: skip
