@@ -56,6 +56,8 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
 _tracing_state = torch._C._get_tracing_state
 _Parameter = nn.Parameter
+
+
 def _native_eligible(input: object, others) -> bool:
     """May the compiled autograd nodes (``manualbp/csrc/module.cpp``) stand in for the Python Functions?
 

@@ -11,7 +11,10 @@ FLOPs (forward 2*N*in*out per layer, backward twice that) over the GEMM rate mea
 On CUDA every measurement is bracketed by ``torch.cuda.synchronize()`` and TF32 is off.
 
 Rows (per grid size): ``native`` (nn.Sequential + torch.optim.SGD), ``manual`` (manualbp.MLP +
-manualbp.CrossEntropyLoss + torch.optim.SGD: the drop-in path), ``fused`` (manualbp.fast.FusedTrainer),
+manualbp.CrossEntropyLoss + torch.optim.SGD: the drop-in path, on the compiled nodes where manualbp.native
+is built), ``manual-python`` (the same with MANUALBP_NATIVE=off: the Python Functions), ``fused``
+(manualbp.fast.FusedTrainer.step_prepared, one step per call), ``fused-epoch`` (step_many over 8 batches,
+as backend=fused trains: the loop in C++; per step),
 ``compile-native``/``compile-manual`` (torch.compile of each model; with --compile), ``vectorized-K``
 (manualbp.fast.VectorizedTrainer, time per configuration = one step of K models / K).
 End to end (digits, 64-64-10 sigmoid, SGD lr 0.1, batch 32, 100 epochs): scikit-learn's MLPClassifier,
@@ -36,6 +39,7 @@ import torch
 from torch import nn
 
 import manualbp
+from manualbp import native
 from manualbp.fast import FusedTrainer, VectorizedTrainer
 
 GRID = [  # (name, in, hidden, out, batch)
@@ -126,6 +130,23 @@ def make_step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Te
     return step
 
 
+def python_functions(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with ``MANUALBP_NATIVE=off``: the module runs its Python autograd Functions."""
+
+    def wrapped():
+        previous = os.environ.get("MANUALBP_NATIVE")
+        os.environ["MANUALBP_NATIVE"] = "off"
+        try:
+            return step()
+        finally:
+            if previous is None:
+                del os.environ["MANUALBP_NATIVE"]
+            else:
+                os.environ["MANUALBP_NATIVE"] = previous
+
+    return wrapped
+
+
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     storages: dict[int, int] = {}
 
@@ -163,9 +184,17 @@ def bench_grid(args, device: torch.device, dtype: torch.dtype, rate: float) -> l
         contenders: dict[str, Callable[[], object]] = {
             "native": make_step(native, nn.CrossEntropyLoss(), x, y),
             "manual": make_step(manual, manualbp.CrossEntropyLoss(), x, y),
-            # as backend=fused trains: the batch prepared once (ones column, one-hot targets), then steps
+            # the batch prepared once (ones column, one-hot targets), then one step per call from Python
             "fused": functools.partial(fused.step_prepared, *fused.prepare(x, y)),
         }
+        per_config = {}
+        if native.load() is not None:
+            # the module's Python Functions instead of their compiled twins (the drop-in path without C++)
+            contenders["manual-python"] = python_functions(make_step(manual, manualbp.CrossEntropyLoss(), x, y))
+            # as backend=fused trains: step_many, here 8 consecutive batches in one call (the loop in C++)
+            xs, ys = fused.prepare(x.repeat(8, 1), y.repeat(8))
+            contenders["fused-epoch"] = functools.partial(fused.step_many, xs, ys, batch)
+            per_config["fused-epoch"] = 8
         if args.compile:
             for label, model, lf in (
                 ("compile-native", manual.to_torch(), nn.CrossEntropyLoss()),
@@ -177,7 +206,6 @@ def bench_grid(args, device: torch.device, dtype: torch.dtype, rate: float) -> l
                     contenders[label] = step
                 except Exception as e:  # noqa: BLE001 - a compile failure is reported, not fatal
                     print(f"  {label} skipped: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
-        per_config = {}
         for k in ks if (args.quick is False or name == grid[0][0]) else []:
             if not vectorized_fits(k, in_f, hidden, out_f, batch, budget):
                 continue
@@ -418,6 +446,7 @@ def machine(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "compiled_kernels": native.load() is not None,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if device.type == "cuda":
@@ -440,7 +469,8 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
         f"Machine: {m['device']}; torch {m['torch']}; {m['threads']} threads; {m['date']}; "
-        f"GEMM rate {report['gemm_gflops']:.1f} GFLOP/s ({report['dtype']}).",
+        f"GEMM rate {report['gemm_gflops']:.1f} GFLOP/s ({report['dtype']}); compiled kernels "
+        f"(manualbp.native): {'yes' if m.get('compiled_kernels') else 'no'}.",
         "",
         "| size | contender | time / config | x native | GFLOP/s | x FLOP floor |",
         "|---|---|---:|---:|---:|---:|",
