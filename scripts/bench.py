@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import manualbp
-from manualbp import native
+from manualbp import native as native_kernels
 from manualbp.fast import FusedTrainer, VectorizedTrainer
 
 GRID = [  # (name, in, hidden, out, batch)
@@ -188,7 +188,7 @@ def bench_grid(args, device: torch.device, dtype: torch.dtype, rate: float) -> l
             "fused": functools.partial(fused.step_prepared, *fused.prepare(x, y)),
         }
         per_config = {}
-        if native.load() is not None:
+        if native_kernels.load() is not None:
             # the module's Python Functions instead of their compiled twins (the drop-in path without C++)
             contenders["manual-python"] = python_functions(make_step(manual, manualbp.CrossEntropyLoss(), x, y))
             # as backend=fused trains: step_many, here 8 consecutive batches in one call (the loop in C++)
@@ -446,7 +446,7 @@ def machine(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "compiled_kernels": native.load() is not None,
+        "compiled_kernels": native_kernels.load() is not None,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if device.type == "cuda":
