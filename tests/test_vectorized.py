@@ -186,3 +186,17 @@ def test_fused_step_soft_targets_grad_norms_and_shape_errors(shared):
         trainer.step(x, y[..., :2])
     with pytest.raises(ValueError, match=r"target \(class indices\) must have shape"):
         trainer.step(x, torch.zeros(7, dtype=torch.long))
+
+
+def test_predict_reuses_its_buffers_but_never_hands_them_out():
+    torch.manual_seed(0)
+    models = [manualbp.MLP(5, [4], 3, dtype=torch.float64) for _ in range(3)]
+    trainer = VectorizedTrainer(models, "cross_entropy", lr=0.1)
+    a, b = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    first = trainer.predict(a)
+    second = trainer.predict(b)  # same shape: the same buffers underneath
+    assert first.data_ptr() != second.data_ptr()
+    for k, model in enumerate(models):
+        with torch.no_grad():
+            assert torch.allclose(first[k], model(a), rtol=0, atol=1e-12)
+            assert torch.allclose(second[k], model(b), rtol=0, atol=1e-12)

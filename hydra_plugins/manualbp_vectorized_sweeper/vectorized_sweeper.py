@@ -15,6 +15,7 @@ optimizer, ...) run as ordinary jobs through the configured launcher.
 import copy
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ class JobComposer:
         self.master = master
         self.config_name = master.hydra.job.config_name
         self.hydra_overrides: list[str] = list(OmegaConf.to_container(master.hydra.overrides.hydra))  # type: ignore[arg-type]
-        self._bases: dict[tuple, tuple[DictConfig, dict, list]] = {}
+        self._bases: dict[tuple, tuple[bytes, dict, list]] = {}
         self._repo: Any = None
         # config files parsed once per sweep; not when hydra.searchpath re-initializes each composition's sources
         self._files = None if master.hydra.get("searchpath") else _ParsedOnce(loader.repository)
@@ -150,10 +151,11 @@ class JobComposer:
             sources = [
                 ConfigSourceInfo(path=x.path, schema=x.scheme(), provider=x.provider) for x in repo.get_sources()
             ]
-            self._bases[key] = (base, dict(defaults_list.overrides.known_choices), sources)
+            # kept pickled: unpickling a fresh copy per job is about 3x faster than deep-copying the config
+            self._bases[key] = (pickle.dumps(base), dict(defaults_list.overrides.known_choices), sources)
             self.composed += 1
-        base, choices, sources = self._bases[key]
-        cfg = copy.deepcopy(base)
+        blob, choices, sources = self._bases[key]
+        cfg = pickle.loads(blob)  # this job's own copy of the composed config
         # the rest of ConfigLoaderImpl._load_configuration_impl and load_sweep_config, per job
         ConfigLoaderImpl._apply_overrides_to_config(config_overrides, cfg)
         app_overrides = []

@@ -237,6 +237,8 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     step_limits = [s.has_step_limits for s in stoppings]
     limits = [s.step_loss_limit for s in stoppings]  # None until a model's initial loss is known
     step_wise_lr = [s.changes_within_epoch for s in schedules]
+    every = [s.check_every for s in stoppings]  # 1: the divergence check reads every step's loss
+    quiet: Optional[bool] = None
     eval_splits = {name: splits[name] for name in ("train", "val") if splits[name][0].shape[-2] > 0}
     while not all(finished):
         t0 = time.perf_counter()
@@ -270,6 +272,16 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
                 running.add_(losses, alpha=count)
             else:
                 running.add_(torch.where(trainer.active, losses.to(torch.float64), 0.0), alpha=count)
+            if quiet is None:  # can a step's check fire only through the loss, read every step?
+                quiet = all(every[k] == 1 and not step_limits[k] and limits[k] is not None for k in live)
+            if quiet:  # then, with every live loss finite and below its limit, no check can fire: skip them
+                values = losses.tolist()  # one host sync for all K models
+                if all(values[k] < limits[k] for k in live):  # type: ignore[operator]
+                    for k in live:
+                        steps[k] += 1
+                        seen[k] += count
+                    continue
+            quiet = None  # a check runs below: limits or live models may change
             need = [stoppings[k].needs_step_loss(steps[k]) for k in live]
             values = losses.tolist() if any(need) else None  # one host sync for all K models
             now = elapsed + time.perf_counter() - t0

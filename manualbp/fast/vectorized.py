@@ -111,6 +111,7 @@ class VectorizedTrainer:
         self._grads: Optional[list[Tensor]] = None  # the last step's gradients, where materialized
         self._last: Optional[tuple[_Buffers, Tensor]] = None  # the fused step's (buffers, [x | 1])
         self._buffers: dict[tuple[int, bool], _Buffers] = {}
+        self._predict_buffers: dict[tuple[int, bool], _Buffers] = {}  # forward-only, per (rows, shared input)
 
     def _per_model(self, value: Scalars, name: str) -> Tensor:
         ref = self.weights[0]
@@ -270,11 +271,14 @@ class VectorizedTrainer:
             raise ValueError(
                 f"input must have shape (N, {self.widths[0]}) or ({self.K}, N, {self.widths[0]}), got {tuple(input.shape)}"
             )
+        key = (input.shape[-2], input.dim() == 2)
+        buf = self._predict_buffers.get(key)
+        if buf is None:  # kept: a sweep predicts on the same train and val shapes every epoch
+            buf = self._predict_buffers[key] = _Buffers(self, *key, forward_only=True)
         with torch.no_grad():
-            buf = _Buffers(self, input.shape[-2], input.dim() == 2, forward_only=True)
             buf.x_in.copy_(input)
             forward_into(torch.bmm, buf.x_k, self.blocks_t, self.activations, buf)
-            return buf.out
+            return buf.out.clone()
 
     @property
     def last_grads(self) -> Optional[list[Tensor]]:
