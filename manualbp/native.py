@@ -1,9 +1,11 @@
 """manualbp's compiled kernels: C++ loops over the same ATen kernels the Python paths call.
 
 At digits scale (64-64-10, batch 32) a training step is about ten kernels of a few microseconds each, and
-calling each one from Python costs as much again. ``manualbp/csrc`` holds the hot loops in C++ (the fused
-trainer's whole epoch), calling the same ATen kernels with the same arguments in the same order as the
-Python code, so both give the same numbers bit for bit (``tests/test_native.py`` checks it).
+calling each one from Python costs as much again. ``manualbp/csrc`` holds the hot paths in C++: the drop-in
+module's autograd nodes (``module.cpp``: ``MLPFunction`` and class-index ``CrossEntropyFunction``, which
+``manualbp.nn`` uses in plain eager mode) and the fused trainer's whole epoch (``fused.cpp``). They call the
+same ATen kernels with the same arguments in the same order as the Python code, so both give the same
+numbers bit for bit (``tests/test_native_module.py``, ``tests/test_native.py``).
 
 The extension is compiled once per machine, Python and torch version with
 ``torch.utils.cpp_extension.load`` (g++ and the Python headers; about a minute on 2 cores), on first use
