@@ -11,8 +11,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/device.txt"
+# the compiled kernels (manualbp.native), built once up front (about a minute); the Python paths if that fails
+export MANUALBP_NATIVE_DIR="${MANUALBP_NATIVE_DIR:-/tmp/manualbp-native}"
+timeout "${BUILD_TIMEOUT:-150}" python3 -m manualbp.native 2>&1 | tail -2 | tee "$OUT/native.txt"
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" \
   tests/test_cuda.py tests/test_cuda_training.py tests/test_verify.py tests/test_fused.py tests/test_vectorized.py \
+  tests/test_native.py tests/test_native_module.py \
   2>&1 | tee "$OUT/cuda_tests.log" | tail -6
 timeout "${BENCH_TIMEOUT:-220}" python3 scripts/bench.py --device cuda --out "$OUT/bench" 2>&1 | tail -45
 timeout "${COMPILE_TIMEOUT:-150}" python3 scripts/bench.py --device cuda --quick --compile --no-digits --out "$OUT/bench_compile" 2>&1 | tail -25
