@@ -265,12 +265,11 @@ class FusedTrainer:
         native = native_kernels()
         with self._threads(full.flops):
             if native is not None:  # the loop below, called from C++: same kernels, same order (manualbp.native)
-                if not self._plain and self._grad_blocks is None:
-                    self._grad_blocks = [torch.empty_like(b) for b in self.blocks]
                 losses, buffers = native.fused_step_many(
                     self.blocks, self.weights, self.activations, self.loss_name, self.lr, self.momentum,
                     self.dampening, self.weight_decay, self.nesterov, self.momentum_buffers or [],
-                    self._grad_blocks or [], input, target, batch_size, *full.native_args(), *last.native_args(),
+                    [] if self._plain else self._gradient_blocks(), input, target, batch_size,
+                    *full.native_args(), *last.native_args(),
                 )  # fmt: skip
                 self.momentum_buffers = buffers or None
                 self._last = (last, input[(batches - 1) * batch_size :])
@@ -309,6 +308,12 @@ class FusedTrainer:
         """Plain SGD: the step updates [W | b] in its gradient's matmul and never materialises dL/d[W | b]."""
         return self.momentum == 0 and self.weight_decay == 0
 
+    def _gradient_blocks(self) -> list[Tensor]:
+        """The dL/d[W | b] buffers a step with momentum or weight decay fills (the C++ loop too), made once."""
+        if self._grad_blocks is None:
+            self._grad_blocks = [torch.empty_like(b) for b in self.blocks]
+        return self._grad_blocks
+
     def _buffers_for(self, n: int) -> _Buffers:
         buf = self._buffers.get(n)
         if buf is None:
@@ -332,8 +337,7 @@ class FusedTrainer:
         scale = buf.scale
         # backward, top layer first (block k is layer l = k + 1): dL/da^{l-1} = dL/dz^l W^l, dL/dz^{l-1} = dL/da^{l-1} sigma'
         plain = self._plain
-        if not plain and self._grad_blocks is None:
-            self._grad_blocks = [torch.empty_like(b) for b in blocks]
+        grad_blocks = None if plain else self._gradient_blocks()
         for k in range(len(blocks) - 1, -1, -1):
             below = buf.act[k - 1] if k else input  # [a^{l-1} | 1]
             if k:
@@ -341,9 +345,9 @@ class FusedTrainer:
             if plain:  # [W | b] -= lr dL/d[W | b] = lr scale grad^T [a^{l-1} | 1], one kernel
                 blocks[k].addmm_(buf.grad_t[k], below, alpha=-self.lr * scale)
             else:  # dL/d[W | b] = scale grad^T [a^{l-1} | 1]
-                self._grad_blocks[k].addmm_(buf.grad_t[k], below, beta=0, alpha=scale)  # type: ignore[index]
-        if not plain:
-            self._sgd_update(self._grad_blocks)  # type: ignore[arg-type]
+                grad_blocks[k].addmm_(buf.grad_t[k], below, beta=0, alpha=scale)  # type: ignore[index]
+        if grad_blocks is not None:
+            self._sgd_update(grad_blocks)
         self._last = (buf, input)
         self.steps += 1
         return loss
