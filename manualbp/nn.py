@@ -25,6 +25,8 @@ from .autograd import (
     MSELossFunction,
     SoftmaxFunction,
     SquaredErrorLossFunction,
+    _is_wrapped,
+    _transforms_active,
     apply_function,
 )
 from .functional import ACTIVATIONS
@@ -51,8 +53,6 @@ _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: Tr
 
 
 _is_compiling = torch.compiler.is_compiling
-_transforms_active = torch._C._are_functorch_transforms_active
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
 _tracing_state = torch._C._get_tracing_state
 _Parameter = nn.Parameter
