@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,interop]" || echo "manualbp: the optional interop packages (skorch, lightning, opacus, onnx) did not install; their tests skip"
 	$(PY) -m manualbp.native
 	@echo "$(TORCH)" > $(STAMP)
 

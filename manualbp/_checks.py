@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn import Parameter
 
 from .functional import REDUCTIONS, kernel_checks_class_range
 
@@ -41,6 +42,8 @@ def check_floating(t: Tensor, name: str) -> None:
 
 def check_features(input: object, in_features: int, weight: Tensor, name: str = "input") -> Tensor:
     """A layer's input: a floating tensor of shape (*, in_features) matching the weight's device and dtype."""
+    if type(weight) is not Parameter and type(weight) is not Tensor:
+        check_not_expanded(weight)
     if not isinstance(input, Tensor):
         check_tensor(input, name)
     t: Tensor = input  # type: ignore[assignment]
@@ -60,6 +63,18 @@ def check_features(input: object, in_features: int, weight: Tensor, name: str = 
             f"convert one of them (for example model.to({dtype}) or {name}.to({weight.dtype}))"
         )
     return t
+
+
+def check_not_expanded(weight: Tensor) -> None:
+    """torch's ExpandedWeights (Opacus's ``grad_sample_mode="ew"``) only see their own ops, not a Function."""
+    from torch.nn.utils._expanded_weights import ExpandedWeight
+
+    if isinstance(weight, ExpandedWeight):
+        raise TypeError(
+            "weight: torch's ExpandedWeights (Opacus grad_sample_mode='ew') cannot see inside manualbp's "
+            "hand-derived autograd.Function; use grad_sample_mode='hooks' (Opacus's default: per-example "
+            "gradients from manualbp's formula) or 'functorch'"
+        )
 
 
 def check_same_device(t: Tensor, name: str, other: Tensor, other_name: str) -> None:

@@ -32,6 +32,7 @@ _torch_linear = torch.nn.functional.linear
 __all__ = [
     "linear",
     "linear_backward",
+    "linear_per_example_grads",
     "sigmoid",
     "sigmoid_backward",
     "tanh",
@@ -126,6 +127,21 @@ def linear_backward(
     if needs_bias_grad:
         grad_bias = g.sum(0)  # dL/db_i = dL/dz_i, summed over the batch, (out,)
     return grad_input, grad_weight, grad_bias
+
+
+def linear_per_example_grads(
+    grad_output: Tensor, input: Tensor, needs_bias_grad: bool = True
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Each example's own dL_n/dW and dL_n/db (what Opacus and per-sample clipping need), not their sum.
+
+    ``grad_output`` is dL/dz of shape (N, *, out), ``input`` a_prev of shape (N, *, in); extra middle dims
+    (a sequence) are summed within each example, as ``linear_backward`` sums over the whole batch.
+    """
+    g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])  # dL/dz, (N, T, out)
+    a = input.reshape(input.shape[0], -1, input.shape[-1]).to(g.dtype)  # a_prev, (N, T, in)
+    grad_weight = g.mT @ a  # dL_n/dw_ij = sum_t dL/dz_ni a_nj, (N, out, in): the notes' outer product per example
+    grad_bias = g.sum(1) if needs_bias_grad else None  # dL_n/db_i = sum_t dL/dz_ni, (N, out)
+    return grad_weight, grad_bias
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ float32 parameters get float32 gradients.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections import OrderedDict
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as _forward_ad
+from torch.nn.utils import skip_init
 
 from . import _checks as C
 from . import native as _native_ext
@@ -82,6 +84,33 @@ def _native_eligible(input: object, others) -> bool:
     return True
 
 
+def _call(function, *args):
+    """``function.apply(*args)``; under ``torch.jit.trace`` (and so the TorchScript-based ONNX exporter) the
+    Function's own ``forward``, whose ATen ops the tracer records.
+
+    A tracer cannot record a Python ``autograd.Function`` (the graph would hold an unsavable Python call, and the
+    ONNX exporter would keep a fragment of it), so a traced graph runs the same forward formulas of
+    ``manualbp.functional`` as plain ops; its backward is then autograd's, not the hand-derived one.
+    """
+    if _tracing_state() is not None:
+        return function.forward(*args)
+    return apply_function(function, *args)
+
+
+_module_globals = torch.nn.modules.module
+
+
+def _global_hooks() -> bool:
+    """Are module hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook``...)?"""
+    g = _module_globals
+    return bool(
+        g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    )
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type == "meta":  # autocast has no meta dispatch key; shapes only
         return None
@@ -104,13 +133,13 @@ def _apply_autocast(function, *args):
     native ops would, and the casts in the graph give float32 parameters float32 gradients.
     """
     if not _any_autocast_enabled():  # one cheap call on the common path, before asking per device
-        return apply_function(function, *args)
+        return _call(function, *args)
     device_type = args[0].device.type
     dtype = _autocast_dtype(device_type)
     if dtype is None:
-        return apply_function(function, *args)
+        return _call(function, *args)
     with torch.autocast(device_type, enabled=False):
-        return apply_function(function, *[_cast(a, dtype) for a in args])
+        return _call(function, *[_cast(a, dtype) for a in args])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,6 +197,32 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+    def to_torch(self, share: bool = False) -> nn.Linear:
+        """The equivalent ``nn.Linear``, drawing nothing from the random number generator.
+
+        ``share=True`` gives it these very parameters (training one trains the other); otherwise copies.
+        """
+        weight, bias = self.weight, self.bias  # a parametrized weight: the tensor its parametrization computes
+        linear = skip_init(
+            nn.Linear, self.in_features, self.out_features, bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        for name, value in (("weight", weight), ("bias", bias)):
+            if value is None:
+                continue
+            if share:
+                if not isinstance(value, nn.Parameter):
+                    raise ValueError(f"share=True: the layer's {name} is computed (parametrized), not a parameter")
+                setattr(linear, name, value)
+            else:
+                with torch.no_grad():
+                    getattr(linear, name).copy_(value)
+        return linear
+
+    def __prepare_scriptable__(self) -> nn.Linear:
+        """``torch.jit.script`` compiles ``nn.Linear`` with these very parameters (a Python Function cannot be
+        scripted, so the scripted layer's backward is autograd's)."""
+        return self.to_torch(share=True)
+
 
 class _Activation(nn.Module):
     name: str = ""
@@ -179,12 +234,20 @@ class _Activation(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         C.check_tensor(input, "input")
         C.check_floating(input, "input")
-        return apply_function(ACTIVATION_FUNCTIONS[self.name], input, *self._args())
+        return _call(ACTIVATION_FUNCTIONS[self.name], input, *self._args())
 
     @property
     def spec(self) -> tuple[str, float]:
         """``(name, negative_slope)`` as :class:`~manualbp.autograd.MLPFunction` takes it."""
         return (self.name, self.negative_slope)
+
+    def to_torch(self) -> nn.Module:
+        """The equivalent ``torch.nn`` activation module (``nn.Sigmoid``, ``nn.LeakyReLU(slope)``, ...)."""
+        return _to_torch_activation(self.spec)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles the equivalent ``torch.nn`` activation."""
+        return self.to_torch()
 
 
 class Sigmoid(_Activation):
@@ -230,7 +293,7 @@ class Softmax(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         C.check_tensor(input, "input")
         C.check_floating(input, "input")
-        return apply_function(SoftmaxFunction, input)
+        return _call(SoftmaxFunction, input)
 
 
 _ACTIVATION_MODULES: dict[str, type[_Activation]] = {
@@ -262,7 +325,7 @@ def _to_torch_activation(spec: tuple[str, float]) -> nn.Module:
     name, slope = spec
     if name == "leaky_relu":
         return nn.LeakyReLU(slope)
-    return {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "identity": nn.Identity}[name]()
+    return next(cls for cls, n in _TORCH_ACTIVATIONS.items() if n == name)()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +346,7 @@ class _Loss(nn.Module):
             input = input.float()  # autocast runs losses in float32, as PyTorch's losses do
             if target.is_floating_point():
                 target = target.float()
-        return apply_function(self._function, input, target, self.reduction)
+        return _call(self._function, input, target, self.reduction)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
@@ -422,13 +485,13 @@ class MLP(nn.Module):
         return tuple((m.name, m.negative_slope) for m in self._modules.values() if isinstance(m, _Activation))
 
     def flat_parameters(self) -> list[Tensor]:
-        """(W1, b1, W2, b2, ...) with bias, (W1, W2, ...) without: MLPFunction's parameter order."""
+        """(W1, b1, W2, b2, ...) with bias, (W1, W2, ...) without: MLPFunction's parameter order.
+
+        A parametrized weight (``torch.nn.utils.parametrize``) is the tensor its parametrization computes now.
+        """
         params: list[Tensor] = []
-        for m in self._modules.values():  # read the parameter dicts directly: this runs on every forward
-            if isinstance(m, Linear):
-                params.append(m._parameters["weight"])  # type: ignore[arg-type]
-                if self.bias:
-                    params.append(m._parameters["bias"])  # type: ignore[arg-type]
+        for lin in self.linears:
+            params += (lin.weight, lin.bias) if self.bias else (lin.weight,)
         return params
 
     def reset_parameters(self) -> None:
@@ -441,22 +504,48 @@ class MLP(nn.Module):
             f"out_features={self.out_features}, bias={self.bias}"
         )
 
+    # -- a stack of layers, as nn.Sequential -------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    def __getitem__(self, idx: Union[int, slice]) -> Union[nn.Module, nn.Sequential]:
+        """``model[0]`` is the first Linear, ``model[-1]`` the last; a slice is an ``nn.Sequential`` of the
+        same (shared) modules, as ``nn.Sequential`` slices."""
+        modules = list(self._modules.items())
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(modules[idx]))
+        if not isinstance(idx, int) or isinstance(idx, bool):
+            raise TypeError(f"index must be an int or a slice, got {type(idx).__name__}")
+        if not -len(modules) <= idx < len(modules):
+            raise IndexError(f"index {idx} is out of range for an MLP of {len(modules)} modules")
+        return modules[idx][1]
+
     # -- forward -----------------------------------------------------------------------------------
-    def _function_args(self) -> list:
+    def _function_args(self) -> Optional[list]:
         """MLPFunction's arguments after the input: activation specs, bias, then the flat parameters.
 
         One pass over the submodules (this runs on every forward): the same values as
         :attr:`activation_specs` and :meth:`flat_parameters`, read afresh so a replaced parameter or a
-        changed negative_slope is always seen.
+        changed negative_slope is always seen. A parametrized weight or bias is read through the module
+        attribute (its parametrization runs, differentiably). None when a submodule has hooks: they must run.
         """
         specs = []
         args: list = [None, self.bias]
         bias = self.bias
         for m in self._modules.values():
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return None
             if isinstance(m, Linear):
-                args.append(m._parameters["weight"])
-                if bias:
-                    args.append(m._parameters["bias"])
+                p = m._parameters
+                if "weight" in p:
+                    args.append(p["weight"])
+                    if bias:
+                        args.append(p["bias"] if "bias" in p else m.bias)
+                else:  # torch.nn.utils.parametrize moved it into m.parametrizations
+                    args += (m.weight, m.bias) if bias else (m.weight,)
             elif isinstance(m, _Activation):
                 specs.append((m.name, m.negative_slope))
         args[0] = tuple(specs)
@@ -465,6 +554,8 @@ class MLP(nn.Module):
     def _outputs(self, input: Tensor) -> Sequence[Tensor]:
         """MLPFunction's outputs for ``input``: o, then a^1 .. a^{L-1} (from its compiled twin where eligible)."""
         args = self._function_args()
+        if args is None or _global_hooks():
+            return self._layer_by_layer(input)
         C.check_features(input, self.in_features, args[2])
         if not _is_compiling():
             native = _native_ext.load()
@@ -473,6 +564,24 @@ class MLP(nn.Module):
                 if _native_eligible(input, params):
                     return native.mlp(input, args[0], args[1], params)
         return _apply_autocast(MLPFunction, input, *args)
+
+    def _layer_by_layer(self, input: Tensor) -> Sequence[Tensor]:
+        """The same outputs through each submodule's own call, so that module hooks run where they are
+        registered (forward, forward pre-, full backward hooks; Opacus, pruning, old-style spectral_norm).
+
+        Each layer is its hand-derived per-op Function (LinearFunction, the activation's Function); the
+        numbers equal the one-Function path's (``tests/test_interop.py`` pins them).
+        """
+        from . import _opacus
+
+        _opacus.register_if_loaded()
+        hidden = []
+        x = input
+        for m in self._modules.values():
+            x = m(x)
+            if isinstance(m, _Activation):
+                hidden.append(x.reshape(-1, x.shape[-1]))  # (N, width), as MLPFunction returns it
+        return (x, *hidden)
 
     def forward_with_hidden(self, input: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Like :meth:`forward`, also returning the hidden activations a^1 .. a^{L-1}, each (N, width)."""
@@ -483,18 +592,21 @@ class MLP(nn.Module):
         return self._outputs(input)[0]
 
     # -- interop with torch.nn ---------------------------------------------------------------------
-    def to_torch(self) -> nn.Sequential:
-        """The equivalent ``nn.Sequential`` of ``nn.Linear`` and activation modules, with copied weights."""
-        first = self.linears[0].weight
-        layers: list[nn.Module] = []
-        specs = self.activation_specs
-        for k, lin in enumerate(self.linears):
-            layers.append(nn.Linear(lin.in_features, lin.out_features, self.bias, first.device, first.dtype))
-            if k < len(specs):
-                layers.append(_to_torch_activation(specs[k]))
-        seq = nn.Sequential(*layers)
-        seq.load_state_dict(self.state_dict(), strict=True)
-        return seq
+    def to_torch(self, share: bool = False) -> nn.Sequential:
+        """The equivalent ``nn.Sequential`` of ``nn.Linear`` and activation modules.
+
+        Copies the weights without drawing from the random number generator (so code seeded alike before and
+        after stays alike); ``share=True`` gives it these very parameters instead of copies.
+        """
+        return nn.Sequential(*(m.to_torch(share) if isinstance(m, Linear) else m.to_torch() for m in self))
+
+    def __prepare_scriptable__(self) -> nn.Sequential:
+        """``torch.jit.script(model)`` compiles the equivalent ``nn.Sequential`` holding these very parameters.
+
+        TorchScript cannot run a Python ``autograd.Function``: the scripted module's forward is the same
+        math in ATen ops and its backward is autograd's (``torch.jit.trace`` records the same ops).
+        """
+        return self.to_torch(share=True)
 
     @classmethod
     def from_torch(cls, sequential: nn.Module) -> MLP:
@@ -544,15 +656,15 @@ class MLP(nn.Module):
         if len(has_bias) != 1:
             raise ValueError("sequential: every Linear must have a bias, or none may (mixed bias is not supported)")
         first = linears[0].weight
-        model = cls(
+        model = cls(  # on the meta device: no random draw for weights that are overwritten at once
             linears[0].in_features,
             [lin.out_features for lin in linears[:-1]],
             linears[-1].out_features,
             activation=names,
             bias=has_bias.pop(),
-            device=first.device,
+            device="meta",
             dtype=first.dtype,
-        )
+        ).to_empty(device=first.device)
         for act, slope in zip(model.activations, slopes):
             act.negative_slope = float(slope)
         model.load_state_dict(sequential.state_dict(), strict=True)
