@@ -1,7 +1,13 @@
 """pytest plugin: manualbp's gradient checks for your own test suite.
 
-Installed with manualbp (entry point ``pytest11``: ``manualbp = manualbp.pytest_plugin``), so pytest loads it
-by itself; with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` set, add ``-p manualbp`` (the entry point's name).
+Loading it, any of these ways (they can be combined; the plugin is registered once, as
+``manualbp.pytest_plugin``):
+
+- installed with manualbp, pytest loads it by itself through the ``pytest11`` entry point ``manualbp``
+  (``-p no:manualbp`` turns that off);
+- with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` set: ``-p manualbp`` (the entry point's name) or
+  ``-p manualbp.pytest_plugin`` (the module's);
+- in a conftest: ``pytest_plugins = ["manualbp.pytest_plugin"]``.
 
 Fixtures:
 
@@ -20,8 +26,6 @@ Example::
     def test_my_sigmoid(manualbp_verify, manualbp_device):
         x = torch.randn(8, 3, dtype=torch.float64, device=manualbp_device, requires_grad=True)
         manualbp_verify.assert_gradients_match(MySigmoid.apply, torch.sigmoid, x)
-
-torch is imported only when a test uses one of the fixtures.
 """
 
 from __future__ import annotations
