@@ -47,6 +47,7 @@ def assert_gradients_match(
     Raises:
         AssertionError: with a table of the quantities that differ (name, shape, largest errors).
     """
+    __tracebackhide__ = True  # pytest: a failing test shows this message, not this function's source
     report = compare_callables(fn, reference_fn, *inputs, rtol=rtol, atol=atol, seed=seed)
     if not report.ok:
         failures = report.failures()

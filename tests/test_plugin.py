@@ -195,3 +195,18 @@ def test_loaded_by_its_entry_point(pytester, monkeypatch):
 def test_option_is_documented(pytester, flag):
     result = pytester.runpytest("-p", "manualbp", flag)
     result.stdout.fnmatch_lines(["*manualbp gradient checks*", "*--manualbp-devices=*"])
+
+
+@pytest.mark.parametrize("how", ["fixture", "import"])
+def test_a_failing_assert_shows_the_message_not_the_helpers_source(pytester, how):
+    call = (
+        "manualbp_verify.assert_gradients_match"
+        if how == "fixture"
+        else "__import__('manualbp.testing').testing.assert_gradients_match"
+    )
+    pytester.makepyfile(test_user=FAILING_TEST.replace("manualbp_verify.assert_gradients_match", call))
+    result = pytester.runpytest("-p", "manualbp")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "gradients do not match" in out and "test_user.py:5: AssertionError" in out  # at the user's line
+    assert "compare_callables(" not in out and "raise AssertionError" not in out and "testing.py" not in out
