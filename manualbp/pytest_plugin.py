@@ -12,7 +12,8 @@ Loading it, any of these ways (they can be combined; the plugin is registered on
 Fixtures:
 
 ``manualbp_verify``
-    The checks: ``assert_gradients_match(fn, reference_fn, *inputs, rtol=None, atol=None)`` (raises
+    The checks: ``assert_gradients_match(fn, reference_fn, *inputs, rtol=None, atol=None, seed=0, order=2,
+    **kwargs)`` (outputs, gradients and second-order gradients, see :mod:`manualbp.testing`; raises
     AssertionError with a table of the mismatching quantities), ``compare``, ``trace``,
     ``finite_difference_check`` (from ``manualbp.verify``), ``default_tolerances(dtype)`` and ``devices``,
     the devices available here ("cpu", and "cuda" where a GPU is visible).
@@ -89,16 +90,19 @@ class ManualbpVerify:
         self,
         fn: Callable[..., Any],
         reference_fn: Callable[..., Any],
+        /,
         *inputs: Any,
         rtol: Optional[float] = None,
         atol: Optional[float] = None,
         seed: int = 0,
+        order: int = 2,
+        **kwargs: Any,
     ):
         """See :func:`manualbp.testing.assert_gradients_match`."""
         from .testing import assert_gradients_match
 
         __tracebackhide__ = True
-        return assert_gradients_match(fn, reference_fn, *inputs, rtol=rtol, atol=atol, seed=seed)
+        return assert_gradients_match(fn, reference_fn, *inputs, rtol=rtol, atol=atol, seed=seed, order=order, **kwargs)
 
     def __repr__(self) -> str:
         return f"ManualbpVerify(devices={self.devices})"
