@@ -1046,12 +1046,23 @@ class FiniteDifferenceReport:
         table = format_table(
             ["input", "shape", "max |num - ana|", "rel", "2nd order max |num - ana|", "ok"], body, "llrrrl"
         )
-        gg = "not run" if self.gradgradcheck is None else ("passed" if self.gradgradcheck else "FAILED")
-        verdict = "PASS" if self.ok else "FAIL"
         return (
             f"finite differences, float64 (eps={self.eps:g}, atol={self.atol:g}, rtol={self.rtol:g})\n{table}\n"
-            f"{verdict}: gradcheck {'passed' if self.gradcheck else 'FAILED'}, gradgradcheck {gg}"
+            f"{self.verdict()}"
         )
+
+    def verdict(self) -> str:
+        """PASS or FAIL, torch's two verdicts, and the inputs whose own numbers fail (which can fail while
+        both verdicts pass: ``fast_mode`` projections, or gradcheck's looser reading of the tolerance)."""
+        gg = "not run" if self.gradgradcheck is None else ("passed" if self.gradgradcheck else "FAILED")
+        gc = "passed" if self.gradcheck else "FAILED"
+        text = f"{'PASS' if self.ok else 'FAIL'}: gradcheck {gc}, gradgradcheck {gg}"
+        bad = [r.name for r in self.rows if not r.ok]
+        if bad:
+            inputs = "1 input's numbers exceed" if len(bad) == 1 else f"{len(bad)} inputs' numbers exceed"
+            joint = ", but " if self.gradcheck and self.gradgradcheck is not False else "; "
+            text += f"{joint}{inputs} atol + rtol * |numerical|: {', '.join(bad)}"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         gg = self.grad_grad_max_abs_diff

@@ -362,3 +362,17 @@ def test_finite_differences_bad_arguments():
     with pytest.raises(ValueError, match="no floating-point input requires grad"):
         V.finite_difference_check(torch.sin, torch.randn(3))
 
+
+def test_finite_differences_summary_names_what_failed():
+    row = V.FiniteDifferenceRow
+    rows = [row("x", (3,), 1e-9, 1e-9, 1e-9, True), row("W", (2, 3), 2e-3, 1e-3, None, False)]
+    report = V.FiniteDifferenceReport(rows, True, True, 1e-6, 1e-5, 1e-3)
+    last = str(report).splitlines()[-1]
+    assert (
+        last
+        == "FAIL: gradcheck passed, gradgradcheck passed, but 1 input's numbers exceed atol + rtol * |numerical|: W"
+    )
+    report.gradcheck = False
+    assert report.verdict().startswith("FAIL: gradcheck FAILED, gradgradcheck passed; 1 input's numbers exceed")
+    rows[1].ok = True
+    assert report.verdict() == "FAIL: gradcheck FAILED, gradgradcheck passed"
