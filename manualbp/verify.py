@@ -11,7 +11,8 @@ Three checks, each returning a report (one row per quantity, with its largest er
   with the largest numerical-versus-analytical difference for each input.
 
 :func:`compare_callables` is the engine of :func:`manualbp.testing.assert_gradients_match`: any pair of
-callables, outputs and input gradients.
+callables, their outputs and the first- and second-order gradients of their inputs (nested in lists, tuples
+and dicts, positional or keyword, real or complex).
 
 A row is ``ok`` when every element satisfies ``|actual - expected| <= atol + rtol * |expected|``, the rule of
 ``torch.testing.assert_close``, with its default tolerances for the dtype unless given. ``max_rel_err`` is
