@@ -148,7 +148,7 @@ class Row:
             d["worst_index"] = list(self.worst_index)
             d["worst_value"] = _json_number(self.worst_value)
             d["worst_reference"] = _json_number(self.worst_reference)
-            d["allowed"] = self.allowed
+            d["allowed"] = _json_number(self.allowed)
         return d
 
     def describe(self) -> str:
