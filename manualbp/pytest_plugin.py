@@ -1,12 +1,19 @@
 """pytest plugin: manualbp's gradient checks for your own test suite.
 
-Installed with manualbp (entry point ``pytest11``: ``manualbp = manualbp.pytest_plugin``), so pytest loads it
-by itself; with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` set, add ``-p manualbp`` (the entry point's name).
+Loading it, any of these ways (they can be combined; the plugin is registered once, as
+``manualbp.pytest_plugin``):
+
+- installed with manualbp, pytest loads it by itself through the ``pytest11`` entry point ``manualbp``
+  (``-p no:manualbp`` turns that off);
+- with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` set: ``-p manualbp`` (the entry point's name) or
+  ``-p manualbp.pytest_plugin`` (the module's);
+- in a conftest: ``pytest_plugins = ["manualbp.pytest_plugin"]``.
 
 Fixtures:
 
 ``manualbp_verify``
-    The checks: ``assert_gradients_match(fn, reference_fn, *inputs, rtol=None, atol=None)`` (raises
+    The checks: ``assert_gradients_match(fn, reference_fn, *inputs, rtol=None, atol=None, seed=0, order=2,
+    **kwargs)`` (outputs, gradients and second-order gradients, see :mod:`manualbp.testing`; raises
     AssertionError with a table of the mismatching quantities), ``compare``, ``trace``,
     ``finite_difference_check`` (from ``manualbp.verify``), ``default_tolerances(dtype)`` and ``devices``,
     the devices available here ("cpu", and "cuda" where a GPU is visible).
@@ -20,8 +27,6 @@ Example::
     def test_my_sigmoid(manualbp_verify, manualbp_device):
         x = torch.randn(8, 3, dtype=torch.float64, device=manualbp_device, requires_grad=True)
         manualbp_verify.assert_gradients_match(MySigmoid.apply, torch.sigmoid, x)
-
-torch is imported only when a test uses one of the fixtures.
 """
 
 from __future__ import annotations
@@ -85,16 +90,19 @@ class ManualbpVerify:
         self,
         fn: Callable[..., Any],
         reference_fn: Callable[..., Any],
+        /,
         *inputs: Any,
         rtol: Optional[float] = None,
         atol: Optional[float] = None,
         seed: int = 0,
+        order: int = 2,
+        **kwargs: Any,
     ):
         """See :func:`manualbp.testing.assert_gradients_match`."""
         from .testing import assert_gradients_match
 
         __tracebackhide__ = True
-        return assert_gradients_match(fn, reference_fn, *inputs, rtol=rtol, atol=atol, seed=seed)
+        return assert_gradients_match(fn, reference_fn, *inputs, rtol=rtol, atol=atol, seed=seed, order=order, **kwargs)
 
     def __repr__(self) -> str:
         return f"ManualbpVerify(devices={self.devices})"

@@ -11,7 +11,8 @@ Three checks, each returning a report (one row per quantity, with its largest er
   with the largest numerical-versus-analytical difference for each input.
 
 :func:`compare_callables` is the engine of :func:`manualbp.testing.assert_gradients_match`: any pair of
-callables, outputs and input gradients.
+callables, their outputs and the first- and second-order gradients of their inputs (nested in lists, tuples
+and dicts, positional or keyword, real or complex).
 
 A row is ``ok`` when every element satisfies ``|actual - expected| <= atol + rtol * |expected|``, the rule of
 ``torch.testing.assert_close``, with its default tolerances for the dtype unless given. ``max_rel_err`` is
@@ -26,12 +27,13 @@ import inspect
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union, cast
 from unittest import mock
 
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from . import functional as F
 from .autograd import MLPFunction
@@ -101,6 +103,12 @@ class Row:
 
     ``value`` and ``reference`` keep the two tensors (not in :meth:`to_dict`); ``note`` says why a row
     could not be compared element by element (shape mismatch, a missing gradient).
+
+    ``compared`` is False when the two could not be compared at all (shapes differ, outputs missing): the
+    errors are then nan (None in :meth:`to_dict`, "-" in tables), not a number. For a compared row, as
+    ``torch.testing.assert_close`` reports it: ``mismatched`` of ``numel`` elements are outside the
+    tolerance, and the element of greatest absolute error is at ``worst_index``, where the value under
+    test is ``worst_value``, the reference ``worst_reference`` and the tolerance ``allowed``.
     """
 
     name: str
@@ -113,13 +121,20 @@ class Row:
     note: str = ""
     value: Optional[Tensor] = field(default=None, repr=False, compare=False)
     reference: Optional[Tensor] = field(default=None, repr=False, compare=False)
+    compared: bool = True
+    worst_index: Optional[tuple[int, ...]] = None
+    worst_value: Optional[Union[float, complex]] = None
+    worst_reference: Optional[Union[float, complex]] = None
+    allowed: Optional[float] = None
+    mismatched: Optional[int] = None
+    numel: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "name": self.name,
             "shape": list(self.shape),
-            "max_abs_err": _json_float(self.max_abs_err),
-            "max_rel_err": _json_float(self.max_rel_err),
+            "max_abs_err": _json_float(self.max_abs_err) if self.compared else None,
+            "max_rel_err": _json_float(self.max_rel_err) if self.compared else None,
             "exact": self.exact,
             "ok": self.ok,
         }
@@ -127,7 +142,48 @@ class Row:
             d["formula"] = self.formula
         if self.note:
             d["note"] = self.note
+        if self.mismatched is not None:
+            d["mismatched"], d["numel"] = self.mismatched, self.numel
+        if self.worst_index is not None:
+            d["worst_index"] = list(self.worst_index)
+            d["worst_value"] = _json_number(self.worst_value)
+            d["worst_reference"] = _json_number(self.worst_reference)
+            d["allowed"] = _json_number(self.allowed)
         return d
+
+    def describe(self) -> str:
+        """Why the row fails, in ``torch.testing.assert_close``'s words (empty for a row that is ok)."""
+        if self.ok:
+            return ""
+        if not self.compared:
+            return f"{self.name}: not compared, {self.note}"
+        head = f"{self.name}: " + (f"{self.note}; " if self.note else "")
+        if not self.numel:
+            return head.rstrip("; ")
+        assert self.mismatched is not None and self.allowed is not None
+        return (
+            f"{head}Mismatched elements: {self.mismatched} / {self.numel} ({100 * self.mismatched / self.numel:.1f}%)\n"
+            f"    Greatest absolute difference: {_fmt_number(self.max_abs_err)} at index {self.worst_index} "
+            f"(up to {self.allowed:.3g} allowed): {_fmt_number(self.worst_value)} vs "
+            f"{_fmt_number(self.worst_reference)} (reference)"
+        )
+
+
+def _verdict(row: Row) -> str:
+    """The table's ok column: ok, FAIL (note), or skipped (note) for a row not compared but not failed."""
+    word = "ok" if row.ok and row.compared else ("skipped" if row.ok else "FAIL")
+    return word + (f" ({row.note})" if row.note and word != "ok" else "")
+
+
+def _json_number(x: Optional[Union[float, complex]]) -> Union[None, float, str, list]:
+    """A float as :func:`_json_float` writes it, a complex number as [real, imag]."""
+    if isinstance(x, complex):
+        return [_json_float(x.real), _json_float(x.imag)]
+    return None if x is None else _json_float(x)
+
+
+def _fmt_number(x: Optional[Union[float, complex]]) -> str:
+    return "-" if x is None else format(x, ".8g")
 
 
 def _json_float(x: float) -> Union[float, str]:
@@ -174,11 +230,12 @@ class Report:
 
     @property
     def max_abs_err(self) -> float:
-        return max((r.max_abs_err for r in self.rows), default=0.0)
+        """The largest error of the rows that were compared (a shape mismatch has none)."""
+        return max((r.max_abs_err for r in self.rows if r.compared), default=0.0)
 
     @property
     def max_rel_err(self) -> float:
-        return max((r.max_rel_err for r in self.rows), default=0.0)
+        return max((r.max_rel_err for r in self.rows if r.compared), default=0.0)
 
     @property
     def n_exact(self) -> int:
@@ -212,10 +269,10 @@ class Report:
             cells = [
                 r.name,
                 "x".join(map(str, r.shape)) or "scalar",
-                fmt_err(r.max_abs_err),
-                fmt_err(r.max_rel_err),
+                fmt_err(r.max_abs_err) if r.compared else "-",
+                fmt_err(r.max_rel_err) if r.compared else "-",
                 "yes" if r.exact else "no",
-                "ok" if r.ok else "FAIL" + (f" ({r.note})" if r.note else ""),
+                _verdict(r),
             ]
             if with_formula:
                 cells.append(r.formula)
@@ -257,6 +314,40 @@ class TraceReport(Report):
     """Result of :func:`trace`: every intermediate of the two-pass algorithm, manual vs native autograd."""
 
 
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A complex dtype's real counterpart (whose tolerances it takes, as in ``torch.testing.assert_close``)."""
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+def _widened(actual: Tensor, expected: Tensor) -> tuple[Tensor, Tensor]:
+    """Both on the CPU in float64, or complex128 where either is complex (the imaginary part is kept)."""
+    wide = torch.complex128 if actual.is_complex() or expected.is_complex() else torch.float64
+    return actual.detach().to("cpu", wide), expected.detach().to("cpu", wide)
+
+
+def _elementwise(a: Tensor, e: Tensor, rtol: float, atol: float, relative_to_max: bool) -> dict[str, Any]:
+    """The errors of ``a`` against ``e`` (same shape, not empty): largest, where, and how many are too large."""
+    diff = (a - e).abs()
+    scale = float(e.abs().max())
+    allowed = atol + rtol * (torch.full_like(diff, scale) if relative_to_max else e.abs())
+    has_nan = bool(diff.isnan().any())
+    max_abs = math.nan if has_nan else float(diff.max())
+    flat = int(torch.argmax(diff.nan_to_num(nan=math.inf)))
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), e.shape))
+    mismatched = int((~(diff <= allowed)).sum())  # a nan is a mismatch
+    return {
+        "max_abs_err": max_abs,
+        "max_rel_err": max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf),
+        "ok": mismatched == 0,
+        "worst_index": index,
+        "worst_value": a.reshape(-1)[flat].item(),
+        "worst_reference": e.reshape(-1)[flat].item(),
+        "allowed": float(allowed.reshape(-1)[flat]),
+        "mismatched": mismatched,
+        "numel": e.numel(),
+    }
+
+
 def compare_tensors(
     name: str,
     actual: Optional[Tensor],
@@ -269,8 +360,14 @@ def compare_tensors(
     """Compare two tensors into a :class:`Row` (None stands for "no gradient", i.e. zeros).
 
     ``ok``: every element within ``atol + rtol * |expected|`` (``torch.testing.assert_close``'s rule), or
-    with ``relative_to_max`` the largest error within ``atol + rtol * max |expected|`` (for low precision,
-    where elements near zero carry the rounding of the large ones).
+    with ``relative_to_max`` within ``atol + rtol * max |expected|`` (for low precision, where elements
+    near zero carry the rounding of the large ones). Complex tensors compare as complex numbers
+    (``|actual - expected|`` is the modulus), with the tolerances of their real dtype.
+
+    Returns:
+        A :class:`Row` with the largest errors, the worst element (index, both values, its tolerance) and
+        the count of mismatched elements; for shapes that differ, a row with ``compared=False``, nan
+        errors and the note "shape (a) vs reference (b)".
     """
     note = ""
     if actual is None and expected is None:
@@ -281,32 +378,21 @@ def compare_tensors(
         note = "no gradient from the " + ("manual side" if actual is None else "reference")
         actual = torch.zeros_like(present) if actual is None else actual
         expected = torch.zeros_like(present) if expected is None else expected
-    d_rtol, d_atol = default_tolerances(actual.dtype, expected.dtype)
+    d_rtol, d_atol = default_tolerances(_real_dtype(actual.dtype), _real_dtype(expected.dtype))
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
     shape = tuple(expected.shape)
     if actual.shape != expected.shape:
         note = f"shape {tuple(actual.shape)} vs reference {shape}"
-        return Row(name, shape, math.inf, math.inf, False, False, formula, note, actual, expected)
+        return Row(name, shape, math.nan, math.nan, False, False, formula, note, actual, expected, compared=False)
     exact = actual.dtype == expected.dtype and bool(torch.equal(actual, expected)) and not note
     if expected.numel() == 0:
-        return Row(name, shape, 0.0, 0.0, exact, True, formula, note, actual, expected)
-    a = actual.detach().to("cpu", torch.float64)
-    e = expected.detach().to("cpu", torch.float64)
-    diff = (a - e).abs()
-    if bool(diff.isnan().any()):
-        max_abs = math.nan
-    else:
-        max_abs = float(diff.max())
-    scale = float(e.abs().max())
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    if relative_to_max:
-        ok = max_abs <= atol + rtol * scale
-    else:
-        ok = bool((diff <= atol + rtol * e.abs()).all()) and not (math.isnan(max_abs))
+        return Row(name, shape, 0.0, 0.0, exact, True, formula, note, actual, expected, mismatched=0, numel=0)
+    errors = _elementwise(*_widened(actual, expected), rtol, atol, relative_to_max)
     if actual.dtype != expected.dtype:
         note = note or f"dtype {actual.dtype} vs reference {expected.dtype}"
-    return Row(name, shape, max_abs, max_rel, exact, ok, formula, note if not ok else "", actual, expected)
+    note = "" if errors["ok"] else note
+    return Row(name, shape, exact=exact, formula=formula, note=note, value=actual, reference=expected, **errors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -682,76 +768,206 @@ def _input_names(fn: Callable, count: int) -> list[str]:
     return names
 
 
-def _clone_inputs(inputs: Sequence[object]) -> list[object]:
-    return [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t for t in inputs]
+def _leaf_names(fn: Callable, args: Sequence[object], kwargs: dict[str, object]) -> list[str]:
+    """A name for each leaf of ``(args, kwargs)``, in ``tree_flatten`` order: the parameter's name (or
+    input[i]) or the keyword, then the path inside it, as in ``xs[1]`` or ``d['w']``."""
+    positional = _input_names(fn, len(args))
+    names = []
+    for path, _ in tree_flatten_with_path((tuple(args), kwargs))[0]:
+        top, key, *inner = path
+        base = positional[key.idx] if top.idx == 0 else str(key.key)  # type: ignore[attr-defined]
+        names.append(base + "".join(str(k) for k in inner))
+    return names
+
+
+def _differentiable(t: object) -> bool:
+    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and t.requires_grad
+
+
+def _clone_leaves(leaves: Sequence[object]) -> list[object]:
+    return [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t for t in leaves]
+
+
+def _no_gradient_error(leaves: Sequence[object], names: Sequence[str]) -> ValueError:
+    tensors = [f"{n} ({t.dtype})" for n, t in zip(names, leaves) if isinstance(t, Tensor)]
+    have = "the tensors are " + ", ".join(tensors) if tensors else "there is no tensor among them"
+    return ValueError(
+        f"inputs: no floating-point or complex input requires grad, so there is no gradient to compare ({have}); "
+        "call .requires_grad_() on the inputs whose gradients to check"
+    )
+
+
+def _random_like(t: Tensor, gen: torch.Generator) -> Tensor:
+    """Seeded standard normal values of ``t``'s shape, dtype and device (complex normal for a complex ``t``)."""
+    wide = torch.complex128 if t.is_complex() else torch.float64
+    return torch.randn(t.shape, generator=gen, dtype=wide).to(t.device, t.dtype)
+
+
+def _vjp(
+    outs: list[Tensor], cotangents: list[Optional[Tensor]], wrt: list[Tensor], create_graph: bool
+) -> list[Optional[Tensor]]:
+    """The gradients of ``sum_k <cotangent_k, out_k>`` with respect to ``wrt`` (None where unused)."""
+    pairs = [
+        (o, v.to(o.dtype)) for o, v in zip(outs, cotangents) if v is not None and o.requires_grad and o.shape == v.shape
+    ]
+    if not pairs:
+        return [None] * len(wrt)
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs], wrt, [v for _, v in pairs], allow_unused=True, create_graph=create_graph
+    )
+    return list(grads)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _delayed_error(grads: list[Optional[Tensor]]) -> Optional[str]:
+    """The message of a ``once_differentiable`` backward's error node, if a gradient has one: autograd only
+    raises it when the node is on a path it follows, and from the inputs it is not."""
+    for g in grads:
+        node = None if g is None else g.grad_fn
+        if node is not None and type(node).__name__ == "Error":
+            try:
+                node(torch.ones_like(g))
+            except RuntimeError as e:
+                return _first_line(e)
+    return None
+
+
+def _hvp(
+    grads: list[Optional[Tensor]], wrt: list[Tensor], directions: list[Tensor]
+) -> Union[list[Optional[Tensor]], str]:
+    """The gradients of ``sum_i Re <grad_i, u_i>`` with respect to ``wrt``: second order, through the double
+    backward; the error's first line where that is unavailable."""
+    terms = [(g.conj() * u).real.sum() for g, u in zip(grads, directions) if g is not None and g.requires_grad]
+    if not terms:
+        return [None] * len(wrt)  # the gradients do not depend on the inputs: no second order
+    error = _delayed_error(grads)
+    if error is not None:
+        return error
+    try:
+        return list(torch.autograd.grad(sum(terms), wrt, allow_unused=True))
+    except RuntimeError as e:
+        return _first_line(e)
+
+
+def _second_order_rows(
+    names: list[str], mine: Union[list, str], theirs: Union[list, str], rtol: Optional[float], atol: Optional[float]
+) -> list[Row]:
+    """The ``grad^2`` rows; where a side has no double backward, rows that say so (a failure for ``fn``,
+    skipped for the reference)."""
+    if not isinstance(mine, str) and not isinstance(theirs, str):
+        return [compare_tensors(f"grad^2 {n}", a, b, rtol, atol) for n, a, b in zip(names, mine, theirs)]
+    if isinstance(theirs, str):
+        note, ok = f"reference_fn has no double backward ({theirs})", True
+    else:
+        note, ok = f"fn has no double backward ({mine}); order=1 compares first order only", False
+    return [Row(f"grad^2 {n}", (), math.nan, math.nan, False, ok, note=note, compared=False) for n in names]
+
+
+def _count_row(count: int, expected: int) -> Row:
+    note = f"{count} vs {expected} outputs"
+    return Row("outputs", (expected,), math.nan, math.nan, False, False, note=note, compared=False)
 
 
 def compare_callables(
     fn: Callable[..., Any],
     reference_fn: Callable[..., Any],
+    /,
     *inputs: Any,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
     seed: int = 0,
+    order: int = 2,
+    **kwargs: Any,
 ) -> GradReport:
-    """Run ``fn`` and ``reference_fn`` forward and backward on copies of ``inputs``; compare everything.
+    """Run ``fn`` and ``reference_fn`` forward and backward on copies of the inputs; compare everything.
 
-    Compared: every output, and the gradient of every floating input that requires grad. The backward
-    starts from a fixed random cotangent for each output (seeded by ``seed``, the same on both sides), so
-    a gradient that happens to hold for an all-ones cotangent (a softmax, a sum) is still tested.
-    Non-tensor inputs are passed through unchanged.
+    Compared: every output, and the gradient of every floating or complex input tensor that requires grad,
+    found inside lists, tuples and dicts too. The backward starts from a fixed random cotangent for each
+    output (seeded by ``seed``, the same on both sides; complex for a complex output), so a gradient that
+    happens to hold for an all-ones cotangent (a softmax, a sum) is still tested. With ``order=2`` the
+    gradients are taken with ``create_graph=True`` and differentiated once more: the gradient of
+    ``sum_i Re <grad_i, u_i>`` (random ``u_i``) with respect to each input, which exercises the double
+    backward, so a backward that ``.detach()``-es or is not differentiable is caught.
+
+    Args:
+        fn: the callable under test (for example ``MyFunction.apply``).
+        reference_fn: the reference.
+        inputs, kwargs: the positional and keyword arguments of both (``rtol``, ``atol``, ``seed`` and
+            ``order`` are this function's own); non-tensors are passed through unchanged.
+        rtol, atol: tolerances (default: ``torch.testing.assert_close``'s for the dtype).
+        seed: seeds the cotangents and the second-order directions.
+        order: 2 (default) compares first- and second-order gradients, 1 first order only.
+
+    Returns:
+        A :class:`GradReport`: rows ``output`` (or ``output[k]``), ``grad NAME`` and, for order 2,
+        ``grad^2 NAME``, where NAME is the parameter's name or the keyword with the path inside it
+        (``grad xs[1]``, ``grad d['w']``). A reference without double backward gives skipped
+        ``grad^2`` rows; an ``fn`` without it, failing ones.
+
+    Raises:
+        TypeError: ``fn`` or ``reference_fn`` is not callable, or returns something other than a tensor or
+            a tuple/list of tensors.
+        ValueError: no input requires grad, or ``order`` is not 1 or 2.
     """
-    if not callable(fn) or not callable(reference_fn):
-        bad = "fn" if not callable(fn) else "reference_fn"
-        raise TypeError(f"{bad} must be callable, got {type(fn if bad == 'fn' else reference_fn).__name__}")
-    wrt = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
-    names = _input_names(fn, len(inputs))
-    mine, theirs = _clone_inputs(inputs), _clone_inputs(inputs)
-    outs_a = _as_tensor_list(fn(*mine), "fn")
-    outs_b = _as_tensor_list(reference_fn(*theirs), "reference_fn")
-    rows: list[Row] = []
-    if len(outs_a) != len(outs_b):
-        rows.append(
-            Row(
-                "outputs",
-                (len(outs_b),),
-                math.inf,
-                math.inf,
-                False,
-                False,
-                note=f"{len(outs_a)} vs {len(outs_b)} outputs",
-            )
-        )
-        outs_a = outs_b = []
-    single = len(outs_a) == 1
-    for k, (a, b) in enumerate(zip(outs_a, outs_b)):
-        rows.append(compare_tensors("output" if single else f"output[{k}]", a.detach(), b.detach(), rtol, atol))
-    if wrt:
-        gen = torch.Generator().manual_seed(_COTANGENT_SEED + seed)
-        cotangents = [
-            torch.randn(b.shape, generator=gen, dtype=torch.float64).to(b.device, b.dtype)
-            if b.is_floating_point()
-            else None
-            for b in outs_b
-        ]
-
-        def grads(outs: list[Tensor], args: list[object]) -> list[Optional[Tensor]]:
-            pairs = [
-                (o, v.to(o.dtype))
-                for o, v in zip(outs, cotangents)
-                if v is not None and o.requires_grad and o.shape == v.shape
-            ]
-            leaves = [args[i] for i in wrt]
-            if not pairs:
-                return [None] * len(wrt)
-            return list(torch.autograd.grad([o for o, _ in pairs], leaves, [v for _, v in pairs], allow_unused=True))  # type: ignore[arg-type]
-
-        for i, ga, gb in zip(wrt, grads(outs_a, mine), grads(outs_b, theirs)):
-            rows.append(compare_tensors(f"grad {names[i]}", ga, gb, rtol, atol))
-    dtypes = [t.dtype for t in outs_b if t.is_floating_point()] or [torch.float64]
+    for what, f in (("fn", fn), ("reference_fn", reference_fn)):
+        if not callable(f):
+            raise TypeError(f"{what} must be callable, got {type(f).__name__}")
+    if order not in (1, 2):
+        raise ValueError(f"order: expected 1 (gradients) or 2 (and second order), got {order!r}")
+    leaves, spec = tree_flatten((tuple(inputs), kwargs))
+    names = _leaf_names(fn, inputs, kwargs)
+    wrt = [i for i, t in enumerate(leaves) if _differentiable(t)]
+    if not wrt:
+        raise _no_gradient_error(leaves, names)
+    mine, theirs = _clone_leaves(leaves), _clone_leaves(leaves)
+    outs_a = _call(fn, mine, spec, "fn")
+    outs_b = _call(reference_fn, theirs, spec, "reference_fn")
+    rows = [_count_row(len(outs_a), len(outs_b))] if len(outs_a) != len(outs_b) else []
+    if not rows:
+        single = len(outs_a) == 1
+        for k, (a, b) in enumerate(zip(outs_a, outs_b)):
+            rows.append(compare_tensors("output" if single else f"output[{k}]", a.detach(), b.detach(), rtol, atol))
+        leaves_a, leaves_b = [cast(Tensor, mine[i]) for i in wrt], [cast(Tensor, theirs[i]) for i in wrt]
+        rows += _gradient_rows(outs_a, outs_b, leaves_a, leaves_b, [names[i] for i in wrt], order, seed, rtol, atol)
+    dtypes = [_real_dtype(t.dtype) for t in outs_b if t.is_floating_point() or t.is_complex()] or [torch.float64]
     d_rtol, d_atol = default_tolerances(*dtypes)
     title = f"{getattr(fn, '__name__', type(fn).__name__)} vs {getattr(reference_fn, '__name__', type(reference_fn).__name__)}"
     return GradReport(title, rows, d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
+
+
+def _call(f: Callable[..., Any], leaves: list[object], spec: Any, what: str) -> list[Tensor]:
+    args, kwargs = tree_unflatten(leaves, spec)
+    return _as_tensor_list(f(*args, **kwargs), what)
+
+
+def _gradient_rows(
+    outs_a: list[Tensor],
+    outs_b: list[Tensor],
+    leaves_a: list[Tensor],
+    leaves_b: list[Tensor],
+    names: list[str],
+    order: int,
+    seed: int,
+    rtol: Optional[float],
+    atol: Optional[float],
+) -> list[Row]:
+    """The ``grad`` rows (and for order 2 the ``grad^2`` rows) of :func:`compare_callables`."""
+    gen = torch.Generator().manual_seed(_COTANGENT_SEED + seed)
+    cotangents = [_random_like(b, gen) if b.is_floating_point() or b.is_complex() else None for b in outs_b]
+    for v in cotangents:  # order 2: so that a once_differentiable backward marks its gradients (_delayed_error)
+        if v is not None:
+            v.requires_grad_(order == 2)
+    grads_a = _vjp(outs_a, cotangents, leaves_a, create_graph=order == 2)
+    grads_b = _vjp(outs_b, cotangents, leaves_b, create_graph=order == 2)
+    rows = [compare_tensors(f"grad {n}", ga, gb, rtol, atol) for n, ga, gb in zip(names, grads_a, grads_b)]
+    if order == 2:
+        directions = [_random_like(t, gen) for t in leaves_b]
+        second_a, second_b = _hvp(grads_a, leaves_a, directions), _hvp(grads_b, leaves_b, directions)
+        rows += _second_order_rows(names, second_a, second_b, rtol, atol)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -831,12 +1047,23 @@ class FiniteDifferenceReport:
         table = format_table(
             ["input", "shape", "max |num - ana|", "rel", "2nd order max |num - ana|", "ok"], body, "llrrrl"
         )
-        gg = "not run" if self.gradgradcheck is None else ("passed" if self.gradgradcheck else "FAILED")
-        verdict = "PASS" if self.ok else "FAIL"
         return (
             f"finite differences, float64 (eps={self.eps:g}, atol={self.atol:g}, rtol={self.rtol:g})\n{table}\n"
-            f"{verdict}: gradcheck {'passed' if self.gradcheck else 'FAILED'}, gradgradcheck {gg}"
+            f"{self.verdict()}"
         )
+
+    def verdict(self) -> str:
+        """PASS or FAIL, torch's two verdicts, and the inputs whose own numbers fail (which can fail while
+        both verdicts pass: ``fast_mode`` projections, or gradcheck's looser reading of the tolerance)."""
+        gg = "not run" if self.gradgradcheck is None else ("passed" if self.gradgradcheck else "FAILED")
+        gc = "passed" if self.gradcheck else "FAILED"
+        text = f"{'PASS' if self.ok else 'FAIL'}: gradcheck {gc}, gradgradcheck {gg}"
+        bad = [r.name for r in self.rows if not r.ok]
+        if bad:
+            inputs = "1 input's numbers exceed" if len(bad) == 1 else f"{len(bad)} inputs' numbers exceed"
+            joint = ", but " if self.gradcheck and self.gradgradcheck is not False else "; "
+            text += f"{joint}{inputs} atol + rtol * |numerical|: {', '.join(bad)}"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         gg = self.grad_grad_max_abs_diff

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 from importlib.metadata import entry_points
 
 import pytest
 
 from manualbp.verify import available_devices
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
 pytest_plugins = ["pytester"]
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+USES_FIXTURE = "def test_uses(manualbp_verify):\n    assert manualbp_verify.devices\n"
 
 USER_TESTS = """
 import pytest
@@ -43,7 +53,7 @@ def test_good(manualbp_verify, manualbp_device):
 
 def test_broken_is_caught(manualbp_verify, manualbp_device):
     z = torch.randn(5, 3, dtype=torch.float64, device=manualbp_device, requires_grad=True)
-    with pytest.raises(AssertionError, match="1 of 2 quantities differ"):
+    with pytest.raises(AssertionError, match="2 of 3 quantities differ"):  # grad z, grad^2 z
         manualbp_verify.assert_gradients_match(BrokenSigmoid.apply, torch.sigmoid, z)
 
 
@@ -65,9 +75,75 @@ def test_fails(manualbp_verify):
 """
 
 
+def _declared_entry_points() -> dict[str, str]:
+    """manualbp's pytest11 entry points as pyproject.toml declares them (name -> module)."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["entry-points"]["pytest11"]
+
+
+def _installed_entry_points() -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group="pytest11") if ep.value.startswith("manualbp")}
+
+
 def test_entry_point_is_registered():
-    eps = [ep for ep in entry_points(group="pytest11") if ep.name == "manualbp"]
-    assert [ep.value for ep in eps] == ["manualbp.pytest_plugin"]
+    """One entry point, named ``manualbp`` (what ``-p manualbp`` and ``-p no:manualbp`` name), whose module
+    pulls in ``manualbp.pytest_plugin`` under that module's own name."""
+    assert _declared_entry_points() == {"manualbp": "manualbp._pytest_entry"}
+    assert list(_installed_entry_points()) == ["manualbp"]  # the value is stale until `pip install -e .`
+
+
+@pytest.fixture
+def declared(pytester, monkeypatch, tmp_path_factory):
+    """Run pytest in a subprocess that sees the entry points of pyproject.toml (a stand-in dist-info ahead of
+    the installed one, whatever that declares), with autoloading off and ``-p NAME`` for every entry point,
+    which loads and registers it exactly as autoloading does."""
+    site = tmp_path_factory.mktemp("site")
+    info = site / "manualbp_declared-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: manualbp-declared\nVersion: 0\n")
+    eps = _declared_entry_points()
+    (info / "entry_points.txt").write_text("[pytest11]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT)]))
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pytester.makepyfile(test_user=USES_FIXTURE)
+
+    def run(*args: str, autoload: bool = True):
+        flags = [f for name in eps for f in ("-p", name)] if autoload else []
+        return pytester.runpytest_subprocess(*flags, *args)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["-p manualbp.pytest_plugin", "conftest pytest_plugins", "conftest pytest_plugins, no autoload", "-p manualbp"],
+)
+def test_every_way_of_naming_the_plugin_works(declared, pytester, how):
+    """``-p manualbp.pytest_plugin`` and ``pytest_plugins = ["manualbp.pytest_plugin"]`` next to the
+    auto-loaded entry point (once "Plugin already registered under a different name"), and each alone."""
+    args: tuple[str, ...] = ()
+    if how.startswith("conftest"):
+        pytester.makeconftest('pytest_plugins = ["manualbp.pytest_plugin"]\n')
+    elif how == "-p manualbp.pytest_plugin":
+        args = ("-p", "manualbp.pytest_plugin", "-p", "manualbp")  # twice over, by both names
+    result = declared(*args, autoload=how != "conftest pytest_plugins, no autoload")
+    assert "already registered" not in result.stderr.str()
+    result.assert_outcomes(passed=1)
+
+
+def test_the_module_name_alone_loads_it(declared):
+    declared("-p", "manualbp.pytest_plugin", autoload=False).assert_outcomes(passed=1)
+
+
+@pytest.mark.skipif(
+    _installed_entry_points() != _declared_entry_points(),
+    reason="the installed pytest11 entry points are not pyproject.toml's (reinstall: pip install -e .)",
+)
+def test_with_the_installed_entry_point_autoloaded(pytester, monkeypatch):
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    pytester.makepyfile(test_user=USES_FIXTURE)
+    pytester.makeconftest('pytest_plugins = ["manualbp.pytest_plugin"]\n')
+    pytester.runpytest("-p", "manualbp.pytest_plugin").assert_outcomes(passed=1)
 
 
 def test_fixtures_in_a_user_suite(pytester):
@@ -84,10 +160,11 @@ def test_a_mismatch_fails_the_user_test_with_a_table(pytester):
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*gradients do not match: 2 of 2 quantities differ*",
+            "*gradients do not match: 3 of 3 quantities differ*",
             "*quantity*shape*max abs err*max rel err*exact*ok*",
             "*output*4*FAIL*",
             "*grad t*4*FAIL*",
+            "*grad^2 t*4*FAIL*",
         ]
     )
 
@@ -104,9 +181,10 @@ def test_devices_option(pytester):
 def test_loaded_by_its_entry_point(pytester, monkeypatch):
     """Without -p pytest finds the plugin through the pytest11 entry point, as in a user's project; with
     autoloading disabled, ``-p manualbp`` (the entry point's name) loads it, and without it the fixture is missing."""
-    pytester.makepyfile(test_user="def test_uses(manualbp_verify):\n    assert manualbp_verify.devices\n")
+    pytester.makepyfile(test_user=USES_FIXTURE)
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     pytester.runpytest().assert_outcomes(passed=1)
+    pytester.runpytest("-p", "no:manualbp").assert_outcomes(errors=1)  # disabled by the entry point's name
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     pytester.runpytest("-p", "manualbp").assert_outcomes(passed=1)
     missing = pytester.runpytest()
@@ -118,3 +196,18 @@ def test_loaded_by_its_entry_point(pytester, monkeypatch):
 def test_option_is_documented(pytester, flag):
     result = pytester.runpytest("-p", "manualbp", flag)
     result.stdout.fnmatch_lines(["*manualbp gradient checks*", "*--manualbp-devices=*"])
+
+
+@pytest.mark.parametrize("how", ["fixture", "import"])
+def test_a_failing_assert_shows_the_message_not_the_helpers_source(pytester, how):
+    call = (
+        "manualbp_verify.assert_gradients_match"
+        if how == "fixture"
+        else "__import__('manualbp.testing').testing.assert_gradients_match"
+    )
+    pytester.makepyfile(test_user=FAILING_TEST.replace("manualbp_verify.assert_gradients_match", call))
+    result = pytester.runpytest("-p", "manualbp")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "gradients do not match" in out and "test_user.py:5: AssertionError" in out  # at the user's line
+    assert "compare_callables(" not in out and "raise AssertionError" not in out and "testing.py" not in out
