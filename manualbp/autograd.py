@@ -193,7 +193,9 @@ class CrossEntropyFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         input, target, reduction = inputs
-        reused = output.__dict__.pop(_CE_SAVED, ())
+        # under torch.compile the forward took the plain path (nothing to take off), and dynamo cannot trace
+        # a tensor's __dict__
+        reused = () if torch.compiler.is_compiling() else output.__dict__.pop(_CE_SAVED, ())
         # saved like any saved tensor (saved_tensors_hooks see them); read only where no graph is built
         ctx.save_for_backward(input, target, *reused)
         ctx.reduction = reduction
