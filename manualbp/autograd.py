@@ -3,6 +3,9 @@
 All use the ``forward`` + ``setup_context`` style, so they work with ``torch.func`` (``generate_vmap_rule``)
 and ``torch.compile``. Each backward is written with differentiable ops on saved inputs and outputs only
 (never on intermediates stored on ``ctx``), so double backward (``create_graph=True``) is correct.
+Each also has a ``jvp`` (forward-mode AD: ``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``,
+``hessian``) from the matching ``*_jvp`` of ``manualbp.functional``; what it reads is saved for forward
+only while a forward-mode level is open, so plain training saves nothing more.
 
 :class:`MLPFunction` is the whole network in one Function: its backward is the notes' two-pass algorithm,
 one sweep over all layers. To keep double backward correct it returns the hidden activations a^l as extra
@@ -17,6 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 from torch.autograd import Function
+from torch.autograd import forward_ad as _forward_ad
 
 from . import functional as F
 
@@ -49,15 +53,30 @@ def apply_function(function: type[Function], *args: Any) -> Any:
     ``Function.apply`` binds the arguments to ``forward``'s signature with ``inspect`` on every call (to
     fill default values; our forwards have none), which costs more than a small MLP's whole forward pass.
     In eager mode with no ``torch.func`` transform active and no leftover functorch wrapper among the
-    arguments this calls the C++ ``apply`` directly; under ``torch.compile`` or a transform it is exactly
-    ``function.apply(*args)``.
+    arguments this calls the C++ ``apply`` directly; under a transform it is exactly ``function.apply(*args)``.
+    Under ``torch.compile`` it applies the Function's twin without ``jvp`` (``function.apply_compiled``, which
+    every Function of this module has; see :func:`_without_jvp`): dynamo cannot trace a Function that defines one.
     """
-    if torch.compiler.is_compiling() or _transforms_active():
+    if torch.compiler.is_compiling():
+        return function.apply_compiled(*args)
+    if _transforms_active():
         return function.apply(*args)
     for a in args:  # a plain loop: a generator expression costs more than the checks themselves
         if isinstance(a, Tensor) and _is_wrapped(a):
             return function.apply(*args)
     return super(Function, function).apply(*args)  # torch._C._FunctionBase.apply
+
+
+def _save(ctx: Any, *tensors: Optional[Tensor]) -> None:
+    """``save_for_backward(*tensors)``, and while a forward-mode AD level is open (``forward_ad.dual_level``,
+    which ``torch.func.jvp``/``jacfwd``/``hessian`` open too) ``save_for_forward`` of the same tensors for ``jvp``.
+
+    The same tuple for both: functorch's generated vmap rule keeps one set of batch dimensions per ctx, which
+    the later of the two saves would overwrite. Outside forward mode ctx keeps nothing more.
+    """
+    ctx.save_for_backward(*tensors)
+    if _forward_ad._current_level >= 0:
+        ctx.save_for_forward(*tensors)
 
 
 class LinearFunction(Function):
@@ -72,7 +91,7 @@ class LinearFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         input, weight, _ = inputs
-        ctx.save_for_backward(input, weight)
+        _save(ctx, input, weight)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
@@ -86,9 +105,14 @@ class LinearFunction(Function):
             needs_bias_grad=ctx.needs_input_grad[2],
         )
 
+    @staticmethod
+    def jvp(ctx: Any, input_t: Optional[Tensor], weight_t: Optional[Tensor], bias_t: Optional[Tensor]):  # type: ignore[override]
+        input, weight = ctx.saved_tensors
+        return F.linear_jvp(input, weight, input_t, weight_t, bias_t)  # dz = da_prev W^T + a_prev dW^T + db
 
-def _make_function(class_name: str, doc: str, forward, setup_context, backward) -> type[Function]:
-    """A forward + setup_context style Function class (vmap rule generated) from three plain functions."""
+
+def _make_function(class_name: str, doc: str, forward, setup_context, backward, jvp) -> type[Function]:
+    """A forward + setup_context style Function class (vmap rule generated) from four plain functions."""
     return type(
         class_name,
         (Function,),
@@ -99,6 +123,7 @@ def _make_function(class_name: str, doc: str, forward, setup_context, backward) 
             "forward": staticmethod(forward),
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
         },
     )
 
@@ -112,14 +137,19 @@ def _activation_function(name: str, class_name: str) -> type[Function]:
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         ctx.args = inputs[1:]
         if name != "identity":  # identity's derivative needs nothing saved
-            ctx.save_for_backward(output)
+            _save(ctx, output)
 
     def backward(ctx: Any, grad_output: Tensor):
         output = ctx.saved_tensors[0] if name != "identity" else grad_output
         return (F.activation_backward(name, grad_output, output, *ctx.args), *([None] * len(ctx.args)))
 
+    def jvp(ctx: Any, input_t: Tensor, *args_t: None) -> Tensor:
+        if name == "identity":  # da = dz; the forward returns its input as-is, so the tangent must be a view
+            return F.activation_jvp(name, input_t, input_t).view_as(input_t)
+        return F.activation_jvp(name, input_t, ctx.saved_tensors[0], *ctx.args)  # da = sigma'(z) * dz
+
     doc = f"a = {name}(z) with the hand-derived backward from the saved output. ``apply(input{', negative_slope' if name == 'leaky_relu' else ''})``."
-    return _make_function(class_name, doc, forward, setup_context, backward)
+    return _make_function(class_name, doc, forward, setup_context, backward, jvp)
 
 
 SigmoidFunction = _activation_function("sigmoid", "SigmoidFunction")
@@ -136,15 +166,15 @@ ACTIVATION_FUNCTIONS: dict[str, type[Function]] = {
 }
 
 
-def _loss_function(forward_fn, backward_fn, class_name: str, doc: str) -> type[Function]:
-    """A loss Function ``apply(input, target, reduction)`` from a functional forward/backward pair."""
+def _loss_function(forward_fn, backward_fn, jvp_fn, class_name: str, doc: str) -> type[Function]:
+    """A loss Function ``apply(input, target, reduction)`` from a functional forward/backward/jvp triple."""
 
     def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
         return forward_fn(input, target, reduction)
 
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         input, target, reduction = inputs
-        ctx.save_for_backward(input, target)
+        _save(ctx, input, target)
         ctx.reduction = reduction
 
     def backward(ctx: Any, grad_output: Tensor):
@@ -156,17 +186,26 @@ def _loss_function(forward_fn, backward_fn, class_name: str, doc: str) -> type[F
             None,
         )
 
-    return _make_function(class_name, doc, forward, setup_context, backward)
+    def jvp(ctx: Any, input_t: Optional[Tensor], target_t: Optional[Tensor], _: None) -> Optional[Tensor]:
+        input, target = ctx.saved_tensors
+        return jvp_fn(input, target, input_t, target_t, ctx.reduction)  # dL
+
+    return _make_function(class_name, doc, forward, setup_context, backward, jvp)
 
 
 SquaredErrorLossFunction = _loss_function(
     F.squared_error_loss,
     F.squared_error_loss_backward,
+    F.squared_error_loss_jvp,
     "SquaredErrorLossFunction",
     "The notes' L = 1/2 sum_k (o_k - y_k)^2 per example. ``apply(input, target, reduction)``.",
 )
 MSELossFunction = _loss_function(
-    F.mse_loss, F.mse_loss_backward, "MSELossFunction", "PyTorch's mse_loss. ``apply(input, target, reduction)``."
+    F.mse_loss,
+    F.mse_loss_backward,
+    F.mse_loss_jvp,
+    "MSELossFunction",
+    "PyTorch's mse_loss. ``apply(input, target, reduction)``.",
 )
 _CE_SAVED = "_manualbp_cross_entropy"  # forward -> setup_context, on the loss tensor for an instant
 
@@ -193,9 +232,11 @@ class CrossEntropyFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         input, target, reduction = inputs
-        reused = output.__dict__.pop(_CE_SAVED, ())
+        # under torch.compile the forward took the plain path (nothing to take off), and dynamo cannot trace
+        # a tensor's __dict__
+        reused = () if torch.compiler.is_compiling() else output.__dict__.pop(_CE_SAVED, ())
         # saved like any saved tensor (saved_tensors_hooks see them); read only where no graph is built
-        ctx.save_for_backward(input, target, *reused)
+        _save(ctx, input, target, *reused)
         ctx.reduction = reduction
 
     @staticmethod
@@ -213,10 +254,17 @@ class CrossEntropyFunction(Function):
         needs = ctx.needs_input_grad
         return (grad_input if needs[0] else None, grad_target if needs[1] else None, None)
 
+    @staticmethod
+    def jvp(ctx: Any, input_t: Optional[Tensor], target_t: Optional[Tensor], _: None) -> Optional[Tensor]:  # type: ignore[override]
+        input, target, *reused = ctx.saved_tensors
+        log_probs = reused[0] if reused else None  # the forward's log yhat where it kept it
+        return F.cross_entropy_jvp(input, target, input_t, target_t, ctx.reduction, log_probs)  # dL
+
 
 CrossEntropyOnProbabilitiesFunction = _loss_function(
     F.cross_entropy_on_probabilities,
     F.cross_entropy_on_probabilities_backward,
+    F.cross_entropy_on_probabilities_jvp,
     "CrossEntropyOnProbabilitiesFunction",
     "The notes' unfused L = sum_k -y_k log yhat_k on probabilities. ``apply(input, target, reduction)``.",
 )
@@ -233,12 +281,17 @@ class SoftmaxFunction(Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        ctx.save_for_backward(output)
+        _save(ctx, output)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):  # type: ignore[override]
         (output,) = ctx.saved_tensors
         return F.softmax_backward(grad_output, output)
+
+    @staticmethod
+    def jvp(ctx: Any, input_t: Tensor) -> Tensor:  # type: ignore[override]
+        (output,) = ctx.saved_tensors
+        return F.softmax_jvp(input_t, output)  # dyhat = yhat * (do - sum_j yhat_j do_j)
 
 
 def split_params(params: Sequence[Tensor], bias: bool) -> tuple[list[Tensor], list[Optional[Tensor]]]:
@@ -284,7 +337,9 @@ class MLPFunction(Function):
             return (result.output, *result.hidden)
         x = input.reshape(-1, input.shape[-1])  # (N, in)
         result = F.mlp_forward(x, weights, biases, activations)
-        output = result.output.reshape(*input.shape[:-1], result.output.shape[-1])  # (*, out)
+        # (*, out), as a fresh tensor rather than a view of the rows (what torch's matmul returns for (*, in) too):
+        # forward mode asks a view output's tangent for a layout that vmap over the tangents cannot give
+        output = torch.ops.aten._unsafe_view(result.output, (*input.shape[:-1], result.output.shape[-1]))
         return (output, *result.hidden)
 
     @staticmethod
@@ -292,13 +347,14 @@ class MLPFunction(Function):
         input, bias = inputs[0], inputs[2]
         weights = inputs[3::2] if bias else inputs[3:]
         needs = ctx.needs_input_grad
+        ctx.all_params = all(needs[3:])
         # Save only what the backward will read, as native autograd does: x for dL/dW^1; W^l when a
         # gradient must pass below layer l; a^l for dL/dW^{l+1} or for sigma' on the way down.
-        if all(needs[3:]):  # training: every parameter needs its gradient, so all but W^1 pass one down
-            ctx.all_params = True
+        if _forward_ad._current_level >= 0:  # the jvp reads x, every W^l and every a^l (saved for both)
+            _save(ctx, input, *weights, *output[1:])
+        elif ctx.all_params:  # training: every parameter needs its gradient, so all but W^1 pass one down
             ctx.save_for_backward(input, weights[0] if needs[0] else None, *weights[1:], *output[1:])
         else:
-            ctx.all_params = False
             needs_w, needs_b = _param_needs(needs[3:], bias, len(weights))
             below = F.needs_below(needs[0], needs_w, needs_b)
             ctx.save_for_backward(
@@ -353,3 +409,53 @@ class MLPFunction(Function):
         if grad_input is not None and input_dim != 2:
             grad_input = grad_input.reshape(ctx.input_shape)
         return (grad_input, None, None, *join_params(grads.grad_weights, grads.grad_biases, ctx.bias))
+
+    @staticmethod
+    def jvp(ctx: Any, input_t: Optional[Tensor], activations_t: None, bias_t: None, *params_t: Optional[Tensor]):  # type: ignore[override]
+        """Tangents (do, da^1, ..., da^{L-1}) of every output from dx, dW^l, db^l (None: zero)."""
+        n_layers = ctx.n_layers
+        saved = ctx.saved_tensors
+        input, weights, hidden = saved[0], saved[1 : 1 + n_layers], saved[1 + n_layers :]
+        if ctx.input_dim != 2:  # (*, in) -> rows (N, in)
+            input = input.reshape(-1, input.shape[-1])
+            if input_t is not None:
+                input_t = input_t.reshape(input.shape)
+        weights_t, biases_t = split_params(params_t, ctx.bias)
+        output_t, hidden_t = F.mlp_jvp(input, weights, hidden, ctx.activations, input_t, weights_t, biases_t)
+        if ctx.input_dim != 2:  # o depends on every input, so some tangent reached it: never None
+            output_t = output_t.reshape(*ctx.input_shape[:-1], ctx.out_features)  # rows (N, out) -> (*, out)
+        # a^l below every tangent has a zero one; autograd takes no None for a forward-differentiable output
+        return (output_t, *[torch.zeros_like(a) if t is None else t for t, a in zip(hidden_t, hidden)])
+
+
+def _without_jvp(function: type[Function]) -> type[Function]:
+    """``function`` with ``jvp`` reset to ``Function.jvp``, for torch.compile.
+
+    Dynamo graph-breaks on (and with ``fullgraph=True`` rejects) any ``autograd.Function`` with a custom ``jvp``,
+    whatever the mode, and a compiled graph has no forward-mode AD anyway. Forward, setup_context and backward
+    are inherited, so compiled and eager code run the same formulas.
+    """
+    return type(function.__name__, (function,), {"__module__": __name__, "jvp": staticmethod(Function.jvp)})
+
+
+def _apply_compiled(twin: type[Function]) -> staticmethod:
+    """A staticmethod ``apply_compiled(*args)`` = ``twin.apply(*args)``: dynamo traces a Function class's
+    staticmethods (not its other attributes, nor a dict keyed by it), so this is how it reaches the twin."""
+
+    def apply_compiled(*args: Any) -> Any:
+        return twin.apply(*args)
+
+    return staticmethod(apply_compiled)
+
+
+for _function in (
+    LinearFunction,
+    *ACTIVATION_FUNCTIONS.values(),
+    SquaredErrorLossFunction,
+    MSELossFunction,
+    CrossEntropyFunction,
+    SoftmaxFunction,
+    CrossEntropyOnProbabilitiesFunction,
+    MLPFunction,
+):
+    _function.apply_compiled = _apply_compiled(_without_jvp(_function))  # type: ignore[attr-defined]

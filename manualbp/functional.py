@@ -10,6 +10,10 @@ gradients where the op has parameters). The backward formulas are written with d
 on their arguments only, so that the autograd Functions built on them (``manualbp.autograd``) support
 double backward.
 
+Every ``*_jvp`` is the forward-mode twin (``torch.autograd.Function.jvp``): it takes the tangents of the
+inputs (``input_t`` = do, dx, dW, ...; None means zero) and returns the tangent of the output. The tangent
+of a quantity q is written dq in the comments.
+
 Activation derivatives are taken from the saved *output*, never the pre-activation:
 sigmoid' = a (1 - a), tanh' = 1 - a^2, relu' = [a > 0], leaky_relu' = [a > 0] + slope [a <= 0].
 Each such product is one fused ATen kernel (``aten.sigmoid_backward`` computes exactly
@@ -33,6 +37,7 @@ __all__ = [
     "linear",
     "linear_backward",
     "linear_per_example_grads",
+    "linear_jvp",
     "sigmoid",
     "sigmoid_backward",
     "tanh",
@@ -46,21 +51,28 @@ __all__ = [
     "ACTIVATIONS",
     "activation",
     "activation_backward",
+    "activation_jvp",
     "squared_error_loss",
     "squared_error_loss_backward",
+    "squared_error_loss_jvp",
     "mse_loss",
     "mse_loss_backward",
+    "mse_loss_jvp",
     "cross_entropy",
     "cross_entropy_backward",
     "class_cross_entropy",
     "cross_entropy_backward_from_log_probs",
+    "cross_entropy_jvp",
     "kernel_checks_class_range",
     "softmax",
     "softmax_backward",
+    "softmax_jvp",
     "cross_entropy_on_probabilities",
     "cross_entropy_on_probabilities_backward",
+    "cross_entropy_on_probabilities_jvp",
     "mlp_forward",
     "mlp_backward",
+    "mlp_jvp",
     "needs_below",
     "MLPForward",
     "MLPGradients",
@@ -68,6 +80,15 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def _add(*terms: Optional[Tensor]) -> Optional[Tensor]:
+    """The sum of the terms that are not None (a None tangent is zero); None when every one is."""
+    total = None
+    for term in terms:
+        if term is not None:
+            total = term if total is None else total + term
+    return total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,6 +165,28 @@ def linear_per_example_grads(
     return grad_weight, grad_bias
 
 
+def linear_jvp(
+    input: Tensor,
+    weight: Tensor,
+    input_t: Optional[Tensor],
+    weight_t: Optional[Tensor] = None,
+    bias_t: Optional[Tensor] = None,
+) -> Optional[Tensor]:
+    """Tangent of ``linear``: dz = da_prev W^T + a_prev dW^T + db, (*, out); None where every tangent is None.
+
+    ``input`` a_prev (*, in) (only read for dW), ``weight`` W (out, in) (only read for da_prev).
+    """
+    z_t = _add(
+        linear(input_t, weight) if input_t is not None else None,  # da_prev W^T, (*, out)
+        linear(input, weight_t) if weight_t is not None else None,  # a_prev dW^T, (*, out)
+    )
+    if bias_t is None:
+        return z_t
+    if z_t is None:  # db alone, broadcast over the batch, (*, out) (one weight (out, in))
+        return bias_t.expand(*input.shape[:-1], bias_t.shape[-1])
+    return z_t + bias_t  # + db
+
+
 # --------------------------------------------------------------------------------------------------
 # Activations a = sigma(z); backward from the saved output a.
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +260,19 @@ def activation_backward(name: str, grad_output: Tensor, output: Tensor, negative
     return backward(grad_output, output)
 
 
+def activation_jvp(
+    name: str, input_t: Optional[Tensor], output: Tensor, negative_slope: float = 0.01
+) -> Optional[Tensor]:
+    """da from the tangent dz and the saved output a of the activation called ``name``.
+
+    An elementwise activation has a diagonal Jacobian diag(sigma'(z)), so its JVP da = sigma'(z) * dz is its VJP
+    applied to the tangent: the registry's backward, with sigma' read from the saved output a as there.
+    """
+    if input_t is None:
+        return None
+    return activation_backward(name, input_t, output, negative_slope)  # da = sigma'(z) * dz, like z
+
+
 # --------------------------------------------------------------------------------------------------
 # Losses. ``input`` is the network output o of shape (*, K); "examples" are the leading dimensions.
 # ``grad_output`` is dL_total/dL: a scalar for "mean"/"sum", one value per reduced element for "none".
@@ -259,6 +315,16 @@ def squared_error_loss_backward(
     return grad_input, -grad_input  # dL/dy_k = -(o_k - y_k)
 
 
+def squared_error_loss_jvp(
+    input: Tensor, target: Tensor, input_t: Optional[Tensor], target_t: Optional[Tensor], reduction: str = "mean"
+) -> Optional[Tensor]:
+    """Tangent of :func:`squared_error_loss`: dL_n = sum_k (o_k - y_k) (do_k - dy_k), then reduced like L_n."""
+    diff_t = _add(input_t, -target_t if target_t is not None else None)  # do - dy, (*, K)
+    if diff_t is None:
+        return None
+    return _reduce(((input - target) * diff_t).sum(-1), reduction)  # dL_n = sum_k (o_k - y_k)(do_k - dy_k), (*)
+
+
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """PyTorch's convention: (o - y)^2 per element; "mean" averages over every element."""
     per_element = (input - target) ** 2  # (o - y)^2, like input
@@ -272,6 +338,16 @@ def mse_loss_backward(
     scale = _expand_grad(grad_output, reduction, input.numel())
     grad_input = 2 * (input - target) * scale  # dL/do = 2 (o - y), like input
     return grad_input, -grad_input
+
+
+def mse_loss_jvp(
+    input: Tensor, target: Tensor, input_t: Optional[Tensor], target_t: Optional[Tensor], reduction: str = "mean"
+) -> Optional[Tensor]:
+    """Tangent of :func:`mse_loss`: d(o - y)^2 = 2 (o - y) (do - dy) per element, then reduced."""
+    diff_t = _add(input_t, -target_t if target_t is not None else None)  # do - dy, like input
+    if diff_t is None:
+        return None
+    return _reduce(2 * (input - target) * diff_t, reduction)  # 2 (o - y)(do - dy), like input
 
 
 def _log_softmax(input: Tensor) -> Tensor:
@@ -409,6 +485,34 @@ def cross_entropy_backward_from_log_probs(
     return grad_input, grad_target
 
 
+def cross_entropy_jvp(
+    input: Tensor,
+    target: Tensor,
+    input_t: Optional[Tensor],
+    target_t: Optional[Tensor],
+    reduction: str = "mean",
+    log_probs: Optional[Tensor] = None,
+) -> Optional[Tensor]:
+    """Tangent of :func:`cross_entropy`: dL_n = sum_k (yhat_k sum_j y_j - y_k) do_k - sum_k log yhat_k dy_k.
+
+    From L_n = -sum_k y_k log yhat_k and d log yhat_k = do_k - sum_j yhat_j do_j. Class indices are one-hot y
+    with no tangent (``target_t`` is ignored). ``log_probs`` is log yhat = log softmax(o) where the forward
+    kept it (rows (N, K) or (*, K)); recomputed from ``input`` when None.
+    """
+    if log_probs is None:
+        log_probs = torch.log_softmax(input, dim=-1)  # log yhat, (*, K)
+    log_probs = log_probs.reshape(input.shape)
+    if not target.is_floating_point():
+        target_t = None  # class indices carry no tangent
+    y = _target_distribution(input, target)  # y_k, (*, K)
+    per_example = _add(
+        # sum_k (yhat_k sum_j y_j - y_k) do_k, (*)
+        ((log_probs.exp() * y.sum(-1, keepdim=True) - y) * input_t).sum(-1) if input_t is not None else None,
+        -(log_probs * target_t).sum(-1) if target_t is not None else None,  # - sum_k log yhat_k dy_k, (*)
+    )
+    return None if per_example is None else _reduce(per_example, reduction)
+
+
 def softmax(input: Tensor) -> Tensor:
     """yhat_k = exp(o_k) / sum_j exp(o_j), over the last dimension (stable)."""
     return _log_softmax(input).exp()
@@ -417,6 +521,14 @@ def softmax(input: Tensor) -> Tensor:
 def softmax_backward(grad_output: Tensor, output: Tensor) -> Tensor:
     # dL/do_k = sum_j dL/dyhat_j yhat_j ([j = k] - yhat_k) = yhat_k (dL/dyhat_k - sum_j dL/dyhat_j yhat_j)
     return output * (grad_output - (grad_output * output).sum(-1, keepdim=True))
+
+
+def softmax_jvp(input_t: Optional[Tensor], output: Tensor) -> Optional[Tensor]:
+    """dyhat from do and the saved output yhat. The Jacobian d yhat_j / d o_k = yhat_j ([j = k] - yhat_k) is
+    symmetric, so the JVP is :func:`softmax_backward` applied to the tangent."""
+    if input_t is None:
+        return None
+    return softmax_backward(input_t, output)  # dyhat_k = yhat_k (do_k - sum_j yhat_j do_j), (*, K)
 
 
 def cross_entropy_on_probabilities(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -441,6 +553,20 @@ def cross_entropy_on_probabilities_backward(
     grad_input = -y / input * scale  # dL/dyhat_k = -y_k / yhat_k, (*, K)
     grad_target = -torch.log(input) * scale if target.is_floating_point() else None
     return grad_input, grad_target
+
+
+def cross_entropy_on_probabilities_jvp(
+    input: Tensor, target: Tensor, input_t: Optional[Tensor], target_t: Optional[Tensor], reduction: str = "mean"
+) -> Optional[Tensor]:
+    """Tangent of :func:`cross_entropy_on_probabilities`: dL_n = -sum_k (y_k / yhat_k) dyhat_k - sum_k log yhat_k dy_k."""
+    if not target.is_floating_point():
+        target_t = None  # class indices carry no tangent
+    per_example = _add(
+        # - sum_k (y_k / yhat_k) dyhat_k, (*)
+        -(_target_distribution(input, target) / input * input_t).sum(-1) if input_t is not None else None,
+        -(torch.log(input) * target_t).sum(-1) if target_t is not None else None,  # - sum_k log yhat_k dy_k, (*)
+    )
+    return None if per_example is None else _reduce(per_example, reduction)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -586,3 +712,29 @@ def mlp_backward(
         grad_hidden_out if return_intermediates else [],
         grad_pre if return_intermediates else [],
     )
+
+
+def mlp_jvp(
+    input: Tensor,
+    weights: Sequence[Tensor],
+    hidden: Sequence[Tensor],
+    activations: Sequence[tuple[str, float]],
+    input_t: Optional[Tensor],
+    weights_t: Sequence[Optional[Tensor]],
+    biases_t: Sequence[Optional[Tensor]],
+) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
+    """Forward mode through the whole MLP: one sweep up the layers, beside the forward pass's own.
+
+    From dx (N, in) and the tangents dW^l, db^l (None entries are zero), with the saved input x, weights W^l
+    and activations a^l: dz^l = da^{l-1} W^l^T + a^{l-1} dW^l^T + db^l, da^l = sigma_l'(z^l) * dz^l (sigma' from
+    a^l), do = dz^L. Returns (do (N, out), [da^1 .. da^{L-1}] (each (N, width))); None where a tangent is zero.
+    """
+    a_prev, a_t = input, input_t  # a^0 = x, da^0 = dx
+    hidden_t: list[Optional[Tensor]] = []
+    for layer, (name, slope) in enumerate(activations):
+        z_t = linear_jvp(a_prev, weights[layer], a_t, weights_t[layer], biases_t[layer])  # dz^l, (N, width)
+        a_prev = hidden[layer]
+        a_t = activation_jvp(name, z_t, a_prev, slope)  # da^l = sigma'(z^l) * dz^l, (N, width)
+        hidden_t.append(a_t)
+    output_t = linear_jvp(a_prev, weights[-1], a_t, weights_t[-1], biases_t[-1])  # do = dz^L, (N, out)
+    return output_t, hidden_t
