@@ -45,6 +45,7 @@ __all__ = [
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _transforms_active = torch._C._are_functorch_transforms_active
+_tracing_state = torch._C._get_tracing_state
 
 
 def apply_function(function: type[Function], *args: Any) -> Any:
@@ -223,7 +224,13 @@ class CrossEntropyFunction(Function):
 
     @staticmethod
     def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:  # type: ignore[override]
-        if target.is_floating_point() or torch.compiler.is_compiling() or _transforms_active() or _is_wrapped(input):
+        if (
+            target.is_floating_point()
+            or torch.compiler.is_compiling()
+            or _transforms_active()
+            or _is_wrapped(input)
+            or _tracing_state() is not None  # jit.trace calls forward alone (nn._call): no setup_context follows
+        ):
             return F.cross_entropy(input, target, reduction)
         loss, log_probs, count = F.class_cross_entropy(input, target, reduction)
         setattr(loss, _CE_SAVED, (log_probs, count))  # setup_context takes them off at once

@@ -471,3 +471,34 @@ def test_torch_export_and_dynamo_onnx_export_match_native():
     name = session.get_inputs()[0].name
     (out,) = session.run(None, {name: x2.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), native(x2).detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "loss_fn, target",
+    [
+        (manualbp.CrossEntropyLoss(), torch.tensor([0, 2, 1, 1])),
+        (manualbp.MSELoss(), torch.randn(4, 3)),
+        (manualbp.SquaredErrorLoss(reduction="sum"), torch.randn(4, 3)),
+    ],
+    ids=["cross_entropy", "mse", "squared_error"],
+)
+def test_jit_trace_of_model_and_loss_saves_and_matches(loss_fn, target):
+    model, native = _pair(dtype=torch.float32)
+    x = torch.randn(4, 8)
+
+    class Step(nn.Module):  # a module, so that the trace takes the parameters as parameters
+        def __init__(self):
+            super().__init__()
+            self.model, self.loss_fn = model, loss_fn
+
+        def forward(self, inp, tgt):
+            return self.loss_fn(self.model(inp), tgt)
+
+    step = Step()
+    traced = torch.jit.trace(step, (x, target))
+    assert "PythonOp" not in str(traced.graph)
+    expected = loss_fn(model(x), target)
+    loss = traced(x, target)
+    torch.testing.assert_close(loss, expected)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
