@@ -35,9 +35,9 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from . import functional as F
-from .autograd import MLPFunction
-from .nn import MLP, CrossEntropyLoss, MSELoss, SquaredErrorLoss
+from .. import functional as F
+from ..autograd import MLPFunction
+from ..nn import MLP, CrossEntropyLoss, MSELoss, SquaredErrorLoss
 
 __all__ = [
     "ACTIVATION_DERIVATIVES",
@@ -1433,7 +1433,7 @@ class MatrixResult:
         return f"{self.table()}\n{self.summary()}"
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
+        from .. import __version__
 
         return {
             "ok": self.ok,
