@@ -1951,3 +1951,8 @@ def _unravel(k: int, shape: tuple[int, ...]) -> tuple[int, ...]:
         out.append(k % n)
         k //= n
     return tuple(reversed(out))
+
+
+from .conformance import CHECKS, ConformanceReport, PropertyRow, check_function  # noqa: E402
+
+__all__ += ["CHECKS", "ConformanceReport", "PropertyRow", "check_function"]
