@@ -46,6 +46,7 @@ def forward(p: dict[str, torch.Tensor]):
     """The exercise's forward under record(); returns the recorder and the frame's variables."""
     C, W1, b1, W2, b2, bngain, bnbias = (p[k] for k in ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias"))
     Xb, Yb = p["Xb"], p["Yb"]
+    bnmean_running, bnvar_running = p["bnmean_running"], p["bnvar_running"]
     n = Xb.shape[0]
     with record() as rec:
         emb = C[Xb]
@@ -59,8 +60,8 @@ def forward(p: dict[str, torch.Tensor]):
         bnraw = bndiff * bnvar_inv
         hpreact = bngain * bnraw + bnbias
         with torch.no_grad():
-            p["bnmean_running"] = 0.999 * p["bnmean_running"] + 0.001 * bnmeani
-            p["bnvar_running"] = 0.999 * p["bnvar_running"] + 0.001 * bnvar
+            bnmean_running = 0.999 * bnmean_running + 0.001 * bnmeani
+            bnvar_running = 0.999 * bnvar_running + 0.001 * bnvar
         h = torch.tanh(hpreact)
         logits = h @ W2 + b2
         logit_maxes = logits.max(1, keepdim=True).values
@@ -71,6 +72,7 @@ def forward(p: dict[str, torch.Tensor]):
         probs = counts * counts_sum_inv
         logprobs = probs.log()
         loss = -logprobs[range(n), Yb].mean()
+    p["bnmean_running"], p["bnvar_running"] = bnmean_running, bnvar_running
     return rec, dict(locals())
 
 
@@ -149,6 +151,7 @@ def test_records_every_intermediate_in_forward_order(model):
     assert all(rec[name] is v[name] for name in FORWARD_NAMES)
     # the running statistics were updated (under no_grad) and are not intermediates with a gradient
     assert not torch.equal(p["bnmean_running"], torch.zeros(1, N_HIDDEN, dtype=DT))
+    assert torch.allclose(v["bnvar_running"], 0.999 + 0.001 * v["bnvar"].detach())
     assert "bnmean_running" not in rec.names and "bnvar_running" not in rec.names
 
 
@@ -220,6 +223,21 @@ def test_shape_mismatch_is_a_failed_row(model):
     assert not row.ok and not row.compared
     assert "shape (27, 64) vs autograd (64, 27)" in row.note
     assert "shape (27, 64) vs autograd (64, 27)" in str(report)
+
+
+def test_first_wrong_in_backward_order_even_when_downstream_errors_are_within_tolerance():
+    """Errors each within tolerance downstream can cancel into a wrong gradient upstream: still a bug site."""
+    t = torch.randn(5, dtype=DT, requires_grad=True)
+    with record() as rec:
+        s1 = 1e3 * t
+        s2 = 1e3 * t
+        loss = s1.sum() - s2.sum()  # dL/dt = 0 exactly
+    ds1 = torch.full_like(t, 1 + 5e-8)  # within float64's rtol of 1
+    ds2 = -torch.ones_like(t)
+    dt = 1e3 * ds1 + 1e3 * ds2  # the right step applied to ds1, ds2: 5e-5, far from 0
+    report = rec.compare(loss, locals())
+    assert report["s1"].ok and report["s2"].ok and report["t"].local_ok
+    assert not report.ok and report.first_wrong == "t" and report.bug_sites == ["t"]
 
 
 def test_missing_gradients_are_listed(model):
@@ -315,6 +333,8 @@ def test_collect_false_explicit_names_only():
         y = rec2("logits", x * 2)
         loss2 = y.square().sum()
     assert rec2.names == ["x", "logits", "loss2"] and rec2["loss2"] is loss2
+    rec2("scores", y)  # renaming
+    assert rec2.names == ["x", "scores", "loss2"]
     with pytest.raises(ValueError, match="does not require grad"):
         rec2("z", torch.zeros(3))
 
@@ -323,16 +343,21 @@ def test_temporaries_and_inplace_ops():
     x = torch.randn(4, 3, dtype=DT, requires_grad=True)
     with record(temporaries=True) as rec:
         y = x * 2
-        y += 1  # in place: y now holds the later value
-        loss = (y.tanh() ** 2).sum()
+        z = x.exp()
+        y += z  # in place: y now holds a later value, made after z
+        loss = (y.tanh().T ** 2).sum()
     names = rec.names
-    assert names[:2] == ["x", "y"] and names[-1] == "loss"
-    assert any(n.endswith(" tanh") for n in names) and any(n.endswith(" pow") for n in names)
+    assert names[:3] == ["x", "z", "y"] and names[-1] == "loss"
+    assert [n.split(" ")[1] for n in names if n.startswith("#")] == ["tanh", "T", "pow"]
     with torch.no_grad():
         t = torch.tanh(y)
         dy = 2 * t * (1 - t**2)
-    report = rec.compare(loss, {"y": dy, "x": 2 * dy})
+        dz = dy.clone()
+        dx = 2 * dy + dz * z
+    report = rec.compare(loss, {"y": dy, "z": dz, "x": dx})
     assert report.ok and set(report.not_given) == {n for n in names if n.startswith("#")}
+    bad = rec.compare(loss, {"y": dy * 1.01, "z": dz * 1.01, "x": dx * 1.01})  # only dy's step is wrong
+    assert bad.first_wrong == "y" and bad.bug_sites == ["y"], str(bad)
 
 
 def test_tensor_that_does_not_affect_the_loss():

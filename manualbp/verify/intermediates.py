@@ -87,8 +87,10 @@ def _op_name(func: Any) -> str:
     return name.strip("_") or name
 
 
-def _inplace(op: str) -> bool:
-    return op.endswith("_") or (op.startswith("i") and op[1:] in ("add", "sub", "mul", "truediv", "pow", "matmul"))
+def _inplace(func: Any) -> bool:
+    """``add_``, ``__iadd__``...: the op writes into its first argument and returns it."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or (name.startswith("__i") and name != "__index__")
 
 
 class _Mode(TorchFunctionMode):
@@ -108,7 +110,7 @@ class _Mode(TorchFunctionMode):
                 if _recordable(t):
                     self.recorder._see(t, "input", moved=False)
             for t in made:
-                self.recorder._see(t, op, moved=_inplace(op))
+                self.recorder._see(t, op, moved=_inplace(func))
         return out
 
 
