@@ -316,6 +316,25 @@ def test_locals_convention_and_a_toy_function():
     assert report["x"].ok and report["s"].ok
 
 
+def test_a_manualbp_module_and_a_freed_graph():
+    """A custom autograd.Function (manualbp's MLP): its input, read inside the Function, is recorded too."""
+    import manualbp
+
+    model = manualbp.MLP(4, [5], 3, activation="tanh").double()
+    x = torch.randn(8, 4, dtype=DT, requires_grad=True)
+    with record() as rec:
+        out = model(x)
+        loss = out.square().sum()
+    assert rec.names == ["x", "out", "loss"]
+    dout = 2 * out.detach()
+    (dx,) = torch.autograd.grad(model.to_torch()(x), x, dout)  # the native twin's input gradient
+    assert rec.compare(loss, locals()).ok
+    assert rec.compare(loss, {"out": dout, "x": dx * 1.5}).first_wrong == "x"
+    loss.backward()
+    with pytest.raises(RuntimeError, match="graph of loss was freed"):
+        rec.compare(loss, locals())
+
+
 def test_collect_false_explicit_names_only():
     x = torch.randn(6, dtype=DT, requires_grad=True)
     with record(collect=False) as rec:

@@ -103,14 +103,15 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's signature)
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        made = [t for t in _tensors(out) if _recordable(t)]
-        if made:  # an op of the forward (not a read of .shape, nor a step under no_grad)
+        made = list(_tensors(out))
+        if made:  # an op that makes tensors (not a read of .shape): what it reads, then what it makes
             op = _op_name(func)
             for t in _tensors((args, kwargs)):
-                if _recordable(t):
+                if _recordable(t):  # read inside a custom Function's forward too, where outputs do not
                     self.recorder._see(t, "input", moved=False)
             for t in made:
-                self.recorder._see(t, op, moved=_inplace(func))
+                if _recordable(t):  # not under no_grad (running statistics)
+                    self.recorder._see(t, op, moved=_inplace(func))
         return out
 
 
@@ -411,7 +412,7 @@ class Recorder:
             when its gradient is given), the bug sites and ``first_wrong``.
 
         Raises:
-            RuntimeError: called inside the ``with`` block.
+            RuntimeError: called inside the ``with`` block, or after the graph of ``loss`` was freed.
             ValueError: a key of ``grads`` names no recorded tensor (the message lists the recorded names),
                 ``loss`` is not a scalar that requires grad, or no gradient at all was given.
             TypeError: a gradient in a dict is not a tensor.
@@ -433,7 +434,15 @@ class Recorder:
             (e for e in self._named.values() if e.tensor is not loss or e.name in manual), key=lambda e: e.order
         )
         tensors = [e.tensor for e in entries]
-        truth = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+        try:
+            truth = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+        except RuntimeError as e:
+            if "second time" not in str(e):
+                raise
+            raise RuntimeError(
+                "the graph of loss was freed (by loss.backward() or autograd.grad without retain_graph=True): "
+                "call compare() before, or backward(retain_graph=True)"
+            ) from e
         local = _local_expectations(loss, entries, manual)
 
         rows: list[IntermediateRow] = []
