@@ -18,14 +18,18 @@ Which tensors are recorded:
 
 - with ``collect=True`` (the default), every floating tensor that requires grad and is produced by a torch
   operation inside the ``with`` block (``C[Xb]``, ``@``, ``.sum``, ``**-0.5``, ``F.cross_entropy``, in-place
-  ops...), and every tensor requiring grad that such an operation reads (parameters such as ``C``, ``W1``,
-  ``bngain``). At the end of the block each is named by the local variable of the code that entered the
+  ops...), and every tensor requiring grad that a torch operation in the block reads (parameters such as
+  ``C``, ``W1``, ``bngain``; the input of a custom ``autograd.Function``, read in its forward). At the end of the block each is named by the local variable of the code that entered the
   ``with`` that holds it (``hpreact``). A tensor no such variable holds (a temporary inside an expression,
   or an intermediate of a function called in the block) is dropped, unless ``temporaries=True``: then it
   is kept under the name of the operation that made it (``#12 sum``). Tensors made under ``torch.no_grad()``
   (running statistics) do not require grad and are not recorded.
 - ``rec("name", tensor)`` records (or renames) a tensor explicitly, inside the block or after it, and
   returns it; with ``collect=False`` only those are recorded.
+
+Write the manual backward after the block (or under ``torch.no_grad()``): in the block, a gradient computed
+from tensors that require grad would be recorded as an intermediate. Each row keeps both gradients,
+``row.value`` (yours) and ``row.reference`` (autograd's).
 
 Forward order is the order of creation (a tensor read but not made in the block: when it was first read).
 The backward pass meets them in the reverse order.
@@ -44,8 +48,8 @@ from __future__ import annotations
 
 import math
 import sys
-import types
 from dataclasses import dataclass, field, fields
+from types import FrameType
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
@@ -100,7 +104,7 @@ class _Mode(TorchFunctionMode):
         super().__init__()
         self.recorder = recorder
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's signature)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         made = list(_tensors(out))
@@ -268,7 +272,7 @@ class Recorder:
         self._entries: dict[int, _Entry] = {}  # id(tensor) -> entry (the entry keeps the tensor alive)
         self._counter = 0
         self._mode: Optional[_Mode] = None
-        self._frame: Optional[types.FrameType] = None
+        self._frame: Optional[FrameType] = None
         self._named: dict[str, _Entry] = {}
         self._done = False
 
