@@ -133,7 +133,10 @@ def _activation_function(name: str, class_name: str) -> type[Function]:
     """One Function per activation; extra apply arguments (leaky_relu's negative_slope) are constants."""
 
     def forward(input: Tensor, *args: float) -> Tensor:
-        return F.activation(name, input, *args)
+        output = F.activation(name, input, *args)
+        # a fresh tensor, never the input itself (identity): an output that aliases an input shares its memory,
+        # and an in-place change of one would change the other (verify.check_function's aliasing row)
+        return output.clone() if output is input else output
 
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         ctx.args = inputs[1:]
@@ -145,8 +148,8 @@ def _activation_function(name: str, class_name: str) -> type[Function]:
         return (F.activation_backward(name, grad_output, output, *ctx.args), *([None] * len(ctx.args)))
 
     def jvp(ctx: Any, input_t: Tensor, *args_t: None) -> Tensor:
-        if name == "identity":  # da = dz; the forward returns its input as-is, so the tangent must be a view
-            return F.activation_jvp(name, input_t, input_t).view_as(input_t)
+        if name == "identity":  # da = dz, as a fresh tensor like the forward's output
+            return F.activation_jvp(name, input_t, input_t).clone()
         return F.activation_jvp(name, input_t, ctx.saved_tensors[0], *ctx.args)  # da = sigma'(z) * dz
 
     doc = f"a = {name}(z) with the hand-derived backward from the saved output. ``apply(input{', negative_slope' if name == 'leaky_relu' else ''})``."

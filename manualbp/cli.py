@@ -4,6 +4,9 @@
                         over a matrix of configurations (exit status 1 on any failure)
     manualbp explain    one forward and backward pass of a tiny network, every quantity of the notes'
                         worked example with its value and a check against autograd
+    manualbp check      the conformance suite (manualbp.verify.check_function) on your own autograd.Function,
+                        ``manualbp check mypkg.ops:MyLinear --shapes 8x3,4x3,4``, or on manualbp's own
+                        (``--builtin``); exit status 1 when a property fails
 
 Testing hook: ``--inject-bug NAME`` (both commands) breaks one hand-derived formula for the run
 (``sigmoid_missing_derivative`` or ``weight_grad_transposed``, see ``manualbp.verify.BUGS``), to show that
@@ -101,7 +104,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the weights and the example (default: 0)")
     e.add_argument("--format", default="text", choices=["text", "markdown", "json"], help="default: text")
     e.add_argument("--inject-bug", choices=sorted(BUGS), help=bug_help)
+    _add_check_parser(sub)
     return parser
+
+
+def _add_check_parser(sub) -> None:
+    from .verify import CHECKS
+
+    c = sub.add_parser(
+        "check",
+        help="conformance of a custom autograd.Function (gradcheck, double backward, transforms, layouts, ...)",
+        description=(
+            "Run manualbp.verify.check_function on TARGET (module.path:Name or path/to/file.py:Name: an "
+            "autograd.Function subclass or a callable built on one) with random float64 inputs of the given "
+            "shapes. One row per property: pass, fail or skip, the largest error, and a hint how to fix a "
+            f"failure. Properties: {', '.join(CHECKS)}. Exit status 1 when any fails."
+        ),
+    )
+    c.add_argument("target", nargs="?", help="module.path:Name or file.py:Name")
+    c.add_argument(
+        "--shapes",
+        type=_csv(),
+        help="the tensor inputs in order: 8x3 (float64, requires grad), 8x3:nograd, 8:int10 (int64 in [0,10)), scalar",
+    )
+    c.add_argument("--args", default="", help="Python literals passed after the tensors, e.g. \"'mean', True\"")
+    c.add_argument("--skip", type=_csv(), default=[], help="properties to leave out, e.g. torch.compile,cuda")
+    c.add_argument("--checks", type=_csv(), default=None, help="run only these properties")
+    c.add_argument("--batched", type=_csv(int), default=None, help="positions of the inputs whose dim 0 is the batch")
+    c.add_argument("--compile-backend", default="aot_eager", help="torch.compile backend, or none (default: aot_eager)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the inputs, cotangents and directions (default: 0)")
+    c.add_argument("--builtin", action="store_true", help="check every Function of manualbp itself instead")
+    c.add_argument("--format", default="text", choices=["text", "markdown", "json"], help="default: text")
 
 
 def _progress_bar(total: int):
@@ -167,6 +200,89 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _load_target(target: str):
+    """``module.path:Name`` or ``path/to/file.py:Name`` (Name may be dotted: ``MyFunction.apply``)."""
+    import importlib
+    import importlib.util
+
+    where, sep, attr = target.rpartition(":")
+    if not sep or not where or not attr:
+        raise ValueError(f"target: expected module.path:Name or file.py:Name, got {target!r}")
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise ValueError(f"target: no file {where!r}")
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(where))[0], where)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own package in this directory
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"target: cannot import {where!r} ({e})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"target: {where} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _print_report(report, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(report.to_dict(), indent=2))
+    elif fmt == "markdown":
+        print(f"**{report.title}**\n")
+        print("| property | result | max error | detail |\n|---|---|---|---|")
+        for r in report:
+            err = "-" if r.error is None else f"{r.error:.2e}"
+            print(f"| {r.name} | {r.status} | {err} | {r.detail.replace('|', '/')} |")
+        print(f"\n{report.summary()}")
+    else:
+        print(report)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    import ast
+
+    import torch
+
+    from .verify.conformance import builtin_subjects, check_function, parse_input_spec, summary_table
+
+    backend = None if args.compile_backend.lower() == "none" else args.compile_backend
+    options = {"checks": args.checks, "compile_backend": backend, "seed": args.seed}
+    if args.builtin:
+        if args.target:
+            raise ValueError("target: --builtin checks manualbp's own Functions; give no target with it")
+        reports = []
+        for name, fn, inputs, kw in _progress(builtin_subjects(args.seed), "check"):
+            skip = {**{n: "skipped by the caller (--skip)" for n in args.skip}, **kw.pop("skip", {})}
+            reports.append((name, check_function(fn, *inputs, skip=skip, **kw, **options)))
+        if args.format == "json":
+            print(json.dumps({name: r.to_dict() for name, r in reports}, indent=2))
+        else:
+            print(summary_table(reports, markdown=args.format == "markdown"))
+        return 0 if all(r.ok for _, r in reports) else 1
+    if not args.target or not args.shapes:
+        raise ValueError("target and --shapes: expected `manualbp check module:Function --shapes 8x3,...` (or --builtin)")
+    gen = torch.Generator().manual_seed(args.seed)
+    tensors = [parse_input_spec(t, gen) for t in args.shapes]
+    try:
+        extra = ast.literal_eval(f"({args.args},)") if args.args.strip() else ()
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--args: expected comma-separated Python literals, got {args.args!r}") from None
+    report = check_function(_load_target(args.target), *tensors, *extra, skip=args.skip, batched=args.batched, **options)
+    _print_report(report, args.format)
+    return 0 if report.ok else 1
+
+
+def _progress(items: list, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="Function", disable=None, leave=False, file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -176,6 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "verify":
             return run_verify(args)
+        if args.command == "check":
+            return run_check(args)
         return run_explain(args)
     except BrokenPipeError:  # output piped into `head`: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

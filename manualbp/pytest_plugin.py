@@ -18,6 +18,9 @@ Fixtures:
     ``finite_difference_check`` (from ``manualbp.verify``), ``default_tolerances(dtype)`` and ``devices``,
     the devices available here ("cpu", and "cuda" where a GPU is visible).
 
+    ``check_function(fn, *sample_inputs, **options)`` and ``assert_function_conforms(...)``: the conformance
+    suite of a custom autograd.Function (see :func:`manualbp.verify.check_function`), needing no reference.
+
 ``manualbp_device``
     Runs the test once per available device (the id is the device name), or per device of
     ``--manualbp-devices=cpu,cuda``.
@@ -27,6 +30,9 @@ Example::
     def test_my_sigmoid(manualbp_verify, manualbp_device):
         x = torch.randn(8, 3, dtype=torch.float64, device=manualbp_device, requires_grad=True)
         manualbp_verify.assert_gradients_match(MySigmoid.apply, torch.sigmoid, x)
+
+    def test_my_sigmoid_conforms(manualbp_verify):
+        manualbp_verify.assert_function_conforms(MySigmoid, torch.randn(8, 3, dtype=torch.float64, requires_grad=True))
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class ManualbpVerify:
         self.trace = verify.trace
         self.finite_difference_check = verify.finite_difference_check
         self.default_tolerances = verify.default_tolerances
+        self.check_function = verify.check_function
 
     def assert_gradients_match(
         self,
@@ -103,6 +110,13 @@ class ManualbpVerify:
 
         __tracebackhide__ = True
         return assert_gradients_match(fn, reference_fn, *inputs, rtol=rtol, atol=atol, seed=seed, order=order, **kwargs)
+
+    def assert_function_conforms(self, fn: Any, /, *sample_inputs: Any, **options: Any):
+        """See :func:`manualbp.testing.assert_function_conforms`: one line per custom Function in a test."""
+        from .testing import assert_function_conforms
+
+        __tracebackhide__ = True
+        return assert_function_conforms(fn, *sample_inputs, **options)
 
     def __repr__(self) -> str:
         return f"ManualbpVerify(devices={self.devices})"

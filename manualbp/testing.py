@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from .verify import GradReport, compare_callables
+from .verify.conformance import ConformanceReport, check_function
 
-__all__ = ["assert_gradients_match"]
+__all__ = ["assert_function_conforms", "assert_gradients_match"]
 
 
 def assert_gradients_match(
@@ -70,3 +71,19 @@ def assert_gradients_match(
             f"({report.title}, rtol={report.rtol:g}, atol={report.atol:g})\n{report.table(failures)}\n\n{details}"
         )
     return report
+
+
+def assert_function_conforms(fn: Any, /, *sample_inputs: Any, **options: Any) -> ConformanceReport:
+    """Assert that a custom autograd.Function passes every conformance property on these inputs.
+
+    See :func:`manualbp.verify.check_function` for the properties and ``options`` (``reference=``,
+    ``checks=``, ``skip=``, ``batched=``, ``compile_backend=``, ``seed=``).
+
+    Returns:
+        The :class:`~manualbp.verify.ConformanceReport`, when no property fails (skips are allowed).
+
+    Raises:
+        AssertionError: with the report's table and, for each failing property, the hint how to fix it.
+    """
+    __tracebackhide__ = True
+    return check_function(fn, *sample_inputs, **options).raise_if_failed()

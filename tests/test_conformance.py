@@ -459,3 +459,129 @@ def test_the_check_list_is_complete():
         "float32 vs float64", "cuda", "needs_input_grad", "saved tensors", "aliasing", "non-differentiable outputs",
         "reference",
     ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- manualbp's own Functions
+from manualbp.verify.conformance import builtin_subjects, summary_table  # noqa: E402
+
+BUILTIN = builtin_subjects()
+
+
+@pytest.mark.parametrize("name, fn, inputs, options", BUILTIN, ids=[s[0] for s in BUILTIN])
+def test_manualbps_own_functions_conform(name, fn, inputs, options):
+    """Every per-op Function, loss, MLPFunction, the C++ twins and the module, each against PyTorch's ops
+    too (the reference row); the compile row in the slow tier."""
+    skip = {"torch.compile": "slow tier", **options.get("skip", {})}
+    report = check_function(fn, *inputs, **{**options, "skip": skip})
+    assert report.ok, str(report)
+    assert report["reference"].status == "pass" and report["gradcheck"].status == "pass"
+    python_function = not name.startswith("native") and name != "MLP (the module)"
+    for prop in ("forward AD (jvp)", "vmap", "func.grad", "func.jacrev"):
+        assert report[prop].status == ("pass" if python_function else report[prop].status), (prop, str(report))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, fn, inputs, options", BUILTIN, ids=[s[0] for s in BUILTIN])
+def test_manualbps_own_functions_compile(name, fn, inputs, options):
+    report = check_function(fn, *inputs, checks=["runs", "torch.compile"], **{k: v for k, v in options.items() if k != "reference"})
+    assert report.ok, str(report)
+
+
+def test_summary_table_lists_failures_and_skips():
+    reports = [("Exp", check_function(Exp, _x(3, 2), checks=["runs", "vmap"])), ("ExpOnCtx", check_function(ExpOnCtx, _x(3, 2), checks=["runs", "saved tensors"]))]
+    text = summary_table(reports, markdown=True)
+    assert "| Exp | 1/2 | - | vmap |" in text and "| ExpOnCtx | 1/2 | saved tensors | - |" in text
+
+
+# ---------------------------------------------------------------- the command line
+def _cli(capsys, *argv):
+    from manualbp.cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+def test_cli_checks_a_function_from_a_file(capsys, tmp_path):
+    source = tmp_path / "my_ops.py"
+    source.write_text(open(__file__).read())
+    code, out = _cli(capsys, "check", f"{source}:ExpOnCtx", "--shapes", "5x3", "--skip", "torch.compile")
+    assert code == 1 and "saved tensors" in out.out and "FAIL" in out.out and "how to fix" in out.out
+    code, out = _cli(capsys, "check", f"{source}:LinearFunction", "--shapes", "5x3,4x3,4", "--skip", "torch.compile", "--format", "json")
+    assert code == 0 and json.loads(out.out)["ok"] is True
+    code, out = _cli(capsys, "check", "manualbp.autograd:MSELossFunction", "--shapes", "4x3,4x3:nograd", "--args", "'sum'", "--checks", "runs,gradcheck,needs-input-grad")
+    assert code == 0 and "needs_input_grad" in out.out, out.out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["check", "nosuchmodule_xyz:F", "--shapes", "3"], "No module named"),
+        (["check", "manualbp.autograd:Nope", "--shapes", "3"], "has no attribute 'Nope'"),
+        (["check", "manualbp.autograd", "--shapes", "3"], "expected module.path:Name"),
+        (["check", "manualbp.autograd:SigmoidFunction", "--shapes", "3y"], "--shapes: expected tokens"),
+        (["check", "manualbp.autograd:SigmoidFunction", "--shapes", "3", "--skip", "gradchek"], "unknown properties"),
+        (["check", "manualbp.autograd:SigmoidFunction"], "--shapes"),
+        (["check", "manualbp.autograd:MSELossFunction", "--shapes", "3,3", "--args", "mean("], "--args: expected"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(capsys, argv, message):
+    code, out = _cli(capsys, *argv)
+    assert code == 2 and message in out.err and "Traceback" not in out.err
+
+
+def test_cli_builtin_table(capsys, monkeypatch):
+    import manualbp.verify.conformance as conformance
+
+    monkeypatch.setattr(conformance, "builtin_subjects", lambda seed=0: BUILTIN[:2])
+    code, out = _cli(capsys, "check", "--builtin", "--skip", "torch.compile", "--format", "markdown")
+    assert code == 0 and "| LinearFunction | 17/20 | - | torch.compile, cuda" in out.out, out.out
+
+
+# ---------------------------------------------------------------- pytest: plain `pytest`, the plugin auto-loaded
+pytest_plugins = ["pytester"]
+
+USER_SUITE = '''
+import torch
+from torch.autograd import Function
+
+
+class Exp(Function):
+    @staticmethod
+    def forward(ctx, i):
+        result = i.exp()
+        ctx.save_for_backward(result)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (result,) = ctx.saved_tensors
+        return grad_output * result
+
+
+class ExpOnCtx(Exp):
+    @staticmethod
+    def forward(ctx, i):
+        ctx.result = i.exp()
+        return ctx.result
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output * ctx.result
+
+
+def test_exp_conforms(manualbp_verify):
+    manualbp_verify.assert_function_conforms(Exp, torch.randn(4, 3, dtype=torch.float64, requires_grad=True), skip=["torch.compile"])
+
+
+def test_exp_on_ctx_conforms(manualbp_verify):
+    manualbp_verify.assert_function_conforms(ExpOnCtx, torch.randn(4, 3, dtype=torch.float64, requires_grad=True), skip=["torch.compile"])
+'''
+
+
+def test_conformance_from_a_plain_pytest_run(pytester, monkeypatch):
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    pytester.makepyfile(test_user=USER_SUITE)
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*1 of 20 properties fail*", "*saved tensors*FAIL*ctx.result holds a tensor*", "*how to fix:*"])
+    assert "def assert_function_conforms" not in result.stdout.str()  # the user's line, not the helper's source

@@ -1956,3 +1956,13 @@ def _unravel(k: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 from .conformance import CHECKS, ConformanceReport, PropertyRow, check_function  # noqa: E402
 
 __all__ += ["CHECKS", "ConformanceReport", "PropertyRow", "check_function"]
+
+from .intermediates import (  # noqa: E402
+    IntermediateReport,
+    IntermediateRow,
+    Recorder,
+    assert_intermediates_match,
+    record,
+)
+
+__all__ += ["IntermediateReport", "IntermediateRow", "Recorder", "assert_intermediates_match", "record"]

@@ -44,7 +44,7 @@ from . import (
     format_table,
 )
 
-__all__ = ["CHECKS", "ConformanceReport", "PropertyRow", "check_function"]
+__all__ = ["CHECKS", "ConformanceReport", "PropertyRow", "builtin_subjects", "check_function", "summary_table"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -311,7 +311,9 @@ def _check_runs(s: _Subject) -> PropertyRow:
             "", FAIL, None, "no output requires grad", "return the result of MyFunction.apply(...), not a detached copy"
         )
     grads = _vjp(outs, s.cotangents(outs), [args[i] for i in s.wrt])
-    found = ", ".join(c.__name__ for c in s.classes) or "none (plain autograd ops)"
+    if len(s.classes) == 1 and all(n == f"input[{i}]" for i, n in enumerate(s.names)):
+        s.names = _input_names(s.classes[0].forward, len(s.args))  # a wrapper's *args: name them after forward's
+    found = ", ".join(c.__name__ for c in s.classes) or "none (plain autograd ops or C++ nodes)"
     given = sum(g is not None for g in grads)
     return PropertyRow("", PASS, None, f"forward and backward ran; Functions: {found}; {given}/{len(grads)} gradients")
 
@@ -465,10 +467,18 @@ def _stack_inputs(s: _Subject, args: list, batch: int) -> tuple[list[list], list
     copies = [list(args) for _ in range(batch)]
     for b in range(batch):
         for i in s.wrt:
-            copies[b][i] = args[i].detach() + 0.1 * _randn(args[i], gen)
+            copies[b][i] = args[i].detach() * (1 + 0.05 * _randn(args[i], gen))  # keeps signs (a probability stays one)
     stacked = [torch.stack([c[i] for c in copies]) if i in s.wrt else a for i, a in enumerate(args)]
     in_dims = tuple(0 if i in s.wrt else None for i in range(len(args)))
     return copies, stacked, in_dims
+
+
+def _transform_failure(e: Exception, hint: str) -> PropertyRow:
+    """A failed row for an error under a torch.func transform; a skip where the transform cannot run the
+    call at all (a C++ ``torch::autograd::Function``, which functorch does not support)."""
+    if "C++ torch::autograd::Function with functorch" in str(e):
+        return PropertyRow("", SKIP, None, "not supported: a C++ torch::autograd::Function under torch.func transforms")
+    return PropertyRow("", FAIL, None, _first_line(e), hint)
 
 
 def _check_vmap(s: _Subject) -> PropertyRow:
@@ -480,7 +490,7 @@ def _check_vmap(s: _Subject) -> PropertyRow:
     try:
         got = _as_tensor_list(torch.func.vmap(s.tupled, in_dims=in_dims)(*stacked), "fn")
     except Exception as e:  # noqa: BLE001 - any failure under the transform is the finding
-        return PropertyRow("", FAIL, None, _first_line(e), "the forward must be vmap-able: no .item(), numpy, or data-dependent Python control flow; or write a vmap staticmethod")
+        return _transform_failure(e, "the forward must be vmap-able: no .item(), numpy, or data-dependent Python control flow; or write a vmap staticmethod")
     with torch.no_grad():
         per_copy = [s.call(c) for c in copies]
     want = [torch.stack([p[k] for p in per_copy]) for k in range(len(per_copy[0]))]
@@ -509,7 +519,7 @@ def _check_func_grad(s: _Subject) -> PropertyRow:
     try:
         got = torch.func.grad(f, argnums=tuple(s.wrt))(*s.inputs(requires=[]))
     except Exception as e:  # noqa: BLE001
-        return PropertyRow("", FAIL, None, _first_line(e), "setup_context must save what backward needs; backward must use torch ops only")
+        return _transform_failure(e, "setup_context must save what backward needs; backward must use torch ops only")
     args = s.inputs()
     want = torch.autograd.grad(f(*args), [args[i] for i in s.wrt], allow_unused=True)
     row = _worst(_grad_names(s), list(got), list(want), 1e-10, 1e-12)
@@ -529,7 +539,7 @@ def _check_jacrev(s: _Subject) -> PropertyRow:
     try:
         got = torch.func.jacrev(flat, argnums=tuple(s.wrt))(*args)
     except Exception as e:  # noqa: BLE001
-        return PropertyRow("", FAIL, None, _first_line(e), "backward runs under vmap in jacrev: use batch-agnostic torch ops")
+        return _transform_failure(e, "backward runs under vmap in jacrev: use batch-agnostic torch ops")
     want = _analytical_jacobians(flat, args, s.wrt)
     got = [g.reshape(w.shape) for g, w in zip(got, want)]
     row = _worst([f"d/d {s.names[i]}" for i in s.wrt], got, want, 1e-10, 1e-12)
@@ -712,11 +722,24 @@ def _backward_flops(s: _Subject, requires: Sequence[int], log: list) -> int:
     return counter.get_total_flops()
 
 
+def _returned_unneeded(log: list) -> list[str]:
+    """From the logged backward calls: the gradients returned for inputs whose needs_input_grad was False."""
+    found = []
+    for cls, needs, returned in log:
+        names = _input_names(cls.forward, len(needs))
+        found += [
+            f"{cls.__name__}.backward returned a gradient for {names[p]}"
+            for p, (need, g) in enumerate(zip(needs, returned))
+            if not need and isinstance(g, Tensor)
+        ]
+    return sorted(set(found))
+
+
 def _check_needs_input_grad(s: _Subject) -> PropertyRow:
-    if not s.classes:
-        return PropertyRow("", SKIP, None, "no autograd.Function in the call")
-    tensors = [i for i, a in enumerate(s.args) if isinstance(a, Tensor) and a.is_floating_point()]
-    if len(tensors) < 2:
+    """No gradient returned for an input that does not require one, and (where FlopCounterMode sees the
+    work: matmuls) less work when fewer gradients are needed."""
+    floating = [i for i, a in enumerate(s.args) if isinstance(a, Tensor) and a.is_floating_point()]
+    if len(floating) < 2 or (not s.classes and len(s.wrt) < 2):
         return PropertyRow("", SKIP, None, "one floating input only: nothing can be left without a gradient")
     log: list = []
     all_flops = _backward_flops(s, s.wrt, log)
@@ -725,15 +748,13 @@ def _check_needs_input_grad(s: _Subject) -> PropertyRow:
         flops = _backward_flops(s, [i], log)
         if all_flops > 0 and flops >= all_flops:
             wasted.append(f"{flops} FLOPs with only {s.names[i]} requiring grad, as many as with all")
-    extra = []
-    for cls, needs, returned in log:
-        names = _input_names(cls.forward, len(needs))
-        extra += [f"{cls.__name__}.backward returned a gradient for {names[p]}" for p, (need, g) in enumerate(zip(needs, returned)) if not need and isinstance(g, Tensor)]
+    extra = _returned_unneeded(log)
     if extra:
-        return PropertyRow("", FAIL, None, f"{sorted(set(extra))[0]} although ctx.needs_input_grad[...] is False", "return None for inputs with ctx.needs_input_grad[i] False, and skip computing them")
+        return PropertyRow("", FAIL, None, f"{extra[0]} although ctx.needs_input_grad[...] is False", "return None for inputs with ctx.needs_input_grad[i] False, and skip computing them")
     if wasted:
         return PropertyRow("", FAIL, None, wasted[0], "skip the work for gradients not needed: if ctx.needs_input_grad[i]: ...")
-    return PropertyRow("", PASS, None, f"None returned where not needed; backward FLOPs {all_flops} with all inputs, fewer with one")
+    seen = "None returned where not needed; " if s.classes else "(C++ node: returned gradients not observable) "
+    return PropertyRow("", PASS, None, f"{seen}backward FLOPs {all_flops} with all inputs, fewer with any one alone")
 
 
 def _tensors_in(value: Any) -> int:
@@ -854,13 +875,25 @@ def _resolve(fn: Any) -> tuple[Callable[..., Any], str, list[type]]:
     return fn, getattr(fn, "__name__", type(fn).__name__), []
 
 
+def _key(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def property_names(names: Sequence[str], what: str) -> list[str]:
+    """The :data:`CHECKS` names meant by ``names`` (case, spaces and punctuation ignored: "forward-ad-jvp")."""
+    if isinstance(names, str):
+        raise TypeError(f"{what}: expected a list of property names, got the string {names!r}")
+    keys = {_key(n): n for n in CHECKS}
+    unknown = [n for n in names if _key(n) not in keys]
+    if unknown:
+        raise ValueError(f"{what}: unknown properties {unknown}; expected names from {list(CHECKS)}")
+    return [keys[_key(n)] for n in names]
+
+
 def _selected(checks: Optional[Sequence[str]], skip: Sequence[str]) -> list[str]:
-    for what, names in (("checks", checks or ()), ("skip", skip)):
-        unknown = [n for n in names if n not in CHECKS]
-        if unknown:
-            raise ValueError(f"{what}: unknown properties {unknown}; expected names from {list(CHECKS)}")
-    wanted = list(CHECKS) if checks is None else [n for n in CHECKS if n in checks]
-    return [n for n in wanted if n not in skip]
+    wanted = list(CHECKS) if checks is None else property_names(checks, "checks")
+    property_names(skip, "skip")
+    return [n for n in CHECKS if n in wanted]
 
 
 def _batched(args: Sequence[Any], batched: Optional[Sequence[int]]) -> list[int]:
@@ -881,7 +914,7 @@ def check_function(
     *sample_inputs: Any,
     reference: Optional[Callable[..., Any]] = None,
     checks: Optional[Sequence[str]] = None,
-    skip: Sequence[str] = (),
+    skip: Union[Sequence[str], dict[str, str]] = (),
     batched: Optional[Sequence[int]] = None,
     compile_backend: Optional[str] = "aot_eager",
     seed: int = 0,
@@ -896,7 +929,8 @@ def check_function(
             tensors (integer targets, floats that do not require grad) and non-tensors are passed through.
         reference: optional callable computing the same thing another way; adds the ``reference`` row
             (outputs, gradients and second order, as :func:`manualbp.verify.compare_callables`).
-        checks, skip: run only these properties / leave these out (names of :data:`CHECKS`).
+        checks, skip: run only these properties / leave these out (names of :data:`CHECKS`); ``skip`` may map
+            each name to the reason, shown in its row (a left-out property is a ``skip`` row, not absent).
         batched: positions of the inputs whose dim 0 is the batch (for the zero-size and broadcast checks);
             default: the tensors whose dim 0 equals the first tensor input's.
         compile_backend: the ``torch.compile`` backend of the compile check ("aot_eager" traces forward and
@@ -921,7 +955,13 @@ def check_function(
     options = {"reference": reference, "compile_backend": compile_backend, "max_jacobian_numel": max_jacobian_numel}
     subject = _Subject(call, name, args, wrt, names, _batched(args, batched), classes, seed, options)
     rows = []
-    for prop in _selected(checks, skip):
+    reasons = dict(zip(property_names(list(skip), "skip"), skip.values())) if isinstance(skip, dict) else {}
+    left_out = set(property_names(list(skip), "skip"))
+    for prop in _selected(checks, list(skip)):
+        if prop in left_out:
+            reason = reasons.get(prop, "skipped by the caller (skip=...)")
+            rows.append(PropertyRow(prop, SKIP, None, reason))
+            continue
         if rows and rows[0].status == FAIL:
             rows.append(PropertyRow(prop, SKIP, None, "the sample call failed"))
             continue
@@ -935,3 +975,108 @@ def check_function(
     meta = {"function": name, "inputs": shapes, "seed": seed}
     return ConformanceReport(f"check_function({name}) on {shapes}", rows, meta)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# manualbp's own Functions, as the test suite and `manualbp check --builtin` run them
+# --------------------------------------------------------------------------------------------------
+def builtin_subjects(seed: int = 0) -> list[tuple[str, Callable[..., Any], tuple, dict[str, Any]]]:
+    """``(name, fn, sample_inputs, check_function keywords)`` for every Function of manualbp: the per-op
+    Functions, the losses, the whole-network MLPFunction, the compiled (C++) twins where the extension is
+    built, and ``MLP`` itself, each with PyTorch's own ops as ``reference``. The Functions are called
+    through ``apply_function``, as the modules call them (under torch.compile it applies the twin without jvp)."""
+    import torch.nn.functional as TF
+
+    from .. import autograd as A
+    from .. import native
+    from ..nn import MLP
+    from . import _native_cross_entropy, _native_squared_error
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def x(*shape: int, grad: bool = True) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
+
+    def via(function: type) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            return A.apply_function(function, *args)
+
+        call.__name__ = function.__name__
+        return call
+
+    labels = torch.randint(0, 3, (6,), generator=gen)
+    soft = torch.softmax(torch.randn(6, 3, generator=gen, dtype=torch.float64), -1)
+    probs = torch.softmax(x(6, 3, grad=False), -1).requires_grad_(True)
+    acts = (("tanh", 0.01), ("sigmoid", 0.01))
+    model = MLP(4, [5, 4], 3, activation="tanh").double()
+    twin = model.to_torch()
+    mlp_params = lambda: tuple(x(*p.shape) for p in model.parameters())  # noqa: E731
+
+    def functional(module: torch.nn.Module) -> Callable[..., Tensor]:
+        names = [n for n, _ in module.named_parameters()]
+
+        def call(i: Tensor, *params: Tensor) -> Tensor:
+            return torch.func.functional_call(module, dict(zip(names, params)), (i,))
+
+        return call
+
+    def native_mlp(i: Tensor, *params: Tensor) -> Tensor:  # the reference of MLPFunction's two activations
+        for k in range(0, len(params) - 2, 2):
+            i = (torch.tanh, torch.sigmoid)[k // 2](TF.linear(i, params[k], params[k + 1]))
+        return TF.linear(i, params[-2], params[-1])
+
+    native_acts = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "leaky_relu": TF.leaky_relu, "identity": lambda z: z * 1}
+    subjects = [("LinearFunction", via(A.LinearFunction), (x(6, 4), x(3, 4), x(3)), {"reference": TF.linear})]
+    for name, function in A.ACTIVATION_FUNCTIONS.items():
+        inputs = (x(6, 4), 0.1) if name == "leaky_relu" else (x(6, 4),)
+        subjects.append((function.__name__, via(function), inputs, {"reference": native_acts[name]}))
+    subjects += [
+        ("SquaredErrorLossFunction", via(A.SquaredErrorLossFunction), (x(6, 3), x(6, 3, grad=False), "mean"), {"reference": _native_squared_error}),
+        ("MSELossFunction", via(A.MSELossFunction), (x(6, 3), x(6, 3, grad=False), "mean"), {"reference": lambda o, t, r: TF.mse_loss(o, t, reduction=r)}),
+        ("CrossEntropyFunction (class indices)", via(A.CrossEntropyFunction), (x(6, 3), labels, "mean"), {"reference": _native_cross_entropy}),
+        ("CrossEntropyFunction (probabilities)", via(A.CrossEntropyFunction), (x(6, 3), soft, "sum"), {"reference": _native_cross_entropy}),
+        ("SoftmaxFunction", via(A.SoftmaxFunction), (x(6, 3),), {"reference": lambda z: torch.softmax(z, -1)}),
+        ("CrossEntropyOnProbabilitiesFunction", via(A.CrossEntropyOnProbabilitiesFunction), (probs, labels, "mean"), {"reference": lambda p, t, r: TF.nll_loss(torch.log(p), t, reduction=r)}),
+        ("MLPFunction", lambda i, *p: via(A.MLPFunction)(i, acts, True, *p)[0], (x(6, 4), *mlp_params()), {"batched": [0], "reference": native_mlp}),
+    ]
+    ext = native.load()
+    if ext is not None:
+        eager_only = {"torch.compile": "a C++ node is eager-only: under torch.compile the modules apply the Python Function"}
+        subjects += [
+            ("native.mlp (C++ node)", lambda i, *p: ext.mlp(i, acts, True, list(p))[0], (x(6, 4), *mlp_params()), {"batched": [0], "skip": eager_only, "reference": native_mlp}),
+            ("native.cross_entropy (C++ node)", lambda o, t: ext.cross_entropy(o, t, "mean"), (x(6, 3), labels), {"skip": eager_only, "reference": lambda o, t: TF.cross_entropy(o, t)}),
+        ]
+    subjects.append(("MLP (the module)", functional(model), (x(6, 4), *mlp_params()), {"batched": [0], "reference": functional(twin)}))
+    return subjects
+
+
+def summary_table(reports: Sequence[tuple[str, ConformanceReport]], markdown: bool = False) -> str:
+    """One line per checked Function: how many properties passed, which failed, which were skipped."""
+    headers = ["Function", "passed", "failed", "skipped"]
+    body = []
+    for name, report in reports:
+        failed = [r.name for r in report if r.status == FAIL]
+        skipped = [r.name for r in report if r.status == SKIP]
+        body.append([name, f"{len(report) - len(failed) - len(skipped)}/{len(report)}", ", ".join(failed) or "-", ", ".join(skipped) or "-"])
+    if not markdown:
+        return format_table(headers, body)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def parse_input_spec(spec: str, gen: torch.Generator) -> Tensor:
+    """One ``manualbp check --shapes`` token: ``8x3`` (float64, requires grad), ``8x3:nograd`` (float64),
+    ``8:int10`` (int64 in [0, 10)), ``scalar`` (a 0-d float64 that requires grad)."""
+    shape_text, _, kind = spec.partition(":")
+    try:
+        shape = () if shape_text == "scalar" else tuple(int(d) for d in shape_text.split("x"))
+    except ValueError:
+        raise ValueError(f"--shapes: expected tokens like 8x3, 8x3:nograd, 8:int10 or scalar, got {spec!r}") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"--shapes: sizes must be >= 0, got {spec!r}")
+    if kind.startswith("int"):
+        high = int(kind[3:] or 2)
+        return torch.randint(0, high, shape, generator=gen)
+    if kind not in ("", "nograd"):
+        raise ValueError(f"--shapes: expected the suffix :nograd or :intK, got {spec!r}")
+    return torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_(kind == "")
