@@ -7,6 +7,9 @@
     manualbp check      the conformance suite (manualbp.verify.check_function) on your own autograd.Function,
                         ``manualbp check mypkg.ops:MyLinear --shapes 8x3,4x3,4``, or on manualbp's own
                         (``--builtin``); exit status 1 when a property fails
+    manualbp check-intermediates
+                        a script's hand-written backward (dNAME for each NAME), gradient by gradient, against
+                        autograd, with the bug site; exit status 1 when a gradient is wrong
 
 Testing hook: ``--inject-bug NAME`` (both commands) breaks one hand-derived formula for the run
 (``sigmoid_missing_derivative`` or ``weight_grad_transposed``, see ``manualbp.verify.BUGS``), to show that
@@ -105,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="text", choices=["text", "markdown", "json"], help="default: text")
     e.add_argument("--inject-bug", choices=sorted(BUGS), help=bug_help)
     _add_check_parser(sub)
+    i = sub.add_parser(
+        "check-intermediates",
+        help="your hand-written backward, gradient by gradient, against autograd (the backprop-ninja check)",
+        description=(
+            "Run SCRIPT (a Python file with a forward pass and your manual backward, as in 'becoming a backprop "
+            "ninja') recording every tensor that requires grad under its variable's name; then compare each "
+            "gradient dNAME the script computed with autograd's gradient of the loss with respect to NAME, print "
+            "the table (exact, approx, max diff) and the bug site. loss.backward() in the script keeps the graph. "
+            "Exit status 1 when a gradient is wrong."
+        ),
+    )
+    i.add_argument("script", help="path to a Python file")
+    i.add_argument("--loss", default="loss", help="the script's variable holding the scalar loss (default: loss)")
+    i.add_argument("--format", default="text", choices=["text", "json"], help="default: text")
     return parser
 
 
@@ -277,6 +294,36 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def run_check_intermediates(args: argparse.Namespace) -> int:
+    from unittest import mock
+
+    import torch
+
+    from .verify.intermediates import record
+
+    if not os.path.isfile(args.script):
+        raise ValueError(f"script: no file {args.script!r}")
+    with open(args.script, encoding="utf-8") as f:
+        code = compile(f.read(), args.script, "exec")
+    namespace: dict = {"__name__": "__main__", "__file__": args.script}
+    backward = torch.Tensor.backward
+
+    def keep_graph(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+        return backward(self, gradient, True, create_graph, inputs)  # the comparison needs the graph
+
+    with mock.patch.object(torch.Tensor, "backward", keep_graph), record(namespace=namespace) as rec:
+        exec(code, namespace)
+    loss = namespace.get(args.loss)
+    if not isinstance(loss, torch.Tensor):
+        raise ValueError(f"--loss: the script has no tensor named {args.loss!r} (pass --loss NAME)")
+    for name in rec.names:  # a gradient dx computed in grad mode was recorded too: it is not an intermediate
+        if name.startswith("d") and name[1:] in rec.names:
+            rec.forget(name)
+    report = rec.compare(loss, namespace)
+    print(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report)
+    return 0 if report.ok else 1
+
+
 def _progress(items: list, desc: str):
     from tqdm import tqdm
 
@@ -294,6 +341,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_verify(args)
         if args.command == "check":
             return run_check(args)
+        if args.command == "check-intermediates":
+            return run_check_intermediates(args)
         return run_explain(args)
     except BrokenPipeError:  # output piped into `head`: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -20,6 +20,8 @@ Fixtures:
 
     ``check_function(fn, *sample_inputs, **options)`` and ``assert_function_conforms(...)``: the conformance
     suite of a custom autograd.Function (see :func:`manualbp.verify.check_function`), needing no reference.
+    ``record()`` and ``assert_intermediates_match(rec, loss, grads)``: your hand-written backward, gradient by
+    gradient, against autograd (see :mod:`manualbp.verify.intermediates`).
 
 ``manualbp_device``
     Runs the test once per available device (the id is the device name), or per device of
@@ -92,6 +94,8 @@ class ManualbpVerify:
         self.finite_difference_check = verify.finite_difference_check
         self.default_tolerances = verify.default_tolerances
         self.check_function = verify.check_function
+        self.record = verify.record
+        self.assert_intermediates_match = verify.assert_intermediates_match
 
     def assert_gradients_match(
         self,

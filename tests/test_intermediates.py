@@ -16,6 +16,8 @@ import torch.nn.functional as TF
 
 from manualbp.verify.intermediates import IntermediateReport, assert_intermediates_match, record
 
+pytest_plugins = ["pytester"]
+
 VOCAB, BLOCK, N_EMBD, N_HIDDEN, BATCH = 27, 3, 10, 64, 32
 DT = torch.float64
 
@@ -445,3 +447,72 @@ def test_readme_example_runs(capsys):
     exec(compile(block.group(1), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "first wrong: dhpreact" in out
+
+
+# ---------------------------------------------------------------- from the command line and from pytest
+NINJA_SCRIPT = '''
+import torch
+import torch.nn.functional as F
+
+g = torch.Generator().manual_seed(0)
+X, Y = torch.randn(32, 30, generator=g, dtype=torch.float64), torch.randint(0, 27, (32,), generator=g)
+W1 = (0.2 * torch.randn(30, 64, generator=g, dtype=torch.float64)).requires_grad_()
+W2 = (0.1 * torch.randn(64, 27, generator=g, dtype=torch.float64)).requires_grad_()
+hpreact = X @ W1
+h = torch.tanh(hpreact)
+logits = h @ W2
+loss = F.cross_entropy(logits, Y)
+for t in [hpreact, h, logits]:
+    t.retain_grad()
+loss.backward()  # as the notebook does; the command keeps the graph for its own comparison
+
+# the manual backward, in grad mode as in the notebook
+dlogits = (F.softmax(logits, 1) - F.one_hot(Y, 27)) / 32
+dW2 = h.T @ dlogits
+dh = dlogits @ W2.T
+dhpreact = BUG * dh
+dW1 = X.T @ dhpreact
+'''
+
+
+@pytest.mark.parametrize("bug, code, first", [("(1 - h**2)", 0, None), ("(1 - h)", 1, "dhpreact")])
+def test_check_intermediates_command(tmp_path, capsys, bug, code, first):
+    from manualbp.cli import main
+
+    script = tmp_path / "ninja.py"
+    script.write_text(NINJA_SCRIPT.replace("BUG", bug))
+    assert main(["check-intermediates", str(script)]) == code
+    out = capsys.readouterr().out
+    assert "dhpreact" in out and "dlogits" in out and "ddlogits" not in out, out
+    if first:
+        assert f"first wrong: {first}" in out
+    assert main(["check-intermediates", str(script), "--loss", "nope"]) == 2
+    assert "--loss: the script has no tensor named 'nope'" in capsys.readouterr().err
+
+
+PYTEST_USER = '''
+import torch
+
+
+def test_my_backprop(manualbp_verify):
+    W = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with manualbp_verify.record() as rec:
+        z = x @ W
+        a = torch.sigmoid(z)
+        loss = a.sum()
+    da = torch.ones_like(a)
+    dz = da * a.detach() * (1 - a.detach()) * WRONG
+    dW = x.T @ dz
+    manualbp_verify.assert_intermediates_match(rec, loss, locals())
+'''
+
+
+@pytest.mark.parametrize("wrong, outcome", [("1", "passed"), ("2", "failed")])
+def test_intermediates_from_a_plain_pytest_run(pytester, monkeypatch, wrong, outcome):
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    pytester.makepyfile(test_user=PYTEST_USER.replace("WRONG", wrong))
+    result = pytester.runpytest()
+    result.assert_outcomes(**{outcome: 1})
+    if outcome == "failed":
+        result.stdout.fnmatch_lines(["*first wrong: dz*"])

@@ -266,9 +266,12 @@ class Recorder:
     forward order and ``rec["name"]`` gives a recorded tensor.
     """
 
-    def __init__(self, *, collect: bool = True, temporaries: bool = False) -> None:
+    def __init__(
+        self, *, collect: bool = True, temporaries: bool = False, namespace: Optional[Mapping[str, Any]] = None
+    ) -> None:
         self.collect = collect
         self.temporaries = temporaries
+        self.namespace = namespace  # names tensors by these variables instead of the entering frame's locals
         self._entries: dict[int, _Entry] = {}  # id(tensor) -> entry (the entry keeps the tensor alive)
         self._counter = 0
         self._mode: Optional[_Mode] = None
@@ -295,8 +298,9 @@ class Recorder:
         frame, self._frame = self._frame, None
         self._done = True
         local_names: dict[int, str] = {}
-        if frame is not None and self.collect:
-            for var, value in frame.f_locals.items():
+        variables = self.namespace if self.namespace is not None else (frame.f_locals if frame is not None else {})
+        if self.collect:
+            for var, value in variables.items():
                 if isinstance(value, Tensor):
                     local_names.setdefault(id(value), var)
         del frame
@@ -347,6 +351,14 @@ class Recorder:
         e.name = name
         self._named[name] = e
         return tensor
+
+    def forget(self, name: str) -> None:
+        """Stop recording ``name`` (for example a gradient ``dx`` computed in grad mode, which was recorded
+        as if it were an intermediate)."""
+        e = self._named.pop(name, None)
+        if e is None:
+            raise KeyError(f"nothing recorded as {name!r}; recorded: {', '.join(self.names)}")
+        self._entries.pop(id(e.tensor), None)
 
     @property
     def names(self) -> list[str]:
@@ -530,13 +542,17 @@ def _local_expectations(loss: Tensor, entries: list[_Entry], manual: dict[str, T
     return arrived
 
 
-def record(*, collect: bool = True, temporaries: bool = False) -> Recorder:
+def record(
+    *, collect: bool = True, temporaries: bool = False, namespace: Optional[Mapping[str, Any]] = None
+) -> Recorder:
     """A :class:`Recorder` to use as ``with record() as rec:`` around a forward pass.
 
     Args:
         collect: record every tensor that requires grad made or read by a torch op in the block (named by the
             local variables of the code that entered the block). False: only those named with ``rec(name, t)``.
         temporaries: also keep collected tensors that no local variable holds, named ``#<order> <op>``.
+        namespace: name the tensors by this mapping's variables (read when the block ends) instead of the
+            entering code's locals (``manualbp check-intermediates`` passes a script's globals).
 
     Example::
 
@@ -546,7 +562,7 @@ def record(*, collect: bool = True, temporaries: bool = False) -> Recorder:
         dh = ...; dW2 = ...; dW1 = ...
         rec.compare(loss, locals()).raise_if_failed()
     """
-    return Recorder(collect=collect, temporaries=temporaries)
+    return Recorder(collect=collect, temporaries=temporaries, namespace=namespace)
 
 
 def assert_intermediates_match(
