@@ -728,7 +728,7 @@ def _returned_unneeded(log: list) -> list[str]:
     for cls, needs, returned in log:
         names = _input_names(cls.forward, len(needs))
         found += [
-            f"{cls.__name__}.backward returned a gradient for {names[p]}"
+            f"{cls.__name__}.backward returned a gradient for {names[p]} although ctx.needs_input_grad[{p}] is False"
             for p, (need, g) in enumerate(zip(needs, returned))
             if not need and isinstance(g, Tensor)
         ]
@@ -750,7 +750,7 @@ def _check_needs_input_grad(s: _Subject) -> PropertyRow:
             wasted.append(f"{flops} FLOPs with only {s.names[i]} requiring grad, as many as with all")
     extra = _returned_unneeded(log)
     if extra:
-        return PropertyRow("", FAIL, None, f"{extra[0]} although ctx.needs_input_grad[...] is False", "return None for inputs with ctx.needs_input_grad[i] False, and skip computing them")
+        return PropertyRow("", FAIL, None, extra[0], "return None for inputs with ctx.needs_input_grad[i] False, and skip computing them")
     if wasted:
         return PropertyRow("", FAIL, None, wasted[0], "skip the work for gradients not needed: if ctx.needs_input_grad[i]: ...")
     seen = "None returned where not needed; " if s.classes else "(C++ node: returned gradients not observable) "
