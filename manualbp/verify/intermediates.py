@@ -435,11 +435,7 @@ class Recorder:
         """
         if self._mode is not None:
             raise RuntimeError("compare() after the `with record()` block, not inside it")
-        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-            raise ValueError(
-                f"loss must be a one-element tensor that requires grad, got "
-                f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}"
-            )
+        _check_loss(loss)
         manual = self._manual(grads)
         if not manual:
             raise ValueError(
@@ -449,59 +445,14 @@ class Recorder:
         entries = sorted(
             (e for e in self._named.values() if e.tensor is not loss or e.name in manual), key=lambda e: e.order
         )
-        tensors = [e.tensor for e in entries]
-        try:
-            truth = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
-        except RuntimeError as e:
-            if "second time" not in str(e):
-                raise
-            raise RuntimeError(
-                "the graph of loss was freed (by loss.backward() or autograd.grad without retain_graph=True): "
-                "call compare() before, or backward(retain_graph=True)"
-            ) from e
+        truth = _autograd_gradients(loss, [e.tensor for e in entries])
         local = _local_expectations(loss, entries, manual)
-
-        rows: list[IntermediateRow] = []
-        for e, true in zip(entries, truth):
-            assert e.name is not None
-            if e.name not in manual:
-                rows.append(
-                    IntermediateRow(
-                        e.name,
-                        tuple(e.tensor.shape),
-                        math.nan,
-                        math.nan,
-                        False,
-                        True,
-                        note="not given",
-                        compared=False,
-                        reference=true,
-                        given=False,
-                        affects_loss=true is not None,
-                        op=e.op,
-                        order=e.order,
-                    )
-                )
-                continue
-            row = compare_tensors(e.name, manual[e.name], true, rtol, atol)
-            if row.note.startswith("shape"):
-                row.note = row.note.replace("reference", "autograd")
-            local_row = compare_tensors(e.name, manual[e.name], local.get(e.name), rtol, atol)
-            rows.append(
-                IntermediateRow(
-                    **{f.name: getattr(row, f.name) for f in fields(Row)},
-                    affects_loss=true is not None,
-                    local_ok=local_row.ok,
-                    op=e.op,
-                    order=e.order,
-                )
-            )
+        rows = [_row(e, true, manual, local, rtol, atol) for e, true in zip(entries, truth)]
         wrong = [r for r in reversed(rows) if r.given and not r.ok]  # backward order
         sites = [r for r in wrong if r is wrong[0] or r.local_ok is False]
         for r in sites:
             r.site = True
-        dtypes = [g.dtype for g in manual.values()] + [loss.dtype]
-        d_rtol, d_atol = default_tolerances(*dtypes)
+        d_rtol, d_atol = default_tolerances(*[g.dtype for g in manual.values()], loss.dtype)
         return IntermediateReport(
             title="manual gradients vs autograd, intermediate by intermediate",
             rows=rows,
@@ -510,6 +461,52 @@ class Recorder:
             meta={"loss": f"{loss.item():.6g}"},
             bug_sites=[r.name for r in sites],
         )
+
+
+def _check_loss(loss: object) -> None:
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        raise ValueError(
+            f"loss must be a one-element tensor that requires grad, got "
+            f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}"
+        )
+
+
+def _autograd_gradients(loss: Tensor, tensors: list[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """Autograd's gradient of ``loss`` for each tensor (None where it does not affect the loss); the graph kept."""
+    try:
+        return torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+    except RuntimeError as e:
+        if "second time" not in str(e):
+            raise
+        raise RuntimeError(
+            "the graph of loss was freed (by loss.backward() or autograd.grad without retain_graph=True): "
+            "call compare() before, or backward(retain_graph=True)"
+        ) from e
+
+
+def _row(
+    e: _Entry,
+    true: Optional[Tensor],
+    manual: dict[str, Tensor],
+    local: dict[str, Tensor],
+    rtol: Optional[float],
+    atol: Optional[float],
+) -> IntermediateRow:
+    """One recorded tensor's row: the manual gradient against autograd's, and against what a correct step
+    would make of the manual gradients downstream (``local_ok``: False marks a bug site)."""
+    assert e.name is not None
+    common = {"affects_loss": true is not None, "op": e.op, "order": e.order}
+    if e.name not in manual:
+        shape = tuple(e.tensor.shape)
+        return IntermediateRow(
+            e.name, shape, math.nan, math.nan, False, True, note="not given", compared=False, reference=true,
+            given=False, **common,
+        )  # fmt: skip
+    row = compare_tensors(e.name, manual[e.name], true, rtol, atol)
+    if row.note.startswith("shape"):
+        row.note = row.note.replace("reference", "autograd")
+    local_row = compare_tensors(e.name, manual[e.name], local.get(e.name), rtol, atol)
+    return IntermediateRow(**{f.name: getattr(row, f.name) for f in fields(Row)}, local_ok=local_row.ok, **common)
 
 
 def _local_expectations(loss: Tensor, entries: list[_Entry], manual: dict[str, Tensor]) -> dict[str, Tensor]:
