@@ -804,7 +804,7 @@ def _random_like(t: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def _vjp(
-    outs: list[Tensor], cotangents: list[Optional[Tensor]], wrt: list[Tensor], create_graph: bool
+    outs: Sequence[Tensor], cotangents: Sequence[Optional[Tensor]], wrt: Sequence[Tensor], create_graph: bool = False
 ) -> list[Optional[Tensor]]:
     """The gradients of ``sum_k <cotangent_k, out_k>`` with respect to ``wrt`` (None where unused)."""
     pairs = [

@@ -38,6 +38,7 @@ from . import (
     _input_names,
     _json_float,
     _numerical_jacobian,
+    _vjp,
     compare_callables,
     compare_tensors,
     fmt_err,
@@ -200,35 +201,8 @@ def _randn(like: Tensor, gen: torch.Generator) -> Tensor:
     return torch.randn(like.shape, generator=gen, dtype=torch.float64).to(like.device, like.dtype)
 
 
-def _vjp(outs: Sequence[Tensor], cotangents: Sequence[Optional[Tensor]], wrt: Sequence[Tensor], create_graph=False):
-    pairs = [(o, v) for o, v in zip(outs, cotangents) if v is not None]
-    if not pairs or not wrt:
-        return [None] * len(wrt)
-    grads = torch.autograd.grad(
-        [o for o, _ in pairs], list(wrt), [v for _, v in pairs], allow_unused=True, create_graph=create_graph
-    )
-    return list(grads)
-
-
-def _function_classes(outs: Sequence[Tensor]) -> list[type]:
-    """The custom autograd.Function classes in the graph behind ``outs``, in the order first met."""
-    found: list[type] = []
-    seen: set[int] = set()
-    stack = [o.grad_fn for o in outs if o.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        cls = getattr(type(node), "_forward_cls", None)
-        if cls is not None and cls not in found:
-            found.append(cls)
-        stack.extend(n for n, _ in node.next_functions)
-    return found
-
-
-def _function_nodes(outs: Sequence[Tensor], classes: Sequence[type]) -> list[Any]:
-    """The ctx objects (graph nodes) of ``classes`` behind ``outs``."""
+def _custom_nodes(outs: Sequence[Tensor]) -> list[Any]:
+    """The nodes (each a ctx) of custom autograd.Functions in the graph behind ``outs``, in the order met."""
     nodes, seen = [], set()
     stack = [o.grad_fn for o in outs if o.grad_fn is not None]
     while stack:
@@ -236,10 +210,19 @@ def _function_nodes(outs: Sequence[Tensor], classes: Sequence[type]) -> list[Any
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if getattr(type(node), "_forward_cls", None) in classes:
+        if getattr(type(node), "_forward_cls", None) is not None:
             nodes.append(node)
         stack.extend(n for n, _ in node.next_functions)
     return nodes
+
+
+def _function_classes(outs: Sequence[Tensor]) -> list[type]:
+    """The custom autograd.Function classes applied to make ``outs``."""
+    return list(dict.fromkeys(type(node)._forward_cls for node in _custom_nodes(outs)))
+
+
+def _function_nodes(outs: Sequence[Tensor], classes: Sequence[type]) -> list[Any]:
+    return [node for node in _custom_nodes(outs) if type(node)._forward_cls in classes]
 
 
 def _overrides(cls: type, name: str) -> bool:
