@@ -873,6 +873,19 @@ def sweep_wall_time(jobs: list[Job]) -> Optional[float]:
     return max(ends) - start.stat().st_mtime
 
 
+def read_sections(path: Union[str, Path]) -> dict[str, str]:
+    """The ``## title`` sections of a results document written by :func:`write_results` (title -> body)."""
+    sections: dict[str, str] = {}
+    title = None
+    for line in Path(path).read_text().splitlines(keepends=True):
+        if line.startswith("## "):
+            title = line[3:].strip()
+            sections[title] = ""
+        elif title is not None:
+            sections[title] += line
+    return {t: body.strip() for t, body in sections.items()}
+
+
 def write_results(sections: Mapping[str, str], out: Union[str, Path], header: str = "# Results\n") -> Path:
     """Write ``header`` then each titled section (already rendered markdown) to ``out``."""
     path = Path(out)

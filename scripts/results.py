@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 from manualbp import studies as S
 
@@ -90,9 +91,11 @@ PRESETS = {
 }
 
 
-def build(sweeps: dict[str, Path], img: Path) -> dict[str, str]:
+def build(sweeps: dict[str, Path], img: Path, only: Optional[list[str]] = None) -> dict[str, str]:
     sections: dict[str, str] = {}
     for key, (title, intro) in STUDY_TEXT.items():
+        if only is not None and key not in only:
+            continue
         presets = PRESETS[key]
         parts = [intro, "", command(presets), ""]
         loaded = {p: S.load_sweep(sweeps[p]) for p in presets}
@@ -407,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multirun", default=str(ROOT / "multirun"), help="where the presets' sweeps are")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"), help="the document to write")
     parser.add_argument("--img", default=None, help="figure directory (default: img/ beside --out)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        choices=list(STUDY_TEXT),
+        help="regenerate only this study's section (repeatable); the others are kept as --out has them",
+    )
     args = parser.parse_args(argv)
     all_presets = [p for ps in PRESETS.values() for p in ps]
     sweeps = {p: Path(args.multirun) / p for p in all_presets}
@@ -417,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         sweeps[preset] = Path(path)
     out = Path(args.out)
     img = Path(args.img) if args.img else out.parent / "img"
-    sections = build(sweeps, img)
+    sections = build(sweeps, img, args.only)
+    if args.only:  # keep the other studies' sections of the existing document, in the studies' order
+        kept = S.read_sections(out) if out.exists() else {}
+        titles = [title for title, _ in STUDY_TEXT.values()]
+        sections = {t: sections.get(t, kept.get(t, "")) for t in titles if t in sections or t in kept}
     S.write_results(sections, out, HEADER)
     print(f"wrote {out} ({sum(1 for p in all_presets if S.load_sweep(sweeps[p]))}/{len(all_presets)} sweeps found)")
     return 0

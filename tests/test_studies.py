@@ -169,6 +169,12 @@ def test_results_script_regenerates_the_document_from_a_tiny_fake_sweep(tmp_path
     # the studies without a sweep keep their command and say so
     assert "python experiments/train.py -m experiment=lr_study progress=false" in text
     assert text.count("*Not run yet") == 4
+    # --only regenerates one study and keeps the others' sections as the document has them
+    out.write_text(text.replace("*Not run yet", "*KEPT, not run yet"))
+    assert mod.main(["--multirun", str(tmp_path / "multirun"), "--out", str(out), "--only", "batch_study"]) == 0
+    again = out.read_text()
+    assert again.count("*KEPT, not run yet") == 4 and row_1 in again
+    assert again.index("## 1. Initialization") < again.index("## 4. Single-example")
 
 
 def test_every_study_preset_composes():
