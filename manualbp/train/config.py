@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "backend": "manual",
     "logger": {"name": "none"},
+    "metrics": {"sharpness": None},
 }
 
 LOSSES = ("auto", "cross_entropy", "squared_error", "mse")
@@ -130,7 +131,7 @@ def _positive_int(value: object, where: str, allow_none: bool = False) -> None:
 def validate(cfg: dict[str, Any]) -> None:
     """Check a merged config; raises ``ValueError``/``TypeError`` naming the first bad key."""
     from .. import init as _init
-    from . import backends, data, schedules, sinks, stopping
+    from . import backends, data, metrics, schedules, sinks, stopping
 
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
         raise ValueError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
@@ -191,3 +192,4 @@ def validate(cfg: dict[str, Any]) -> None:
     schedules.check_schedule_cfg(cfg["lr_schedule"])
     stopping.check_stopping_cfg(cfg["stopping"])
     sinks.check_logger_cfg(cfg["logger"])
+    metrics.check_metrics_cfg(cfg["metrics"])

@@ -32,6 +32,7 @@ from .backends import BACKENDS
 from .config import resolve_config
 from .data import Dataset, load_dataset
 from .schedules import build_schedule
+from .metrics import SharpnessTracker
 from .stopping import StopContext, build_stopping
 
 __all__ = ["run", "build_model", "RunResult", "evaluate", "resolve_device", "CHECKPOINT", "NON_SEMANTIC_KEYS"]
@@ -392,6 +393,7 @@ def _run(config: Any = None) -> RunResult:
                 "(set data.val_fraction > 0, or monitor a train_* metric, or turn the rule off with null)"
             )
 
+    tracker = SharpnessTracker(cfg["metrics"], loss, data.x_train, data.y_train, seed)
     mc = cfg["model"]
     model = build_model(mc, data.in_features, data.out_features, dtype, cfg["init"], seed).to(device)
     backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
@@ -416,6 +418,7 @@ def _run(config: Any = None) -> RunResult:
         backend.load_state_dict(_to_device(saved["backend"], device))
         schedule.load_state_dict(saved["schedule"])
         stopping.load_state_dict(_to_device(saved["stopping"], device))
+        tracker.load_state_dict(saved.get("metrics", {}))
         shuffle.set_state(saved["rng"]["shuffle"])
         torch.set_rng_state(saved["rng"]["torch"])
         if saved["rng"].get("cuda") and torch.cuda.is_available():
@@ -440,6 +443,7 @@ def _run(config: Any = None) -> RunResult:
             "backend": backend.state_dict(),
             "schedule": schedule.state_dict(),
             "stopping": stopping.state_dict(),
+            "metrics": tracker.state_dict(),
             "rng": {
                 "shuffle": shuffle.get_state(),
                 "torch": torch.get_rng_state(),
@@ -471,6 +475,8 @@ def _run(config: Any = None) -> RunResult:
     threads = contextlib.ExitStack()
     if hasattr(backend, "threads"):
         threads.enter_context(backend.threads(bs))
+    if saved is None:
+        tracker.at_start(backend.model)  # sharpness at initialization, before the first step
     try:
         decision = None
         last_lr: Optional[float] = None
@@ -544,6 +550,7 @@ def _run(config: Any = None) -> RunResult:
             record.update(backend.extra_metrics())
             elapsed += time.perf_counter() - t0
             record["wall_time_s"] = elapsed
+            record.update(tracker.after_epoch(epoch, backend.model))  # not counted as training time
             if decision is None:
                 schedule.observe(record[plateau_monitor])
                 decision = stopping.check(record, StopContext(epoch, step, elapsed))
@@ -593,6 +600,7 @@ def _run(config: Any = None) -> RunResult:
             }
         )
         metrics.update(extra)
+        metrics.update(tracker.summary())
         final_model = backend.model
         result = stored_result(status, stop_reason, metrics, final_model, mc)
         if writer:

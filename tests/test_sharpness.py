@@ -1,0 +1,143 @@
+"""Sharpness (the top Hessian eigenvalue of the training loss) through the manual module's double backward,
+held against torch.func.hessian of the native twin; the run-time tracker (metrics.sharpness)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import manualbp
+from manualbp.hessian import hvp_operator, lanczos, sharpness
+from manualbp.train import run
+from manualbp.train.metrics import check_metrics_cfg
+
+
+def _native_loss(name, o, y):
+    if name == "cross_entropy":
+        return TF.cross_entropy(o, y)
+    if name == "mse":
+        return TF.mse_loss(o, y)
+    return 0.5 * ((o - y) ** 2).sum(-1).mean()
+
+
+def _native_hessian_eigenvalues(model, x, y, loss):
+    """The exact spectrum: torch.func.hessian of the native twin's loss as a function of all parameters."""
+    net = model.to_torch()
+    named = list(net.named_parameters())
+    flat0 = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def f(flat):
+        params, i = {}, 0
+        for name, p in named:
+            params[name] = flat[i : i + p.numel()].reshape(p.shape)
+            i += p.numel()
+        return _native_loss(loss, torch.func.functional_call(net, params, (x,)), y)
+
+    return torch.linalg.eigvalsh(torch.func.hessian(f)(flat0)).flip(0)
+
+
+@pytest.mark.parametrize(
+    "loss, activation", [("cross_entropy", "tanh"), ("squared_error", "sigmoid"), ("mse", "relu"), ("cross_entropy", "leaky_relu")]
+)
+def test_sharpness_matches_torch_func_hessian(loss, activation):
+    torch.manual_seed(0)
+    model = manualbp.MLP(4, [6, 5], 3, activation=activation, dtype=torch.float64)
+    x = torch.randn(20, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,)) if loss == "cross_entropy" else torch.randn(20, 3, dtype=torch.float64)
+    exact = _native_hessian_eigenvalues(model, x, y, loss)
+    result = sharpness(model, x, y, loss, k=3)
+    assert result.converged
+    for got, want in zip(result.eigenvalues, exact[:3].tolist()):
+        assert abs(got - want) <= 1e-6 * abs(want), (result.eigenvalues, exact[:3])
+    assert result.lr_bound == pytest.approx(2 / exact[0].item(), rel=1e-6)
+    assert result.loss == pytest.approx(_native_loss(loss, model(x), y).item(), rel=1e-12)
+
+
+def test_hvp_is_the_hessian_times_v_through_the_manual_backward():
+    torch.manual_seed(1)
+    model = manualbp.MLP(3, [4], 2, activation="sigmoid", dtype=torch.float64)
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 2, (7,))
+    matvec, n, _ = hvp_operator(model, x, y)
+    assert n == sum(p.numel() for p in model.parameters())
+    H = torch.stack([matvec(e) for e in torch.eye(n, dtype=torch.float64)])
+    assert torch.allclose(H, H.T, atol=1e-12)  # symmetric: a Hessian
+    exact = _native_hessian_eigenvalues(model, x, y, "cross_entropy")
+    assert torch.allclose(torch.linalg.eigvalsh(H).flip(0), exact, atol=1e-10)
+    # the products come from MLPFunction's hand-derived backward, differentiated once more
+    with pytest.raises(ValueError, match="loss must be one of"):
+        hvp_operator(model, x, y, "hinge")
+
+
+def test_lanczos_on_a_known_matrix_and_its_arguments():
+    torch.manual_seed(2)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64))
+    spectrum = torch.linspace(-3, 5, 30, dtype=torch.float64)
+    A = q @ torch.diag(spectrum) @ q.T
+    top, used, converged = lanczos(lambda v: A @ v, 30, k=2, iters=30)
+    assert converged and used <= 30
+    assert top == pytest.approx([5.0, spectrum[-2].item()], rel=1e-10)
+    with pytest.raises(ValueError, match="k must be between 1"):
+        lanczos(lambda v: A @ v, 30, k=0)
+
+
+def test_metrics_config_validation():
+    assert check_metrics_cfg({"sharpness": None}) == {"sharpness": None}
+    assert check_metrics_cfg({"sharpness": True})["sharpness"]["every"] == 1
+    for bad, message in [
+        ({"sharpness": {"every": 0}}, "metrics.sharpness.every must be a positive integer"),
+        ({"sharpness": {"evry": 2}}, "unknown config key 'metrics.sharpness.evry'"),
+        ({"sharpness": {"tol": 2}}, r"metrics.sharpness.tol must be a number in \(0, 1\)"),
+        ({"sharpness": {"dtype": "half"}}, "metrics.sharpness.dtype must be"),
+        ({"hessian": 1}, "unknown config key 'metrics.hessian'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_metrics_cfg(bad)
+    with pytest.raises(ValueError, match="metrics.sharpness.every"):
+        run({"metrics": {"sharpness": {"every": -1}}, "progress": False})
+
+
+BASE = {
+    "data": {"name": "iris"},
+    "model": {"hidden": [8], "activation": "tanh"},
+    "optim": {"lr": 0.1, "batch_size": "full"},
+    "stopping": {"max_epochs": 6},
+    "dtype": "float64",
+    "progress": False,
+}
+
+
+def test_tracker_logs_sharpness_every_k_epochs_into_history_and_metrics():
+    result = run({**BASE, "metrics": {"sharpness": {"every": 2, "top_k": 2}}})
+    logged = [h.get("sharpness") for h in result.history]
+    assert [v is not None for v in logged] == [False, True, False, True, False, True]
+    assert all(h["sharpness"] >= h["sharpness_2"] > 0 for h in result.history if "sharpness" in h)
+    assert result.metrics["sharpness_final"] == result.history[-1]["sharpness"]
+    # at initialization: the same number sharpness() gives on the untrained model
+    data = manualbp.train.load_dataset(BASE["data"], 0, torch.float64)
+    from manualbp.train.loop import build_model
+
+    model = build_model(run({**BASE, "stopping": {"max_epochs": 1}}).config["model"], data.in_features, data.out_features, torch.float64, {"name": "xavier_uniform"}, 0)
+    assert result.metrics["sharpness_init"] == pytest.approx(sharpness(model, data.x_train, data.y_train).value, rel=1e-9)
+    assert "sharpness" not in run(BASE).history[0]  # off by default
+
+
+@pytest.mark.parametrize("backend", ["autograd", "fused"])
+def test_tracker_reads_every_backends_live_weights(backend):
+    manual = run({**BASE, "metrics": {"sharpness": True}})
+    other = run({**BASE, "backend": backend, "metrics": {"sharpness": True}})
+    for a, b in zip(manual.history, other.history):
+        assert b["sharpness"] == pytest.approx(a["sharpness"], rel=1e-8)
+
+
+def test_subset_and_resume(tmp_path):
+    sub = run({**BASE, "metrics": {"sharpness": {"subset": 20}}})
+    full = run({**BASE, "metrics": {"sharpness": True}})
+    assert sub.history[0]["sharpness"] != full.history[0]["sharpness"]
+    cfg = {**BASE, "metrics": {"sharpness": True}, "output_dir": str(tmp_path / "run"), "checkpoint_every_s": 0}
+    first = run({**cfg, "stopping": {"max_epochs": 6}})
+    again = run({**cfg, "stopping": {"max_epochs": 6}})  # the stored result, without training
+    assert again.metrics["sharpness_init"] == first.metrics["sharpness_init"] == full.metrics["sharpness_init"]
+    assert math.isfinite(first.metrics["sharpness_final"])
