@@ -254,3 +254,17 @@ def test_a_cached_load_does_not_import_scikit_learn(tmp_path):
         for _ in range(2)
     )
     assert (first.stdout.strip(), second.stdout.strip()) == ("True", "False")
+
+
+def test_one_hot_turns_a_classification_set_into_a_regression_on_class_vectors():
+    from manualbp.train import load_dataset
+
+    labels = load_dataset({"name": "iris"}, 0, torch.float64)
+    hot = load_dataset({"name": "iris", "one_hot": True}, 0, torch.float64)
+    assert hot.task == "regression" and hot.out_features == labels.out_features == 3
+    assert torch.equal(hot.y_train.argmax(1), labels.y_train) and torch.equal(hot.y_train.sum(1), torch.ones(len(labels.y_train), dtype=torch.float64))
+    assert torch.equal(hot.x_train, labels.x_train) and hot.y_test.dtype == torch.float64
+    with pytest.raises(ValueError, match="data.one_hot: 'diabetes' is a regression set"):
+        load_dataset({"name": "diabetes", "one_hot": True})
+    with pytest.raises(TypeError, match="data.one_hot must be true or false"):
+        load_dataset({"name": "iris", "one_hot": "yes"})

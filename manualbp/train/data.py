@@ -24,6 +24,9 @@ not cached.
   column named by ``target``; or MNIST-format IDX files (``path`` the images, ``labels_path`` the
   labels, optionally gzipped). ``task`` (auto | classification | regression) says what ``y`` is; auto
   takes integer or string targets as classes and floating targets as regression.
+
+Any classification set with ``one_hot: true`` becomes a regression problem whose targets are the one-hot
+class vectors (for the notes' squared error on class labels, as in Cohen et al.'s MSE experiments).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ CLASSIFICATION = ("digits", "iris", "wine", "breast_cancer", "mnist1d", "xor", "
 REGRESSION = ("diabetes", "teacher")
 DATASETS = (*CLASSIFICATION, *REGRESSION, "file")
 
-_COMMON = ("name", "path", "target", "val_fraction", "test_fraction", "standardize")
+_COMMON = ("name", "path", "target", "val_fraction", "test_fraction", "standardize", "one_hot")
 _EXTRA: dict[str, tuple[str, ...]] = {
     "xor": ("n_samples", "noise"),
     "moons": ("n_samples", "noise"),
@@ -129,6 +132,8 @@ def check_data_cfg(cfg: object) -> dict[str, Any]:
         )
     if "standardize" in out and not isinstance(out["standardize"], bool):
         raise TypeError(f"data.standardize must be true or false, got {out['standardize']!r}")
+    if not isinstance(out.get("one_hot", False), bool):
+        raise TypeError(f"data.one_hot must be true or false, got {out['one_hot']!r}")
     if "n_samples" in out and (
         isinstance(out["n_samples"], bool) or not isinstance(out["n_samples"], int) or out["n_samples"] < 8
     ):
@@ -505,18 +510,23 @@ def load_dataset(
         if path:
             _write_cache(path, a)
     task = str(a["task"])
+    one_hot = bool(cfg.get("one_hot", False))
+    if one_hot and task != "classification":
+        raise ValueError(f"data.one_hot: {cfg['name']!r} is a regression set; one_hot turns class labels into targets")
 
     def tx(v: np.ndarray) -> Tensor:
         return torch.as_tensor(np.ascontiguousarray(v), dtype=dtype).to(device)
 
     def ty(v: np.ndarray) -> Tensor:
         if task == "classification":
-            return torch.as_tensor(np.ascontiguousarray(v), dtype=torch.int64).to(device)
+            labels = torch.as_tensor(np.ascontiguousarray(v), dtype=torch.int64).to(device)
+            # one_hot: the class as a 0/1 target vector, a regression problem for the squared error (Cohen et al.)
+            return torch.nn.functional.one_hot(labels, int(a["out_features"])).to(dtype) if one_hot else labels
         return tx(v)
 
     return Dataset(
         name=cfg["name"],
-        task=task,
+        task="regression" if one_hot else task,
         in_features=int(a["x_train"].shape[1]),
         out_features=int(a["out_features"]),
         x_train=tx(a["x_train"]),

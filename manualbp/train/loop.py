@@ -31,8 +31,8 @@ from . import sinks as _sinks
 from .backends import BACKENDS
 from .config import resolve_config
 from .data import Dataset, load_dataset
-from .schedules import build_schedule
 from .metrics import SharpnessTracker
+from .schedules import build_schedule
 from .stopping import StopContext, build_stopping
 
 __all__ = ["run", "build_model", "RunResult", "evaluate", "resolve_device", "CHECKPOINT", "NON_SEMANTIC_KEYS"]
