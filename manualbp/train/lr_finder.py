@@ -253,7 +253,7 @@ class LRFinderResult:
         own = ax is None
         if own:
             fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        ax.plot(self.lrs, self.losses, color=color, alpha=0.25, lw=0.8, label="minibatch loss")
+        ax.plot(self.lrs, self.losses, color=color, alpha=0.25, lw=0.8, label="loss of each step's batch")
         ax.plot(self.lrs, self.smoothed, color=color, lw=1.6, label=f"smoothed (beta {self.smoothing:g})")
         k = self.suggestion_index
         if self.suggestion is not None and k is not None:
