@@ -247,3 +247,24 @@ def test_cli_bad_input_exits_2_with_one_line(argv, match, capsys):
     assert main(["lr-find", "data=iris", "--steps", "5", *argv]) == 2  # a repeated --steps: the last one counts
     err = capsys.readouterr().err.strip()
     assert err.startswith("manualbp lr-find: error:") and match in err and "\n" not in err
+
+
+def test_readme_recipe_runs(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- readme-lr-find -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README's lr_find recipe is missing"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    assert (tmp_path / "lr_find.png").stat().st_size > 0
+    assert "suggestion: steep *" in capsys.readouterr().out
+
+
+def test_cli_bad_option_after_an_override_is_argparse_style(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["lr-find", "data=iris", "--steps", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "manualbp lr-find: error: argument --steps: invalid int value: 'x'"
