@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("script", help="path to a Python file")
     i.add_argument("--loss", default="loss", help="the script's variable holding the scalar loss (default: loss)")
     i.add_argument("--format", default="text", choices=["text", "json"], help="default: text")
+    _add_lr_find_parser(sub)
     return parser
 
 
@@ -330,6 +331,125 @@ def _progress(items: list, desc: str):
     return tqdm(items, desc=desc, unit="Function", disable=None, leave=False, file=sys.stderr)
 
 
+def _lr_find_options(p: argparse.ArgumentParser, defaults: Optional[argparse.Namespace] = None) -> None:
+    """The options of ``lr-find`` (on its subparser, and on the parser of what follows the first override)."""
+    from .train.lr_finder import SUGGESTIONS
+
+    d = vars(defaults) if defaults is not None else {}
+    p.add_argument("--min-lr", type=float, default=d.get("min_lr", 1e-6), help="the first step's rate (default: 1e-6)")
+    p.add_argument("--max-lr", type=float, default=d.get("max_lr", 10.0), help="the last step's rate (default: 10)")
+    p.add_argument("--steps", type=int, default=d.get("steps", 100), help="minibatch steps (default: 100)")
+    p.add_argument(
+        "--suggestion",
+        default=d.get("suggestion", "steep"),
+        choices=list(SUGGESTIONS),
+        help="steep (fastest descent against log lr), valley (fastai's default) or min10 (default: steep)",
+    )
+    p.add_argument(
+        "--smoothing", type=float, default=d.get("smoothing", 0.98), help="beta of the loss's moving average (default: 0.98)"
+    )
+    p.add_argument(
+        "--diverge-factor",
+        type=float,
+        default=d.get("diverge_factor", 4.0),
+        help="stop when the smoothed loss exceeds this x its best (default: 4)",
+    )
+    p.add_argument("--plot", metavar="PATH", default=d.get("plot"), help="write the loss-vs-rate figure (png, pdf, svg)")
+    p.add_argument("--json", metavar="PATH", default=d.get("json"), help="write the curve and the suggestions as JSON")
+    p.add_argument(
+        "--mark",
+        metavar="LABEL=RATE",
+        action="append",
+        default=d.get("mark"),
+        help="a rate to draw and tabulate beside the suggestion, e.g. --mark 2/lambda_max=0.58 (repeatable)",
+    )
+
+
+def _add_lr_find_parser(sub) -> None:
+    p = sub.add_parser(
+        "lr-find",
+        help="the learning-rate range test (Smith; fastai's lr_find, Lightning's Tuner.lr_find) on a training config",
+        description=(
+            "Train the network of a training config (manualbp.train.run's, changed by Hydra-style KEY=VALUE "
+            "overrides such as data=digits model.hidden=[64] optim.batch_size=32 backend=autograd) for one short "
+            "run whose rate grows exponentially from --min-lr to --max-lr; print the suggested rate and the "
+            "stop reason; optionally plot loss against rate and write the curve as JSON."
+        ),
+    )
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="config overrides (dotted keys)")
+    _lr_find_options(p)
+
+
+def _dotted_overrides(items: Sequence[str]) -> dict:
+    """``["model.hidden=[64]", "data=digits"]`` -> ``{"model": {"hidden": [64]}, "data": "digits"}`` (values by YAML)."""
+    import yaml
+
+    config: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise ValueError(f"override {item!r}: expected KEY=VALUE with a dotted KEY, e.g. optim.batch_size=32")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"override {item!r}: cannot parse the value {text!r} ({problem})") from None
+        node = config
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[: depth + 1])} was already set to a value")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ValueError(f"override {item!r}: {key} already has keys set by other overrides")
+        node[parts[-1]] = value
+    return config
+
+
+def run_lr_find(args: argparse.Namespace) -> int:
+    from .train.lr_finder import lr_find
+
+    # the options may follow the overrides: parse what comes after the first override again
+    rest = _Parser(prog="manualbp lr-find", add_help=False)
+    rest.add_argument("overrides", nargs="*")
+    _lr_find_options(rest, args)
+    args = rest.parse_intermixed_args(args.overrides)
+    marks = {}
+    for item in args.mark or []:
+        label, sep, value = item.rpartition("=")
+        try:
+            marks[label] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not label or not marks[label] > 0:
+            raise ValueError(f"--mark: expected LABEL=RATE with a positive RATE, got {item!r}")
+    result = lr_find(
+        _dotted_overrides(args.overrides),
+        min_lr=args.min_lr,
+        max_lr=args.max_lr,
+        num_steps=args.steps,
+        smoothing=args.smoothing,
+        diverge_factor=args.diverge_factor if args.diverge_factor > 0 else None,
+        suggestion=args.suggestion,
+    )
+    cfg = result.config
+    print(
+        f"lr-find: {cfg['data']['name']}, hidden {cfg['model']['hidden']} {cfg['model']['activation']}, "
+        f"{cfg['optim']['name']} batch {cfg['optim']['batch_size']}, backend {cfg['backend']}: {result.stop_reason}"
+    )
+    print(result.table(marks))
+    if args.plot:
+        result.plot(args.plot, marks=marks)
+        print(f"plot: {args.plot}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({**result.to_dict(), "marks": marks}, f, indent=2)
+        print(f"json: {args.json}")
+    print(f"suggested learning rate ({result.method}): {result.suggestion if result.suggestion is not None else 'none'}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -343,6 +463,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_check(args)
         if args.command == "check-intermediates":
             return run_check_intermediates(args)
+        if args.command == "lr-find":
+            return run_lr_find(args)
         return run_explain(args)
     except BrokenPipeError:  # output piped into `head`: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
