@@ -100,20 +100,14 @@ def saturation(model: MLP, input: Tensor) -> list[float]:
     """Per hidden layer, the fraction of units (over examples) whose activation derivative is below 1% of its peak.
 
     sigmoid: a (1 - a) < 0.0025 (|z| > 6); tanh: 1 - a^2 < 0.01 (|z| > 3); relu (and others): a == 0 (no
-    gradient passes). Saturated units pass almost no gradient back: the picture behind "N(0, 1) saturates".
+    gradient passes); see :func:`manualbp.train.metrics.saturated`. Saturated units pass almost no gradient
+    back: the picture behind "N(0, 1) saturates".
     """
+    from .train.metrics import saturated
+
     with torch.no_grad():
         _, hidden = model.forward_with_hidden(input)
-    out = []
-    for a, (name, *_rest) in zip(hidden, model.activation_specs):
-        if name == "sigmoid":
-            dead = a * (1 - a) < 0.0025
-        elif name == "tanh":
-            dead = 1 - a * a < 0.01
-        else:
-            dead = a == 0
-        out.append(float(dead.to(torch.float64).mean()))
-    return out
+    return [float(saturated(name, a).to(torch.float64).mean()) for a, (name, *_rest) in zip(hidden, model.activation_specs)]
 
 
 @dataclass

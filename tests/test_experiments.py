@@ -58,7 +58,7 @@ def test_every_experiment_preset_composes(preset):
 def test_default_tree_is_runs_tree():
     cfg = as_run_config(composed([]))
     assert set(cfg) == {"seed", "device", "dtype", "data", "model", "loss", "init", "optim", "lr_schedule", "stopping", "backend", "logger", "progress", "output_dir", "checkpoint_every_s", "metrics"}
-    assert cfg["metrics"] == {"sharpness": None}
+    assert cfg["metrics"] == {"sharpness": None, "activations": None}
     assert as_run_config(composed(["metrics=sharpness"]))["metrics"]["sharpness"]["every"] == 1
     assert cfg["data"]["name"] == "digits" and cfg["model"]["hidden"] == [64] and cfg["init"]["name"] == "xavier_uniform"
     assert cfg["optim"]["lr"] == 0.1 and cfg["optim"]["batch_size"] == 32 and cfg["backend"] == "manual"

@@ -84,7 +84,7 @@ def test_lanczos_on_a_known_matrix_and_its_arguments():
 
 
 def test_metrics_config_validation():
-    assert check_metrics_cfg({"sharpness": None}) == {"sharpness": None}
+    assert check_metrics_cfg({"sharpness": None}) == {"sharpness": None, "activations": None}
     assert check_metrics_cfg({"sharpness": True})["sharpness"]["every"] == 1
     for bad, message in [
         ({"sharpness": {"every": 0}}, "metrics.sharpness.every must be a positive integer"),
@@ -92,6 +92,8 @@ def test_metrics_config_validation():
         ({"sharpness": {"tol": 2}}, r"metrics.sharpness.tol must be a number in \(0, 1\)"),
         ({"sharpness": {"dtype": "half"}}, "metrics.sharpness.dtype must be"),
         ({"hessian": 1}, "unknown config key 'metrics.hessian'"),
+        ({"activations": {"percentiles": [2, 101]}}, "metrics.activations.percentiles must be a list"),
+        ({"activations": {"examples": 0}}, "metrics.activations.examples must be a positive integer"),
     ]:
         with pytest.raises(ValueError, match=message):
             check_metrics_cfg(bad)
@@ -111,9 +113,9 @@ BASE = {
 
 def test_tracker_logs_sharpness_every_k_epochs_into_history_and_metrics():
     result = run({**BASE, "metrics": {"sharpness": {"every": 2, "top_k": 2}}})
-    logged = [h.get("sharpness") for h in result.history]
+    logged = [h["sharpness"] for h in result.history]  # every row has the columns, None between measurements
     assert [v is not None for v in logged] == [False, True, False, True, False, True]
-    assert all(h["sharpness"] >= h["sharpness_2"] > 0 for h in result.history if "sharpness" in h)
+    assert all(h["sharpness"] >= h["sharpness_2"] > 0 for h in result.history if h["sharpness"] is not None)
     assert result.metrics["sharpness_final"] == result.history[-1]["sharpness"]
     # at initialization: the same number sharpness() gives on the untrained model
     data = manualbp.train.load_dataset(BASE["data"], 0, torch.float64)
@@ -141,3 +143,26 @@ def test_subset_and_resume(tmp_path):
     again = run({**cfg, "stopping": {"max_epochs": 6}})  # the stored result, without training
     assert again.metrics["sharpness_init"] == first.metrics["sharpness_init"] == full.metrics["sharpness_init"]
     assert math.isfinite(first.metrics["sharpness_final"])
+
+
+def test_activation_tracker_per_layer_statistics_on_a_fixed_batch():
+    from manualbp.studies import saturation
+    from manualbp.train.metrics import saturated
+
+    cfg = {**BASE, "model": {"hidden": [8, 6], "activation": "sigmoid"}, "metrics": {"activations": {"examples": 10}}}
+    result = run(cfg)
+    data = manualbp.train.load_dataset(BASE["data"], 0, torch.float64)
+    model = result.model
+    _, hidden = model.forward_with_hidden(data.x_val[:10])
+    last = result.history[-1]
+    for layer, a in enumerate(hidden, 1):
+        assert last[f"act_mean_{layer}"] == pytest.approx(a.mean().item(), rel=1e-9)
+        assert last[f"act_p98_{layer}"] == pytest.approx(torch.quantile(a.reshape(-1), 0.98).item(), rel=1e-9)
+        assert last[f"act_p2_{layer}"] <= last[f"act_mean_{layer}"] <= last[f"act_p98_{layer}"]
+    assert [last[f"saturated_{k}"] for k in (1, 2)] == saturation(model, data.x_val[:10])
+    assert "act_mean_1_init" in result.metrics and result.metrics["act_mean_1_init"] != last["act_mean_1"]
+    # the saturation rule: below 1% of the derivative's peak
+    a = torch.tensor([0.001, 0.5, 0.9999])
+    assert saturated("sigmoid", a).tolist() == [True, False, True]
+    assert saturated("tanh", torch.tensor([0.999, 0.0])).tolist() == [True, False]
+    assert saturated("relu", torch.tensor([0.0, 1.0])).tolist() == [True, False]

@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "backend": "manual",
     "logger": {"name": "none"},
-    "metrics": {"sharpness": None},
+    "metrics": {"sharpness": None, "activations": None},
 }
 
 LOSSES = ("auto", "cross_entropy", "squared_error", "mse")

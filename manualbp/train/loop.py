@@ -31,7 +31,7 @@ from . import sinks as _sinks
 from .backends import BACKENDS
 from .config import resolve_config
 from .data import Dataset, load_dataset
-from .metrics import SharpnessTracker
+from .metrics import ActivationTracker, SharpnessTracker
 from .schedules import build_schedule
 from .stopping import StopContext, build_stopping
 
@@ -394,6 +394,7 @@ def _run(config: Any = None) -> RunResult:
             )
 
     tracker = SharpnessTracker(cfg["metrics"], loss, data.x_train, data.y_train, seed)
+    activations = ActivationTracker(cfg["metrics"], data.x_val if data.n_val else data.x_train)
     mc = cfg["model"]
     model = build_model(mc, data.in_features, data.out_features, dtype, cfg["init"], seed).to(device)
     backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
@@ -476,7 +477,8 @@ def _run(config: Any = None) -> RunResult:
     if hasattr(backend, "threads"):
         threads.enter_context(backend.threads(bs))
     if saved is None:
-        tracker.at_start(backend.model)  # sharpness at initialization, before the first step
+        tracker.at_start(backend.model)  # sharpness and activations at initialization, before the first step
+        activations.at_start(backend.model)
     try:
         decision = None
         last_lr: Optional[float] = None
@@ -551,6 +553,7 @@ def _run(config: Any = None) -> RunResult:
             elapsed += time.perf_counter() - t0
             record["wall_time_s"] = elapsed
             record.update(tracker.after_epoch(epoch, backend.model))  # not counted as training time
+            record.update(activations.after_epoch(epoch, backend.model))
             if decision is None:
                 schedule.observe(record[plateau_monitor])
                 decision = stopping.check(record, StopContext(epoch, step, elapsed))
@@ -601,6 +604,7 @@ def _run(config: Any = None) -> RunResult:
         )
         metrics.update(extra)
         metrics.update(tracker.summary())
+        metrics.update(activations.summary())
         final_model = backend.model
         result = stored_result(status, stop_reason, metrics, final_model, mc)
         if writer:

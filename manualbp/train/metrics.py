@@ -16,6 +16,12 @@ iters                 40         most Lanczos steps (Hessian-vector products) pe
 tol                   1e-6       relative residual at which an eigenvalue counts as converged
 dtype                 float64    precision of the measurement (a copy of the model), or "run"
 ====================  =========  ==============================================================
+
+``metrics.activations`` (off: null) records, per hidden layer l, the mean and the ``percentiles`` (default
+2nd and 98th) of the activations a^l over a fixed batch of ``examples`` validation examples (training ones
+when there is no validation split), and the fraction of saturated units (:func:`saturated`), every ``every``
+epochs: ``act_mean_l``, ``act_p2_l``, ``act_p98_l``, ``saturated_l`` (Glorot & Bengio 2010, Figure 2); the
+run's metrics get the same at initialization as ``*_init``.
 """
 
 from __future__ import annotations
@@ -27,37 +33,114 @@ from torch import Tensor
 
 from .config import _positive_int, is_number
 
-__all__ = ["SHARPNESS_DEFAULTS", "SharpnessTracker", "check_metrics_cfg"]
+__all__ = [
+    "ACTIVATIONS_DEFAULTS",
+    "ActivationTracker",
+    "SHARPNESS_DEFAULTS",
+    "SharpnessTracker",
+    "check_metrics_cfg",
+    "saturated",
+]
 
 SHARPNESS_DEFAULTS: dict[str, Any] = {"every": 1, "subset": None, "top_k": 1, "iters": 40, "tol": 1e-6, "dtype": "float64"}
+ACTIVATIONS_DEFAULTS: dict[str, Any] = {"every": 1, "examples": 300, "percentiles": [2, 98]}
+_MEASUREMENTS = {"sharpness": SHARPNESS_DEFAULTS, "activations": ACTIVATIONS_DEFAULTS}
 
 
-def check_metrics_cfg(cfg: object) -> dict[str, Any]:
-    """Validate a ``metrics`` config; returns it with the defaults of each measurement that is on."""
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"metrics must be a mapping, got {type(cfg).__name__}")
-    for key in cfg:
-        if key != "sharpness":
-            raise ValueError(f"unknown config key 'metrics.{key}'; known keys: sharpness")
-    value = cfg.get("sharpness")
+def _params(cfg: Mapping[str, Any], name: str) -> Optional[dict[str, Any]]:
+    """One measurement's parameters with its defaults (None when off); unknown keys are errors."""
+    value = cfg.get(name)
     if value is None or value is False:
-        return {"sharpness": None}
+        return None
     if value is True:
         value = {}
     if not isinstance(value, Mapping):
-        raise TypeError(f"metrics.sharpness must be a mapping of its parameters, true, or null, got {value!r}")
+        raise TypeError(f"metrics.{name} must be a mapping of its parameters, true, or null, got {value!r}")
+    defaults = _MEASUREMENTS[name]
     for key in value:
-        if key not in SHARPNESS_DEFAULTS:
-            raise ValueError(f"unknown config key 'metrics.sharpness.{key}'; known keys: {', '.join(SHARPNESS_DEFAULTS)}")
-    params = {**SHARPNESS_DEFAULTS, **value}
-    for key in ("every", "top_k", "iters"):
-        _positive_int(params[key], f"metrics.sharpness.{key}")
-    _positive_int(params["subset"], "metrics.sharpness.subset (or null)", allow_none=True)
-    if not (is_number(params["tol"]) and 0 < params["tol"] < 1):
-        raise ValueError(f"metrics.sharpness.tol must be a number in (0, 1), got {params['tol']!r}")
-    if params["dtype"] not in ("float64", "float32", "run"):
-        raise ValueError(f"metrics.sharpness.dtype must be 'float64', 'float32' or 'run', got {params['dtype']!r}")
-    return {"sharpness": params}
+        if key not in defaults:
+            raise ValueError(f"unknown config key 'metrics.{name}.{key}'; known keys: {', '.join(defaults)}")
+    return {**defaults, **value}
+
+
+def check_metrics_cfg(cfg: object) -> dict[str, Any]:
+    """Validate a ``metrics`` config; returns {measurement: parameters with defaults, or None when off}."""
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"metrics must be a mapping, got {type(cfg).__name__}")
+    for key in cfg:
+        if key not in _MEASUREMENTS:
+            raise ValueError(f"unknown config key 'metrics.{key}'; known keys: {', '.join(_MEASUREMENTS)}")
+    out = {name: _params(cfg, name) for name in _MEASUREMENTS}
+    sharp, acts = out["sharpness"], out["activations"]
+    if sharp is not None:
+        for key in ("every", "top_k", "iters"):
+            _positive_int(sharp[key], f"metrics.sharpness.{key}")
+        _positive_int(sharp["subset"], "metrics.sharpness.subset (or null)", allow_none=True)
+        if not (is_number(sharp["tol"]) and 0 < sharp["tol"] < 1):
+            raise ValueError(f"metrics.sharpness.tol must be a number in (0, 1), got {sharp['tol']!r}")
+        if sharp["dtype"] not in ("float64", "float32", "run"):
+            raise ValueError(f"metrics.sharpness.dtype must be 'float64', 'float32' or 'run', got {sharp['dtype']!r}")
+    if acts is not None:
+        for key in ("every", "examples"):
+            _positive_int(acts[key], f"metrics.activations.{key}")
+        pct = acts["percentiles"]
+        if not isinstance(pct, (list, tuple)) or not all(is_number(q) and 0 <= q <= 100 for q in pct):
+            raise ValueError(f"metrics.activations.percentiles must be a list of numbers in [0, 100], got {pct!r}")
+    return out
+
+
+def saturated(activation: str, a: Tensor) -> Tensor:
+    """Where a unit is saturated: its activation derivative, from its output, is below 1% of the derivative's
+    peak (sigmoid: a (1 - a) < 0.0025, i.e. |z| > 6; tanh: 1 - a^2 < 0.01, |z| > 3); relu and leaky_relu:
+    a <= 0 (no gradient passes, or a leak only); identity never."""
+    if activation == "sigmoid":
+        return a * (1 - a) < 0.0025
+    if activation == "tanh":
+        return 1 - a * a < 0.01
+    if activation in ("relu", "leaky_relu"):
+        return a <= 0
+    return torch.zeros_like(a, dtype=torch.bool)
+
+
+class ActivationTracker:
+    """Per-layer activation statistics on a fixed batch (a no-op when ``metrics.activations`` is off)."""
+
+    def __init__(self, cfg: Mapping[str, Any], x: Tensor) -> None:
+        self.params: Optional[dict[str, Any]] = check_metrics_cfg(cfg)["activations"]
+        self.x = x[: self.params["examples"]] if self.params is not None else x
+        self.initial: dict[str, float] = {}
+        self._keys: Optional[list[str]] = None
+
+    def measure(self, model: Any) -> dict[str, float]:
+        assert self.params is not None
+        pct = self.params["percentiles"]
+        q = torch.tensor([p / 100 for p in pct], dtype=torch.float64)
+        record: dict[str, float] = {}
+        with torch.no_grad():
+            _, hidden = model.forward_with_hidden(self.x)
+        for layer, (a, (name, *_)) in enumerate(zip(hidden, model.activation_specs), 1):
+            a = a.to(torch.float64)
+            record[f"act_mean_{layer}"] = float(a.mean())
+            for p, v in zip(pct, torch.quantile(a.reshape(-1), q).tolist()):
+                record[f"act_p{p:g}_{layer}"] = v
+            record[f"saturated_{layer}"] = float(saturated(name, a).to(torch.float64).mean())
+        self._keys = list(record)
+        return record
+
+    def at_start(self, model: Any) -> None:
+        if self.params is not None and not self.initial:
+            self.initial = self.measure(model)
+
+    def after_epoch(self, epoch: int, model: Any) -> dict[str, Optional[float]]:
+        if self.params is None:
+            return {}
+        if epoch % self.params["every"] == 0 or self._keys is None:
+            record = self.measure(model)
+            return record if epoch % self.params["every"] == 0 else dict.fromkeys(record)
+        return dict.fromkeys(self._keys)  # the same columns in every row
+
+    def summary(self) -> dict[str, float]:
+        return {f"{k}_init": v for k, v in self.initial.items()}
 
 
 class SharpnessTracker:
@@ -96,9 +179,15 @@ class SharpnessTracker:
         if self.on and self.initial is None:
             self.initial = self.measure(model)["sharpness"]
 
-    def after_epoch(self, epoch: int, model: torch.nn.Module) -> dict[str, float]:
-        if not self.on or epoch % self.params["every"] != 0:  # type: ignore[index]
+    def after_epoch(self, epoch: int, model: torch.nn.Module) -> dict[str, Optional[float]]:
+        """The history entries after ``epoch``: measured every ``every`` epochs, None in between (the same
+        columns in every row, so ``history.csv`` grows by appending)."""
+        if not self.on:
             return {}
+        assert self.params is not None
+        if epoch % self.params["every"] != 0:
+            keys = ["sharpness", *(f"sharpness_{k}" for k in range(2, self.params["top_k"] + 1)), "sharpness_s"]
+            return dict.fromkeys(keys)
         return self.measure(model)
 
     def summary(self) -> dict[str, Optional[float]]:
