@@ -56,7 +56,7 @@ class RunResult:
         config: the resolved configuration.
         output_dir: where the files are, or None.
         model: the trained :class:`manualbp.MLP` (the weights the metrics were computed with: the best
-            epoch's under early stopping's ``restore_best``), on the training device.
+            epoch's under a stopping rule's ``restore_best``), on the training device.
     """
 
     status: str
@@ -592,6 +592,8 @@ def _run(config: Any = None) -> RunResult:
                 "backend": cfg["backend"],
             }
         )
+        if data.label_noise:
+            metrics.update({"label_noise": data.label_noise, "labels_changed": data.labels_changed})
         metrics.update(extra)
         final_model = backend.model
         result = stored_result(status, stop_reason, metrics, final_model, mc)
