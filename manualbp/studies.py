@@ -684,24 +684,35 @@ class CriterionStats:
     test_accuracy: float
     n: int
     fired: int  # runs the rule itself ended (not the max_epochs cap)
+    at_best: int = 0  # runs that end on the weights of the epoch of lowest validation loss of their max_epochs run
 
     @property
     def test_error(self) -> float:
         return 1.0 - self.test_accuracy
 
 
+def _ends_at_best(job: Job, ref: Optional[Job]) -> bool:
+    """Whether the job ends on the weights of the epoch of lowest validation loss of the seed's max_epochs run."""
+    if ref is None or not ref.history:
+        return False
+    end = job.metrics.get("best_epoch") if job.metrics.get("restored_best") else job.metrics.get("epochs")
+    return end == _min_val(ref.history)["epoch"]
+
+
 def criterion_stats(rules: list[str], cell: Mapping[tuple[str, int], Job]) -> dict[str, CriterionStats]:
-    """Per rule: mean epochs used and test accuracy over the seeds, and how many runs the rule stopped."""
+    """Per rule: mean epochs used and test accuracy over the seeds, how many runs the rule stopped, and how many
+    end on the weights of the seed's lowest validation loss."""
     out = {}
     for r in rules:
-        js = [j for (rule, _), j in cell.items() if rule == r]
+        js = [(j, cell.get(("max_epochs", seed))) for (rule, seed), j in cell.items() if rule == r]
         if js:
             out[r] = CriterionStats(
                 r,
-                _mean([float(j.metrics.get("epochs", len(j.history))) for j in js]),
-                _mean([float(j.metrics.get("test_accuracy")) for j in js]),
+                _mean([float(j.metrics.get("epochs", len(j.history))) for j, _ in js]),
+                _mean([float(j.metrics.get("test_accuracy")) for j, _ in js]),
                 len(js),
-                sum(1 for j in js if j.metrics.get("stop_reason") not in ("max_epochs", "max_steps")),
+                sum(1 for j, _ in js if j.metrics.get("stop_reason") not in ("max_epochs", "max_steps")),
+                sum(1 for j, ref in js if _ends_at_best(j, ref)),
             )
     return out
 
@@ -713,6 +724,7 @@ def _criteria_table(stats: Mapping[str, CriterionStats]) -> str:
     header = [
         "criterion",
         "runs it stopped",
+        "runs ending on the min-val-loss epoch",
         "mean epochs used",
         "epochs / fastest's",
         "mean test acc",
@@ -726,6 +738,7 @@ def _criteria_table(stats: Mapping[str, CriterionStats]) -> str:
             [
                 st.rule,
                 f"{st.fired}/{st.n}",
+                f"{st.at_best}/{st.n}",
                 _f(st.epochs, 1),
                 _f(st.epochs / fastest.epochs, 2) if rel else "-",
                 _f(st.test_accuracy),
