@@ -268,3 +268,59 @@ def test_one_hot_turns_a_classification_set_into_a_regression_on_class_vectors()
         load_dataset({"name": "diabetes", "one_hot": True})
     with pytest.raises(TypeError, match="data.one_hot must be true or false"):
         load_dataset({"name": "iris", "one_hot": "yes"})
+
+
+# -- label noise ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fraction, seed", [(0.2, 0), (0.3, 1), (0.05, 2)])
+def test_label_noise_changes_the_training_labels_only(fraction, seed):
+    clean = load({"name": "digits"}, seed)
+    noisy = load({"name": "digits", "label_noise": fraction}, seed)
+    for f in ("x_train", "x_val", "y_val", "x_test", "y_test"):  # same split, clean validation and test labels
+        assert torch.equal(getattr(noisy, f), getattr(clean, f)), f
+    changed = int((noisy.y_train != clean.y_train).sum())
+    assert noisy.labels_changed == changed and noisy.label_noise == fraction and clean.labels_changed == 0
+    # round(fraction * n) labels redrawn uniformly over 10 classes: 9/10 of them change, give or take sampling noise
+    drawn = round(fraction * clean.n_train)
+    assert changed <= drawn and abs(changed - 0.9 * drawn) <= 4 * (0.09 * drawn) ** 0.5 + 1
+    assert int(noisy.y_train.min()) >= 0 and int(noisy.y_train.max()) < noisy.out_features
+    again = load({"name": "digits", "label_noise": fraction}, seed)  # deterministic per seed
+    assert torch.equal(again.y_train, noisy.y_train)
+    other = load({"name": "digits", "label_noise": fraction}, seed + 10)
+    assert not torch.equal(other.y_train, load({"name": "digits"}, seed + 10).y_train)
+
+
+def test_noisy_labels_draws_exactly_the_fraction():
+    from manualbp.train.data import noisy_labels
+
+    y = np.arange(1000) % 4
+    out, changed = noisy_labels(y, 0.25, 4, seed=3)
+    assert out is not y and np.array_equal(y, np.arange(1000) % 4)  # a copy
+    assert changed == int((out != y).sum()) and changed <= 250
+    assert 150 <= changed <= 225  # 3/4 of the 250 redrawn labels, in expectation 187.5
+    a, _ = noisy_labels(y, 0.25, 4, seed=3)
+    b, _ = noisy_labels(y, 0.25, 4, seed=4)
+    assert np.array_equal(a, out) and not np.array_equal(a, b)
+    assert noisy_labels(y, 0.0, 4, seed=3)[1] == 0
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"name": "digits", "label_noise": 1.0}, r"data.label_noise must be a number in \[0, 1\)"),
+        ({"name": "digits", "label_noise": -0.1}, r"data.label_noise must be a number in \[0, 1\)"),
+        ({"name": "digits", "label_noise": "0.2"}, r"data.label_noise must be a number"),
+        ({"name": "diabetes", "label_noise": 0.2}, "data.label_noise applies to classification sets only"),
+        ({"name": "teacher", "label_noise": 0.1}, "data.label_noise applies to classification sets only"),
+    ],
+)
+def test_label_noise_bad_config(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        load(cfg)
+
+
+def test_label_noise_on_a_regression_file(tmp_path):
+    path = tmp_path / "reg.npz"
+    np.savez(path, X=np.random.default_rng(0).normal(size=(40, 3)), y=np.linspace(0, 1, 40))
+    with pytest.raises(ValueError, match="data.label_noise applies to classification sets only"):
+        load({"name": "file", "path": str(path), "label_noise": 0.2})
+    assert load({"name": "file", "path": str(path), "label_noise": 0.0}).task == "regression"

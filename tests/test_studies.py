@@ -222,3 +222,60 @@ def test_lr_section_reports_the_observed_boundary_next_to_two_over_lambda_max(tm
     row = next(line for line in sec.markdown.splitlines() if line.startswith("| tanh") and "10.000" in line)
     assert f"{2 / lam.value:.3f}" in row and "| 1.000 " in row and "| 10.000 " in row
     assert "div@2" in sec.markdown
+
+
+def test_stopping_section_tabulates_prechelts_criteria_and_the_trade_off(tmp_path):
+    """Fake clean and noisy sweeps: criteria named as Prechelt names them, per-criterion means over seeds relative to
+    the fastest, and the findings' verdicts computed from those numbers."""
+    mod = _load_results_script()
+    # (rule config, epochs, test accuracy per seed); a slower criterion buys 0.02 of accuracy for 4x the epochs
+    rules = {
+        "max_epochs": ({}, 20, (0.50, 0.52)),
+        "early_stopping": ({"early_stopping": {"patience": 3}}, 8, (0.55, 0.57)),
+        "gl1": ({"gl": {"alpha": 1.0}}, 4, (0.54, 0.56)),
+        "up4": ({"up": {"s": 4, "strip": 2}}, 16, (0.56, 0.58)),
+    }
+    num = 0
+    for preset, noise in (("stopping_study", 0.0), ("stopping_study_noisy", 0.2)):
+        for name, (stopping, epochs, accs) in rules.items():
+            for seed, acc in enumerate(accs):
+                hist = [
+                    {
+                        "epoch": e,
+                        "train_loss": 1 / e,
+                        "val_loss": abs(e - 3) + 1,
+                        "train_accuracy": min(0.3 * e, 1.0),
+                        "val_accuracy": 0.5,
+                    }
+                    for e in range(1, epochs + 1)
+                ]
+                reason = "max_epochs" if name == "max_epochs" else next(iter(stopping))
+                metrics = {
+                    "status": "completed",
+                    "stop_reason": reason,
+                    "epochs": epochs,
+                    "test_accuracy": acc,
+                    "test_loss": 1.0,
+                    "n_train": 100,
+                    "best_epoch": 3,
+                    "restored_best": name != "max_epochs",
+                }
+                if noise:
+                    metrics["labels_changed"] = 18
+                cfg = {"seed": seed, "stopping": {"max_epochs": 20, **stopping}}
+                _fake_job(tmp_path / "multirun" / preset, num, [f"seed={seed}"], cfg, metrics, hist)
+                num += 1
+    labels = {S.rule_label(j) for j in S.load_sweep(tmp_path / "multirun" / "stopping_study")}
+    assert labels == {"max_epochs", "early_stopping", "GL_1", "UP_4"}
+    out = tmp_path / "results.md"
+    assert mod.main(["--multirun", str(tmp_path / "multirun"), "--out", str(out), "--only", "stopping_study"]) == 0
+    text = out.read_text()
+    gl = next(line for line in text.splitlines() if line.startswith("| GL_1 ") and "2/2" in line)
+    assert "| 4.0 " in gl and "| 1.00 " in gl and "0.550" in gl  # the fastest: epochs and test acc, mean of 2 seeds
+    up = next(line for line in text.splitlines() if line.startswith("| UP_4 ") and "2/2" in line)
+    assert "| 4.00 " in up and "0.570" in up and f"{0.43 / 0.45:.3f}" in up
+    assert "Prechelt's trade-off (clean labels): the slower half of his criteria (UP_4) trains 4.0x" in text
+    assert "-4.4%" not in text and "+4.4%" in text and "for about 4% lower test error): reproduced." in text
+    assert "Clean first, noise later: 82.0% of the training labels are still correct" in text
+    assert "(+0.050; the best criterion, UP_4: +0.060), against +0.050 with clean labels: **not reproduced**" in text
+    assert (tmp_path / "img" / "results_stopping_noisy_tradeoff.png").stat().st_size > 1000

@@ -27,6 +27,12 @@ not cached.
 
 Any classification set with ``one_hot: true`` becomes a regression problem whose targets are the one-hot
 class vectors (for the notes' squared error on class labels, as in Cohen et al.'s MSE experiments).
+
+``data.label_noise`` (classification only; default 0): the fraction of the *training* labels replaced by a
+uniformly random class (symmetric label noise; a drawn class may be the label itself, so about
+``label_noise * (C - 1) / C`` of the labels change). Exactly ``round(label_noise * n_train)`` training
+examples are drawn, from a generator of their own seeded by ``seed``; the split and the validation and test
+labels are untouched (clean). :attr:`Dataset.labels_changed` counts the labels that changed.
 """
 
 from __future__ import annotations
@@ -50,13 +56,13 @@ from torch import Tensor
 
 from .config import DEFAULTS, is_number
 
-__all__ = ["Dataset", "load_dataset", "DATASETS", "check_data_cfg", "read_idx"]
+__all__ = ["Dataset", "load_dataset", "DATASETS", "check_data_cfg", "read_idx", "noisy_labels"]
 
 CLASSIFICATION = ("digits", "iris", "wine", "breast_cancer", "mnist1d", "xor", "moons", "spirals")
 REGRESSION = ("diabetes", "teacher")
 DATASETS = (*CLASSIFICATION, *REGRESSION, "file")
 
-_COMMON = ("name", "path", "target", "val_fraction", "test_fraction", "standardize", "one_hot")
+_COMMON = ("name", "path", "target", "val_fraction", "test_fraction", "standardize", "label_noise", "one_hot")
 _EXTRA: dict[str, tuple[str, ...]] = {
     "xor": ("n_samples", "noise"),
     "moons": ("n_samples", "noise"),
@@ -78,6 +84,7 @@ class Dataset:
 
     ``y_*`` are int64 class indices (N,) for classification and floats (N, out_features) for regression.
     ``x_mean``/``x_scale`` are the training split's standardization statistics (numpy, for reference).
+    ``label_noise`` is the config's fraction of training labels redrawn, ``labels_changed`` how many changed.
     """
 
     name: str
@@ -92,6 +99,8 @@ class Dataset:
     y_test: Tensor
     x_mean: Optional[np.ndarray] = None
     x_scale: Optional[np.ndarray] = None
+    label_noise: float = 0.0
+    labels_changed: int = 0
 
     @property
     def n_train(self) -> int:
@@ -130,6 +139,7 @@ def check_data_cfg(cfg: object) -> dict[str, Any]:
             f"data.val_fraction + data.test_fraction must be < 1 (something must be left to train on), "
             f"got {out.get('val_fraction')} + {out.get('test_fraction')}"
         )
+    _check_label_noise(out)
     if "standardize" in out and not isinstance(out["standardize"], bool):
         raise TypeError(f"data.standardize must be true or false, got {out['standardize']!r}")
     if not isinstance(out.get("one_hot", False), bool):
@@ -160,6 +170,34 @@ def check_data_cfg(cfg: object) -> dict[str, Any]:
     elif out.get("path") is not None:
         raise ValueError(f"data.path is only read when data.name is 'file' (data.name is {name!r})")
     return out
+
+
+def _check_label_noise(cfg: Mapping[str, Any]) -> None:
+    noise = cfg.get("label_noise", 0.0)
+    if not (is_number(noise) and 0 <= noise < 1):
+        raise ValueError(
+            f"data.label_noise must be a number in [0, 1) (a fraction of the training labels), got {noise!r}"
+        )
+    regression = cfg["name"] in REGRESSION or (cfg["name"] == "file" and cfg.get("task") == "regression")
+    if noise and regression:
+        raise ValueError(
+            f"data.label_noise applies to classification sets only; {cfg['name']!r} is a regression set "
+            "(set data.label_noise to 0)"
+        )
+
+
+def noisy_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int) -> tuple[np.ndarray, int]:
+    """Replace ``round(fraction * len(y))`` randomly chosen labels by a uniformly random class of ``n_classes``.
+
+    Returns the new labels (a copy) and how many of them differ from ``y``. The draws come from
+    ``np.random.default_rng([seed, 17])``, a stream of their own.
+    """
+    rng = np.random.default_rng([seed, 17])
+    n = round(fraction * len(y))
+    idx = rng.choice(len(y), size=n, replace=False)
+    out = y.copy()
+    out[idx] = rng.integers(0, n_classes, size=n)
+    return out, int(np.count_nonzero(out != y))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,6 +461,11 @@ def _prepare(cfg: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
         out_features = y.shape[1]
 
     tr, va, te = _split(len(x), y, task == "classification", cfg["val_fraction"], cfg["test_fraction"], seed)
+    noise = cfg.get("label_noise", 0.0)
+    if noise and task != "classification":
+        raise ValueError(
+            f"data.label_noise applies to classification sets only; {cfg['path']!r} holds regression targets"
+        )
     mean = scale = None
     if cfg.get("standardize", True):
         from sklearn.preprocessing import StandardScaler
@@ -436,6 +479,9 @@ def _prepare(cfg: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
     arrays = {"task": np.array(task), "out_features": np.array(out_features)}
     for split, ids in (("train", tr), ("val", va), ("test", te)):
         arrays[f"x_{split}"], arrays[f"y_{split}"] = x[ids], y[ids]
+    if noise:  # the training labels only, after the (clean, stratified) split
+        arrays["y_train"], changed = noisy_labels(arrays["y_train"], noise, out_features, seed)
+        arrays["labels_changed"] = np.array(changed)
     if mean is not None:
         arrays["x_mean"], arrays["x_scale"] = np.asarray(mean), np.asarray(scale)
     return arrays
@@ -537,4 +583,6 @@ def load_dataset(
         y_test=ty(a["y_test"]),
         x_mean=a.get("x_mean"),
         x_scale=a.get("x_scale"),
+        label_noise=float(cfg.get("label_noise", 0.0)),
+        labels_changed=int(a["labels_changed"]) if "labels_changed" in a else 0,
     )

@@ -57,7 +57,7 @@ class RunResult:
         config: the resolved configuration.
         output_dir: where the files are, or None.
         model: the trained :class:`manualbp.MLP` (the weights the metrics were computed with: the best
-            epoch's under early stopping's ``restore_best``), on the training device.
+            epoch's under a stopping rule's ``restore_best``), on the training device.
     """
 
     status: str
@@ -602,6 +602,8 @@ def _run(config: Any = None) -> RunResult:
                 "backend": cfg["backend"],
             }
         )
+        if data.label_noise:
+            metrics.update({"label_noise": data.label_noise, "labels_changed": data.labels_changed})
         metrics.update(extra)
         metrics.update(tracker.summary())
         metrics.update(activations.summary())

@@ -17,6 +17,15 @@ grad_norm_below        the total weight-gradient norm of the epoch's last step  
 early_stopping         ``monitor`` (val_loss, val_accuracy, ...) has not improved by    stopped
                        more than ``min_delta`` for ``patience`` epochs; with
                        ``restore_best`` the run ends on the best epoch's weights
+gl                     Prechelt's GL_alpha: the generalization loss                     stopped
+                       GL(t) = 100 (E_va(t) / E_opt(t) - 1) > ``alpha`` (default 2),
+                       E_opt(t) the lowest E_va up to t; ``gl: 5`` sets alpha
+pq                     Prechelt's PQ_alpha: at the end of a strip of ``strip``          stopped
+                       (default 5) epochs, GL(t) / P_k(t) > ``alpha`` (default 1),
+                       P_k(t) = 1000 (sum E_tr / (k min E_tr) - 1) over the strip
+up                     Prechelt's UP_s: E_va rose over ``s`` (default 3) successive     stopped
+                       strips of ``strip`` (default 5) epochs, E_va(t) > E_va(t - k)
+                       at each strip's end (the first comparison is at t = 2k)
 relative_improvement   scikit-learn's MLP rule: the monitored loss did not fall below   stopped
                        best - ``tol`` for more than ``n_iter_no_change`` epochs
 time_budget            ``seconds`` of training wall time have passed                    stopped
@@ -26,37 +35,99 @@ max_epochs             ``max_epochs`` epochs are done                           
 
 Per-step checks (:meth:`StoppingRules.check_step`): divergence of the step loss, time_budget, max_steps.
 Per-epoch checks (:meth:`StoppingRules.check`): everything, on the epoch's history record.
+
+Prechelt's criteria ("Early Stopping - But When?", 1998): E_va is the rule's ``monitor`` read as an error
+(``val_loss`` by default; an accuracy or r2 monitor is read as 1 - its value), E_tr the epoch's ``train_loss``.
+A strip of length k is epochs n+1 .. n+k with n divisible by k, so strips end at epochs k, 2k, ...
+Each of early_stopping, gl, pq and up takes ``restore_best`` (default true): the run ends on the weights of
+the epoch with the best monitored value (for gl, pq, up: the epoch of E_opt). The first of those rules (in the
+table's order) with ``restore_best`` keeps the best epoch; two of them with ``restore_best`` must monitor the
+same metric.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import Tensor
 
 from .config import is_number
 
-__all__ = ["StoppingRules", "StopContext", "build_stopping", "check_stopping_cfg", "RULES"]
+__all__ = [
+    "StoppingRules",
+    "StopContext",
+    "build_stopping",
+    "check_stopping_cfg",
+    "generalization_loss",
+    "training_progress",
+    "RULES",
+]
 
 _RULE_DEFAULTS: dict[str, dict[str, Any]] = {
     "max_steps": {},
     "loss_below": {"value": None, "monitor": "train_loss"},
     "grad_norm_below": {"value": None},
     "early_stopping": {"patience": 10, "min_delta": 0.0, "monitor": "val_loss", "restore_best": True, "mode": "auto"},
+    "gl": {"alpha": 2.0, "monitor": "val_loss", "restore_best": True},
+    "pq": {"alpha": 1.0, "strip": 5, "monitor": "val_loss", "restore_best": True},
+    "up": {"s": 3, "strip": 5, "monitor": "val_loss", "restore_best": True},
     "relative_improvement": {"tol": 1e-4, "n_iter_no_change": 10, "monitor": "train_loss"},
     "time_budget": {"seconds": None},
     "divergence": {"factor": 1e4, "check_every": "auto"},
 }
 RULES = ("max_epochs", *_RULE_DEFAULTS)
 # a bare number is accepted for these rules: loss_below: 0.01, time_budget: 60, max_steps: 500
-_SCALAR_KEY = {"loss_below": "value", "grad_norm_below": "value", "time_budget": "seconds"}
+_SCALAR_KEY = {
+    "loss_below": "value",
+    "grad_norm_below": "value",
+    "time_budget": "seconds",
+    "gl": "alpha",
+    "pq": "alpha",
+    "up": "s",
+}
+#: the rules that track a best epoch and may restore its weights (``restore_best``), in the order they are asked
+BEST_RULES = ("early_stopping", "gl", "pq", "up")
+PRECHELT = ("gl", "pq", "up")
 MONITORS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_r2", "val_r2")
 
 
 def _err(key: str, what: str, value: object) -> ValueError:
     return ValueError(f"stopping.{key} must be {what}, got {value!r}")
+
+
+def _positive_int(value: object, least: int = 1) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= least
+
+
+def _check_prechelt(rule: str, params: Mapping[str, Any]) -> None:
+    """The parameters of gl, pq, up (alpha > 0; strip: pq >= 2 (P_1 is always 0), up >= 1; s >= 1)."""
+    where = f"{rule}."
+    if rule in ("gl", "pq") and not (is_number(params["alpha"]) and params["alpha"] > 0):
+        raise _err(where + "alpha", "a positive number", params["alpha"])
+    if rule == "up" and not _positive_int(params["s"]):
+        raise _err(where + "s", "a positive integer (the number of successive strips)", params["s"])
+    if "strip" in params and not _positive_int(params["strip"], 2 if rule == "pq" else 1):
+        least = (
+            "an integer >= 2 (a strip of 1 epoch has no training progress)" if rule == "pq" else "a positive integer"
+        )
+        raise _err(where + "strip", least, params["strip"])
+
+
+def _check_restore_best(out: Mapping[str, Any]) -> None:
+    """The run restores one best epoch: the rules that restore must monitor the same metric."""
+    for rule in BEST_RULES:
+        if rule in out and not isinstance(out[rule]["restore_best"], bool):
+            raise _err(f"{rule}.restore_best", "true or false", out[rule]["restore_best"])
+    restoring = [r for r in BEST_RULES if r in out and out[r]["restore_best"]]
+    monitors = {out[r]["monitor"] for r in restoring}
+    if len(monitors) > 1:
+        which = ", ".join(f"{r} ({out[r]['monitor']})" for r in restoring)
+        raise ValueError(
+            f"stopping: restore_best is on for {which}, which monitor different metrics; a run restores one best "
+            "epoch: monitor the same metric, or set restore_best: false on all but one"
+        )
 
 
 def check_stopping_cfg(cfg: object) -> dict[str, Any]:
@@ -111,10 +182,10 @@ def check_stopping_cfg(cfg: object) -> dict[str, Any]:
                 raise _err(where + "patience", "a positive integer", p)
             if not (is_number(params["min_delta"]) and params["min_delta"] >= 0):
                 raise _err(where + "min_delta", "a number >= 0", params["min_delta"])
-            if not isinstance(params["restore_best"], bool):
-                raise _err(where + "restore_best", "true or false", params["restore_best"])
             if params["mode"] not in ("auto", "min", "max"):
                 raise _err(where + "mode", "'auto', 'min' or 'max'", params["mode"])
+        if rule in PRECHELT:
+            _check_prechelt(rule, params)
         if rule == "relative_improvement":
             n = params["n_iter_no_change"]
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -129,8 +200,41 @@ def check_stopping_cfg(cfg: object) -> dict[str, Any]:
             if ce != "auto" and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
                 raise _err(where + "check_every", "a positive integer or 'auto'", ce)
         out[rule] = params
+    _check_restore_best(out)
     out.setdefault("divergence", dict(_RULE_DEFAULTS["divergence"]))  # non-finite losses always end a run
     return out
+
+
+def generalization_loss(error: float, opt: float) -> float:
+    """Prechelt's GL(t) = 100 (E_va(t) / E_opt(t) - 1), in percent; with E_opt = 0: 0 if E_va is 0, else inf."""
+    if opt <= 0:
+        return 0.0 if error <= opt else math.inf
+    return 100.0 * (error / opt - 1.0)
+
+
+def training_progress(strip: Sequence[float]) -> float:
+    """Prechelt's P_k(t) = 1000 (sum E_tr / (k min E_tr) - 1) over a strip's k training errors (per mille)."""
+    low = min(strip)
+    if low <= 0:
+        return 0.0 if max(strip) <= low else math.inf
+    return 1000.0 * (sum(strip) / (len(strip) * low) - 1.0)
+
+
+def _error(record: Mapping[str, Any], monitor: str) -> float:
+    """E_va from a monitor: a loss as it is, an accuracy or r2 as 1 - its value."""
+    value = float(record[monitor])
+    return value if monitor.endswith("_loss") else 1.0 - value
+
+
+@dataclass
+class _Prechelt:
+    """The running quantities of one of Prechelt's criteria over the epochs so far (its checkpointed state)."""
+
+    opt: float = math.inf  # E_opt: the lowest E_va so far
+    opt_epoch: Optional[int] = None
+    strip: list[float] = field(default_factory=list)  # pq: E_tr of the last k epochs
+    last_end: Optional[float] = None  # up: E_va at the last end-of-strip epoch
+    rises: int = 0  # up: successive strips whose E_va rose
 
 
 @dataclass
@@ -151,10 +255,13 @@ class StoppingRules:
     Attributes:
         rules: {rule: params} of the rules that are on.
         message: a human-readable account of the rule that fired (empty until one does).
-        improved: True right after an epoch that improved early stopping's monitor (the loop then
-            stores ``best_state``).
-        best_state: the backend state of the best epoch (early stopping), or None.
+        improved: True right after an epoch that improved the best-epoch rule's monitor (the loop then
+            stores ``best_state`` when :attr:`restore_best`).
+        best_rule: the rule whose best epoch the run keeps: the first of early_stopping, gl, pq, up with
+            ``restore_best``, else the first of them that is on, else None.
+        best_state: the backend state of the best epoch, or None.
         best_epoch: that epoch (1-based), or None.
+        prechelt: {rule: its running state} for gl, pq, up.
     """
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
@@ -173,13 +280,17 @@ class StoppingRules:
             self.es_mode = ("min" if es["monitor"].endswith("loss") else "max") if mode == "auto" else mode
         self.es_best = math.inf if self.es_mode != "max" else -math.inf
         self.es_wait = 0
+        self.es_best_epoch: Optional[int] = None
+        self.prechelt = {rule: _Prechelt() for rule in PRECHELT if rule in self.rules}
+        on = [r for r in BEST_RULES if r in self.rules]
+        self.best_rule: Optional[str] = next((r for r in on if self.rules[r]["restore_best"]), on[0] if on else None)
         self.ri_best = math.inf
         self.ri_count = 0
 
     @property
     def restore_best(self) -> bool:
-        es = self.rules.get("early_stopping")
-        return bool(es and es["restore_best"])
+        """Whether the run ends on the best epoch's weights (the :attr:`best_rule` has ``restore_best``)."""
+        return self.best_rule is not None and bool(self.rules[self.best_rule]["restore_best"])
 
     @property
     def monitors(self) -> set[str]:
@@ -270,6 +381,7 @@ class StoppingRules:
     def check(self, record: Mapping[str, Any], context: StopContext) -> Decision:
         """After each epoch, on its history record. Returns (status, stop_reason) or None."""
         self.improved = False
+        new_best: set[str] = set()
         for key in ("train_loss", "val_loss"):
             value = record.get(key)
             if value is not None and not math.isfinite(value):
@@ -295,17 +407,24 @@ class StoppingRules:
             if better:
                 self.es_best = value
                 self.es_wait = 0
-                self.improved = True
-                self.best_epoch = context.epoch
+                self.es_best_epoch = context.epoch
+                new_best.add("early_stopping")
             else:
                 self.es_wait += 1
                 if self.es_wait >= es["patience"]:
                     decision = decision or self._fire(
                         "stopped",
                         "early_stopping",
-                        f"{es['monitor']} did not improve on {self.es_best:.6g} (epoch {self.best_epoch}) by more "
+                        f"{es['monitor']} did not improve on {self.es_best:.6g} (epoch {self.es_best_epoch}) by more "
                         f"than {es['min_delta']} for {es['patience']} epochs",
                     )
+        for rule in self.prechelt:  # always updated, like early stopping
+            message = self._check_prechelt(rule, record, context.epoch, new_best)
+            if message and decision is None:
+                decision = self._fire("stopped", rule, message)
+        if self.best_rule in new_best:
+            self.improved = True
+            self.best_epoch = context.epoch
         ri = self.rules.get("relative_improvement")
         if ri is not None:  # sklearn.neural_network.MLP*'s _update_no_improvement_count, without early_stopping
             value = record[ri["monitor"]]
@@ -333,6 +452,45 @@ class StoppingRules:
             return self._fire("completed", "max_epochs", f"reached max_epochs={self.max_epochs}")
         return None
 
+    def _check_prechelt(self, rule: str, record: Mapping[str, Any], epoch: int, new_best: set[str]) -> Optional[str]:
+        """Update gl/pq/up's state with this epoch; the account of why it fires, or None."""
+        p, st = self.rules[rule], self.prechelt[rule]
+        e = _error(record, p["monitor"])
+        if e < st.opt:
+            st.opt, st.opt_epoch = e, epoch
+            new_best.add(rule)
+        gl = generalization_loss(e, st.opt)
+        if rule == "gl":
+            if gl <= p["alpha"]:
+                return None
+            return (
+                f"GL = {gl:.4g} > alpha = {p['alpha']} after epoch {epoch}: {p['monitor']} error {e:.6g} against "
+                f"its minimum {st.opt:.6g} (epoch {st.opt_epoch})"
+            )
+        k = p["strip"]
+        if rule == "pq":
+            st.strip = [*st.strip, float(record["train_loss"])][-k:]  # E_tr of epochs t-k+1 .. t
+        if epoch % k:  # not the end of a strip
+            return None
+        if rule == "pq":
+            progress = training_progress(st.strip)
+            quotient = gl / progress if progress > 0 else (math.inf if gl > 0 else 0.0)
+            if quotient <= p["alpha"]:
+                return None
+            return (
+                f"GL / P_{k} = {gl:.4g} / {progress:.4g} = {quotient:.4g} > alpha = {p['alpha']} at the end of the "
+                f"strip of epochs {epoch - k + 1}-{epoch}"
+            )
+        rose = st.last_end is not None and e > st.last_end
+        st.rises = st.rises + 1 if rose else 0
+        st.last_end = e
+        if st.rises < p["s"]:
+            return None
+        return (
+            f"{p['monitor']} error rose over {p['s']} successive strips of {k} epochs (epochs "
+            f"{epoch - k * p['s']}, ..., {epoch}): UP_{p['s']}"
+        )
+
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -341,6 +499,8 @@ class StoppingRules:
             "es_wait": self.es_wait,
             "ri_best": self.ri_best,
             "ri_count": self.ri_count,
+            "es_best_epoch": self.es_best_epoch,
+            "prechelt": {rule: asdict(st) for rule, st in self.prechelt.items()},
             "best_epoch": self.best_epoch,
             "best_state": self.best_state,
             "message": self.message,
@@ -353,6 +513,10 @@ class StoppingRules:
         self.ri_best = float(state["ri_best"])
         self.ri_count = int(state["ri_count"])
         self.best_epoch = state["best_epoch"]
+        self.es_best_epoch = state.get("es_best_epoch", self.best_epoch)
+        for rule, st in state.get("prechelt", {}).items():
+            if rule in self.prechelt:
+                self.prechelt[rule] = _Prechelt(**{**st, "strip": [float(v) for v in st["strip"]]})
         self.best_state = state["best_state"]
         self.message = state.get("message", "")
 
