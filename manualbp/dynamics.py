@@ -22,7 +22,7 @@ from typing import Any, Optional
 from .report import Job, markdown_table
 from .studies import Section, _f, _ordered, _plt, _save
 
-__all__ = ["EosRun", "eos_digits_section", "eos_runs", "eos_section", "saturation_runs", "saturation_section", "stretch"]
+__all__ = ["EosRun", "eos_digits_section", "eos_runs", "eos_section", "Window", "saturation_runs", "saturation_section", "window"]
 
 
 def _num(value: Any) -> Optional[float]:
@@ -95,35 +95,44 @@ def eos_runs(jobs: list[Job]) -> list[EosRun]:
     return runs
 
 
-def stretch(r: EosRun, low: float = 0.8, high: float = 1.2) -> tuple[int, int]:
-    """The longest run of consecutive measurements with low <= sharpness / (2/eta) <= high: (first, last) step;
-    (0, 0) when there is none."""
-    best, start = (0, 0), None
-    for k, v in enumerate(r.sharpness):
-        inside = low <= v / r.bound <= high
-        if inside and start is None:
-            start = k
-        if start is not None and (not inside or k == len(r.steps) - 1):
-            end = k if inside else k - 1
-            if r.steps[end] - r.steps[start] > best[1] - best[0]:
-                best = (r.steps[start], r.steps[end])
-            start = None
-    return best
+@dataclass
+class Window:
+    """Where a run sits at the edge of stability: from the first measurement with sharpness >= 0.9 x 2/eta to
+    the last one with sharpness >= 0.8 x 2/eta (after it the sharpness has left for good)."""
+
+    first: int
+    last: int
+    in_band: float  # share of the window's measurements within 0.8-1.2 x 2/eta
+    mean_ratio: float  # mean sharpness / (2/eta) over the window
+
+    @property
+    def steps(self) -> int:
+        return self.last - self.first
+
+
+def window(r: EosRun, low: float = 0.8, high: float = 1.2) -> Optional[Window]:
+    """The run's :class:`Window` (None when the sharpness never reaches 0.9 x 2/eta)."""
+    reach = r.first_reach()
+    if reach is None:
+        return None
+    last = max(s for s, v in zip(r.steps, r.sharpness) if s >= reach and v >= low * r.bound)
+    ratios = [v / r.bound for s, v in zip(r.steps, r.sharpness) if reach <= s <= last]
+    return Window(reach, last, sum(low <= q <= high for q in ratios) / len(ratios), sum(ratios) / len(ratios))
 
 
 def _eos_row(r: EosRun) -> list[str]:
-    reach = r.first_reach()
-    first, last = stretch(r)
-    hovered = last > first
+    w = window(r)
     return [
         _f(r.lr, 3),
         _f(r.bound, 3),
         _f(r.initial, 3),
         _f(max(r.sharpness), 3),
-        "never" if reach is None else str(reach),
-        f"{last - first} ({first}-{last})" if hovered else "-",
-        f"{_f(r.loss_at(first), 4)} -> {_f(r.loss_at(last), 4)}" if hovered else "-",
-        _f(r.loss_rises(first, last), 3) if hovered else "-",
+        "never" if w is None else f"{w.steps} ({w.first}-{w.last})",
+        "-" if w is None else _f(w.in_band, 2),
+        "-" if w is None else _f(w.mean_ratio, 3),
+        "-" if w is None else f"{_f(r.loss_at(w.first), 4)} -> {_f(r.loss_at(w.last), 4)}",
+        "-" if w is None else _f(r.loss_rises(w.first, w.last), 3),
+        _f(r.sharpness[-1] / r.bound, 3),
         _f(r.losses[-1] if r.losses else math.nan, 4),
         r.job.status,
     ]
@@ -133,9 +142,9 @@ def eos_section(jobs: list[Job], img: Path, prefix: str = "results_eos", title: 
     """The table and Cohen et al.'s Figure 1 (loss and sharpness against step, 2/eta dashed) for one sweep."""
     runs = eos_runs(jobs)
     header = [
-        "eta", "2/eta", "sharpness at init", "max sharpness", "first step >= 0.9 (2/eta)",
-        "longest stretch within 0.8-1.2 x 2/eta: steps (from-to)", "training loss over it",
-        "share of its steps where the loss rose", "final training loss", "status",
+        "eta", "2/eta", "sharpness at init", "max sharpness", "at the edge: steps (from-to)",
+        "share within 0.8-1.2 x 2/eta", "mean sharpness / (2/eta)", "training loss over it",
+        "share of its steps the loss rose", "final sharpness / (2/eta)", "final training loss", "status",
     ]  # fmt: skip
     table = markdown_table(header, [_eos_row(r) for r in runs])
     plt = _plt()

@@ -47,13 +47,15 @@ def test_eos_table_and_findings_from_a_known_trajectory(tmp_path):
     jobs = S.load_sweep(_eos_sweep(tmp_path))
     sec = D.eos_section(jobs, tmp_path / "img", title="fake")
     fast = next(r for r in sec.runs if r.lr == 0.2)
-    # 9 >= 0.9 x 10 first at step 35; the band 0.8-1.2 x 2/eta starts at step 30 (sharpness 8)
-    assert fast.first_reach() == 35 and D.stretch(fast) == (30, 100)
+    # 9 >= 0.9 x 10 first at step 35; the last measurement >= 0.8 x 10 is at step 100: the window is 35-100
+    w = D.window(fast)
+    assert fast.first_reach() == 35 and (w.first, w.last, w.in_band) == (35, 100, 1.0)
+    assert w.mean_ratio == pytest.approx((9 + 10 + 6 * 9.5 + 6 * 10.5) / 14 / 10)  # steps 35, 40, then 45-100
     row = next(line for line in sec.markdown.splitlines() if line.startswith("| 0.200"))
-    assert "| 35 " in row and "70 (30-100)" in row
-    assert fast.loss_rises(30, 100) == pytest.approx(6 / 70)  # steps 50, 60, ..., 100 rose
+    assert "65 (35-100)" in row and "| 1.00 " in row
+    assert fast.loss_rises(35, 100) == pytest.approx(6 / 65)  # steps 50, 60, ..., 100 rose
     slow = next(r for r in sec.runs if r.lr == 0.1)
-    assert slow.first_reach() is None and D.stretch(slow) == (0, 0)
+    assert slow.first_reach() is None and D.window(slow) is None
     results = _results_script()
     text = results.eos_findings(sec, jobs)
     assert "Progressive sharpening (the sharpness at least doubles from its early value): **reproduced** (2 of 2" in text
@@ -64,10 +66,11 @@ def test_eos_table_and_findings_from_a_known_trajectory(tmp_path):
     assert (tmp_path / "img" / "results_eos.png").stat().st_size > 1000
 
 
-def test_stretch_is_the_longest_band_of_consecutive_measurements():
-    r = D.EosRun(None, 0.2, [0, 10, 20, 30, 40, 50, 60], [2, 9, 10, 3, 9, 9.5, 10.5])  # type: ignore[arg-type]
-    assert D.stretch(r) == (40, 60)
-    assert D.stretch(r, 0.95, 1.05) == (50, 60)  # 9.5 and 10.5 are on the band's edges; 10 at step 20 alone is shorter
+def test_window_runs_from_first_reach_to_the_last_time_at_the_edge():
+    r = D.EosRun(None, 0.2, [0, 10, 20, 30, 40, 50, 60, 70], [2, 9, 13, 8.5, 9, 10.5, 8.1, 3])  # type: ignore[arg-type]
+    w = D.window(r)
+    assert (w.first, w.last) == (10, 60)  # 13 (1.3 x) is an excursion inside the window, 3 at step 70 is after it
+    assert w.in_band == pytest.approx(5 / 6) and w.mean_ratio == pytest.approx((9 + 13 + 8.5 + 9 + 10.5 + 8.1) / 60)
 
 
 def _saturation_sweep(root: Path) -> Path:
