@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 HEADER = """# Results
 
-Classic findings on initialization, learning rate and stopping, reproduced on data that ship offline
+Classic findings on initialization, learning rate, stopping, sharpness and saturation, reproduced on data that ship offline
 (scikit-learn's digits, MNIST-1D generated locally). One command per study runs its sweep (a preset in
 `conf/experiment/`, logged to W&B offline by default); `python scripts/results.py` then regenerates this
 file and its figures from the sweeps' `metrics.json` and `history.csv`. Nothing below is typed by hand.

@@ -166,3 +166,27 @@ def test_activation_tracker_per_layer_statistics_on_a_fixed_batch():
     assert saturated("sigmoid", a).tolist() == [True, False, True]
     assert saturated("tanh", torch.tensor([0.999, 0.0])).tolist() == [True, False]
     assert saturated("relu", torch.tensor([0.0, 1.0])).tolist() == [True, False]
+
+
+def test_measurements_survive_a_resume(tmp_path, monkeypatch):
+    """A run stopped after epoch 2 and resumed from its checkpoint ends with the same history and *_init metrics."""
+    from manualbp.train import loop
+
+    cfg = {**BASE, "metrics": {"sharpness": True, "activations": True}, "checkpoint_every_s": 0}
+    whole = run({**cfg, "output_dir": str(tmp_path / "whole")})
+    calls = {"n": 0}
+    original = loop.Measurements.after_epoch
+
+    def stop_after_two(self, epoch, model):
+        if epoch == 3 and calls["n"] == 0:
+            calls["n"] += 1
+            raise KeyboardInterrupt  # killed during epoch 3, after the checkpoint of epoch 2
+        return original(self, epoch, model)
+
+    monkeypatch.setattr(loop.Measurements, "after_epoch", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run({**cfg, "output_dir": str(tmp_path / "resumed")})
+    resumed = run({**cfg, "output_dir": str(tmp_path / "resumed")})
+    for key in ("sharpness_init", "sharpness_final", "act_mean_1_init"):
+        assert resumed.metrics[key] == whole.metrics[key]
+    assert [h["sharpness"] for h in resumed.history] == [h["sharpness"] for h in whole.history]

@@ -31,7 +31,7 @@ from . import sinks as _sinks
 from .backends import BACKENDS
 from .config import resolve_config
 from .data import Dataset, load_dataset
-from .metrics import ActivationTracker, SharpnessTracker
+from .metrics import Measurements
 from .schedules import build_schedule
 from .stopping import StopContext, build_stopping
 
@@ -393,8 +393,7 @@ def _run(config: Any = None) -> RunResult:
                 "(set data.val_fraction > 0, or monitor a train_* metric, or turn the rule off with null)"
             )
 
-    tracker = SharpnessTracker(cfg["metrics"], loss, data.x_train, data.y_train, seed)
-    activations = ActivationTracker(cfg["metrics"], data.x_val if data.n_val else data.x_train)
+    measurements = Measurements(cfg["metrics"], loss, data, seed)
     mc = cfg["model"]
     model = build_model(mc, data.in_features, data.out_features, dtype, cfg["init"], seed).to(device)
     backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
@@ -419,7 +418,7 @@ def _run(config: Any = None) -> RunResult:
         backend.load_state_dict(_to_device(saved["backend"], device))
         schedule.load_state_dict(saved["schedule"])
         stopping.load_state_dict(_to_device(saved["stopping"], device))
-        tracker.load_state_dict(saved.get("metrics", {}))
+        measurements.load_state_dict(saved.get("metrics", {}))
         shuffle.set_state(saved["rng"]["shuffle"])
         torch.set_rng_state(saved["rng"]["torch"])
         if saved["rng"].get("cuda") and torch.cuda.is_available():
@@ -444,7 +443,7 @@ def _run(config: Any = None) -> RunResult:
             "backend": backend.state_dict(),
             "schedule": schedule.state_dict(),
             "stopping": stopping.state_dict(),
-            "metrics": tracker.state_dict(),
+            "metrics": measurements.state_dict(),
             "rng": {
                 "shuffle": shuffle.get_state(),
                 "torch": torch.get_rng_state(),
@@ -477,8 +476,7 @@ def _run(config: Any = None) -> RunResult:
     if hasattr(backend, "threads"):
         threads.enter_context(backend.threads(bs))
     if saved is None:
-        tracker.at_start(backend.model)  # sharpness and activations at initialization, before the first step
-        activations.at_start(backend.model)
+        measurements.at_start(backend.model)  # sharpness and activations at initialization, before the first step
     try:
         decision = None
         last_lr: Optional[float] = None
@@ -552,8 +550,7 @@ def _run(config: Any = None) -> RunResult:
             record.update(backend.extra_metrics())
             elapsed += time.perf_counter() - t0
             record["wall_time_s"] = elapsed
-            record.update(tracker.after_epoch(epoch, backend.model))  # not counted as training time
-            record.update(activations.after_epoch(epoch, backend.model))
+            record.update(measurements.after_epoch(epoch, backend.model))  # not counted as training time
             if decision is None:
                 schedule.observe(record[plateau_monitor])
                 decision = stopping.check(record, StopContext(epoch, step, elapsed))
@@ -605,8 +602,7 @@ def _run(config: Any = None) -> RunResult:
         if data.label_noise:
             metrics.update({"label_noise": data.label_noise, "labels_changed": data.labels_changed})
         metrics.update(extra)
-        metrics.update(tracker.summary())
-        metrics.update(activations.summary())
+        metrics.update(measurements.summary())
         final_model = backend.model
         result = stored_result(status, stop_reason, metrics, final_model, mc)
         if writer:

@@ -36,6 +36,7 @@ from .config import _positive_int, is_number
 __all__ = [
     "ACTIVATIONS_DEFAULTS",
     "ActivationTracker",
+    "Measurements",
     "SHARPNESS_DEFAULTS",
     "SharpnessTracker",
     "check_metrics_cfg",
@@ -142,6 +143,12 @@ class ActivationTracker:
     def summary(self) -> dict[str, float]:
         return {f"{k}_init": v for k, v in self.initial.items()}
 
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.initial)
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.initial = dict(state)
+
 
 class SharpnessTracker:
     """The sharpness measurements of one run (a no-op when ``metrics.sharpness`` is off)."""
@@ -198,3 +205,29 @@ class SharpnessTracker:
 
     def load_state_dict(self, state: Mapping[str, Optional[float]]) -> None:
         self.initial, self.last = state.get("initial"), state.get("last")
+
+
+class Measurements:
+    """Every ``metrics`` measurement of one run, as the training loop drives them: before the first step,
+    after each epoch (history entries), at the end (``metrics.json`` entries), and in the checkpoint."""
+
+    def __init__(self, cfg: Mapping[str, Any], loss: str, data: Any, seed: int) -> None:
+        self.sharpness = SharpnessTracker(cfg, loss, data.x_train, data.y_train, seed)
+        self.activations = ActivationTracker(cfg, data.x_val if data.n_val else data.x_train)
+
+    def at_start(self, model: Any) -> None:
+        self.sharpness.at_start(model)
+        self.activations.at_start(model)
+
+    def after_epoch(self, epoch: int, model: Any) -> dict[str, Optional[float]]:
+        return {**self.sharpness.after_epoch(epoch, model), **self.activations.after_epoch(epoch, model)}
+
+    def summary(self) -> dict[str, Optional[float]]:
+        return {**self.sharpness.summary(), **self.activations.summary()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sharpness": self.sharpness.state_dict(), "activations": self.activations.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sharpness.load_state_dict(state.get("sharpness", {}))
+        self.activations.load_state_dict(state.get("activations", {}))
