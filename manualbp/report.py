@@ -162,7 +162,8 @@ def _table(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
     regression = any(j.task == "regression" for j in jobs)
     score = "test_r2" if regression else "test_accuracy"
     metric_cols = [score, "test_loss", "val_loss", "epochs", "steps", "wall_time_s"]
-    extra = [c for c in ("max_grad_rel_diff", "max_param_rel_diff") if any(c in j.metrics for j in jobs)]
+    optional = ("max_grad_rel_diff", "max_param_rel_diff", "sharpness_init", "sharpness_final", "labels_changed")
+    extra = [c for c in optional if any(c in j.metrics for j in jobs)]  # the columns some run of the sweep has
     header = ["job", *keys, "status", "stop_reason", *metric_cols, *extra, "error"]
     rows = []
     for job in jobs:

@@ -143,3 +143,15 @@ def test_cli_clear_error_for_missing_dir(tmp_path, capsys):
 def test_empty_dir_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no job directories"):
         make_report(tmp_path)
+
+
+def test_table_has_the_sharpness_columns_when_a_run_measured_it(tmp_path):
+    make_job(tmp_path, 0, ["optim.lr=0.1"], {"optim": {"lr": 0.1}}, {"status": "completed", "test_accuracy": 0.9, "sharpness_init": 2.5, "sharpness_final": 9.75})
+    make_job(tmp_path, 1, ["optim.lr=0.2"], {"optim": {"lr": 0.2}}, {"status": "completed", "test_accuracy": 0.8})
+    make_report(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
+    assert rows[0]["sharpness_init"] == "2.5" and rows[0]["sharpness_final"] == "9.75" and rows[1]["sharpness_final"] == ""
+    plain = tmp_path / "plain"
+    make_job(plain, 0, ["optim.lr=0.1"], {"optim": {"lr": 0.1}}, {"status": "completed", "test_accuracy": 0.9})
+    make_report(plain)
+    assert "sharpness_init" not in (plain / "report" / "report.csv").read_text()
