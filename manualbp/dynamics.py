@@ -59,8 +59,22 @@ class EosRun:
         return float(self.job.metrics.get("sharpness_init") or math.nan)
 
     def first_reach(self, fraction: float = 0.9) -> Optional[int]:
-        """The first measured step at which sharpness >= fraction x 2/eta (None if never)."""
-        return next((s for s, v in zip(self.steps, self.sharpness) if v >= fraction * self.bound), None)
+        """The first step after initialization at which sharpness >= fraction x 2/eta (None if never; a start
+        above 2/eta is not the edge of stability, the first steps then bring the sharpness down)."""
+        return next((s for s, v in zip(self.steps, self.sharpness) if s > 0 and v >= fraction * self.bound), None)
+
+    def sharpening(self) -> tuple[int, float, int, float]:
+        """Progressive sharpening: the largest rise of the sharpness after initialization, ``(step, value)`` of
+        its low and of its high (low before high). A start above 2/eta first falls and, with cross-entropy, the
+        sharpness falls again late in training: neither is the sharpening phase, which this finds between them."""
+        measured = [(s, v) for s, v in zip(self.steps, self.sharpness) if s > 0]
+        best, low = (0, 0), 0
+        for k in range(1, len(measured)):
+            if measured[k][1] / measured[low][1] > measured[best[1]][1] / measured[best[0]][1]:
+                best = (low, k)
+            if measured[k][1] < measured[low][1]:
+                low = k
+        return (*measured[best[0]], *measured[best[1]])
 
     def ratios_after(self, step: int) -> list[float]:
         return [v / self.bound for s, v in zip(self.steps, self.sharpness) if s >= step]

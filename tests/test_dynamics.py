@@ -58,12 +58,18 @@ def test_eos_table_and_findings_from_a_known_trajectory(tmp_path):
     assert slow.first_reach() is None and D.window(slow) is None
     results = _results_script()
     text = results.eos_findings(sec, jobs)
-    assert "Progressive sharpening (the sharpness at least doubles from its early value): **reproduced** (2 of 2" in text
+    assert fast.sharpening() == (5, 3.0, 50, 10.5)  # the largest rise: from step 5 to step 50
+    assert "Progressive sharpening (the sharpness rises by 25% or more during training): **reproduced** (2 of 2" in text
     assert "The edge of stability" in text and "**reproduced** (1 of 1" in text
     # no hovering: the sharpness drops far below 2/eta after reaching it
     flat = S.load_sweep(_eos_sweep(tmp_path / "flat", hover=False))
     assert "**not reproduced** (0 of 1 runs that reached 2/eta" in results.eos_findings(D.eos_section(flat, tmp_path / "img"), flat)
     assert (tmp_path / "img" / "results_eos.png").stat().st_size > 1000
+
+
+def test_sharpening_is_the_largest_rise_between_an_early_fall_and_a_late_one():
+    r = D.EosRun(None, 0.2, [0, 10, 20, 30, 40, 50], [25, 20, 8, 9, 12, 2])  # type: ignore[arg-type]
+    assert r.sharpening() == (20, 8, 40, 12)  # not the fall from 25 (init) or 20, nor the late fall to 2
 
 
 def test_window_runs_from_first_reach_to_the_last_time_at_the_edge():
