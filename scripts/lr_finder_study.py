@@ -155,7 +155,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"the sweep `{Path(args.sweep).relative_to(ROOT) if Path(args.sweep).is_relative_to(ROOT) else args.sweep}` "
             f"({len(jobs)} runs, {epochs} epochs each" + (f", {wall / 60:.1f} min wall time" if wall else "") + ")"
         )
-        sweep_cmd = "python experiments/train.py -m experiment=lr_study progress=false\n"
+        metrics = " metrics=sharpness" if args.sharpness_key == "sharpness" else ""
+        sweep_cmd = f"python experiments/train.py -m experiment=lr_study{metrics} progress=false\n"
     else:
         print(f"no sweep at {args.sweep}: running the 13 rates here ({args.epochs} epochs)", file=sys.stderr)
         cells = from_runs(args.epochs)
@@ -187,6 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "steep / best",
         "steep / (2/lambda_max)",
         "best / (2/lambda_max)",
+        "2/lambda_max along the best run: end (range)",
     ]
     rows = []
     ratios: dict[str, dict[str, list[float]]] = {b: {"best": [], "lam": [], "valley": [], "min10": []} for b in BATCHES}
@@ -223,6 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     _f(rb),
                     _f(rl),
                     _f(_ratio(cell.best_lr, bound)),
+                    f"{_f(cell.along[-1])} ({_f(min(cell.along))}-{_f(max(cell.along))})" if cell.along else "-",
                 ]
             )
 
@@ -268,6 +271,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         "minimum is the last point kept (the loss still falls where the range ends), so min10 is set by max_lr there, "
         "not by the curve."
     )
+    along = {k: c for k, c in cells.items() if c.along and c.best_lr}
+    if along:
+        end = [c.best_lr / c.along[-1] for c in along.values()]
+        first = [c.best_lr / c.along[0] for c in along.values()]
+        findings.append(
+            f"Along training (the sharpness tracker, `metrics=sharpness`, on the best run of each setting) 2/lambda_max "
+            f"moves: the best rate is {_span(first)} 2/lambda_max after the first epoch and {_span(end)} it at the end. "
+            "A rate above 2/lambda_max at initialization is not unstable for long: the sharpness falls below 2/eta "
+            "within a few steps (docs/results.md, section 6), so neither 2/lambda_max at initialization nor a short "
+            "range test sees the rate gradient descent can sustain."
+        )
     if edge:
         findings.append(
             f"For {', '.join(edge)} the best rate is the grid's largest (10): the sweep's optimum may lie beyond it, so "
@@ -305,9 +319,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "",
         *[f"- {line}" for line in findings],
         "",
-        "2/lambda_max along training: the sharpness tracker's per-epoch lambda_max, once the sweep's histories carry it, "
-        "joins the figure as a fourth marked rate (`--sharpness-key KEY`; `LRFinderResult.plot(marks=...)` and "
-        "`.table(marks=...)` take any further rates).",
+        (
+            "2/lambda_max along training: the sweep's runs measured the sharpness every epoch "
+            "(`python experiments/train.py -m experiment=lr_study metrics=sharpness`); 2/sharpness of the best run is the "
+            "fourth marked rate in the figure."
+            if along
+            else "2/lambda_max along training: run the sweep with `metrics=sharpness` and pass `--sharpness-key sharpness` "
+            "to mark 2/sharpness of the best run (`LRFinderResult.plot(marks=...)` and `.table(marks=...)` take any rates)."
+        ),
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)

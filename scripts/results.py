@@ -333,6 +333,12 @@ def lr_findings(sec: S.Section, jobs: list) -> str:
             )
             + ". Reproduced, up to the curvature change along the trajectory that the initial lambda_max does not see."
         )
+    if loss == "cross_entropy":
+        lines.append(
+            "- Section 6 measures the sharpness along these full-batch runs (`experiment=eos_digits`): it is not "
+            "lambda_max at initialization that bounds the stable rate but the sharpness where gradient descent goes, "
+            "which falls below 2/eta within a few steps of a large rate."
+        )
     mini = [boundary.get((a, "32")) for a in lam]
     full = [boundary.get((a, "full")) for a in lam]
     if all(m is not None for m in mini) and all(f is not None for f in full):

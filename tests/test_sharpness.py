@@ -190,3 +190,11 @@ def test_measurements_survive_a_resume(tmp_path, monkeypatch):
     for key in ("sharpness_init", "sharpness_final", "act_mean_1_init"):
         assert resumed.metrics[key] == whole.metrics[key]
     assert [h["sharpness"] for h in resumed.history] == [h["sharpness"] for h in whole.history]
+
+
+def test_measuring_does_not_change_the_trajectory():
+    cfg = {**BASE, "optim": {"lr": 0.5, "batch_size": 16}, "dtype": "float32"}
+    plain = run(cfg)
+    measured = run({**cfg, "metrics": {"sharpness": True, "activations": True}})
+    assert [h["train_loss"] for h in measured.history] == [h["train_loss"] for h in plain.history]
+    assert measured.metrics["test_accuracy"] == plain.metrics["test_accuracy"]
