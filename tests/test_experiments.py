@@ -17,7 +17,7 @@ from manualbp.train.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-GROUPS = ["data", "model", "init", "optim", "lr_schedule", "stopping", "backend", "logger"]
+GROUPS = ["data", "model", "init", "optim", "lr_schedule", "stopping", "backend", "logger", "metrics"]
 
 
 def options(group: str) -> list[str]:
@@ -44,6 +44,10 @@ def test_every_group_option_is_valid_for_run(group, option):
         assert config["backend"] == option
     elif group == "stopping":
         assert config["stopping"]["max_epochs"] == 100
+    elif group == "metrics":
+        assert option == "none" or config["metrics"][option] is not None
+    elif (group, option) == ("init", "standard"):  # Glorot & Bengio's standard init: nn.Linear's weights, zero biases
+        assert config["init"] == {"name": "torch_default", "bias": "zeros"}
     elif group not in ("model",):
         assert config[group]["name"] in (option, "sgd", "normal")
 
