@@ -31,7 +31,8 @@ from ..train import loop as _loop
 from ..train import sinks as _sinks
 from ..train.config import resolve_config
 from ..train.data import load_dataset
-from ..train.loop import build_model
+from ..train.loop import build_model, resolve_loss
+from ..train.output import HistoryFile, json_safe, save_atomic, write_json
 from ..train.schedules import build_schedule
 from ..train.stopping import StopContext, build_stopping
 from .backend import sgd_kwargs
@@ -56,7 +57,7 @@ def _group_key(cfg: dict) -> str:
     """:func:`group_key` of a resolved config."""
     fixed = {k: v for k, v in cfg.items() if k not in VARYING_KEYS}
     fixed["optim"] = {k: v for k, v in cfg["optim"].items() if k not in VARYING_OPTIM}
-    return json.dumps(_loop._json_safe(fixed), sort_keys=True, default=str)
+    return json.dumps(json_safe(fixed), sort_keys=True, default=str)
 
 
 def _eval_model(out: Tensor, y: Tensor, loss: str, task: str) -> tuple[Tensor, Tensor]:
@@ -101,7 +102,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     seeds = [c["seed"] for c in cfgs]
     datasets = {s: load_dataset(first["data"], s, dtype, device) for s in dict.fromkeys(seeds)}
     data0 = datasets[seeds[0]]
-    loss = _loop._resolve_loss(first["loss"], data0)
+    loss = resolve_loss(first["loss"], data0)
     task = data0.task
     score = "accuracy" if task == "classification" else "r2"
     shared = len(datasets) == 1
@@ -157,9 +158,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     for c in cfgs:
         if c["output_dir"]:
             os.makedirs(c["output_dir"], exist_ok=True)
-            _loop._atomic_write_text(
-                os.path.join(c["output_dir"], "config.json"), json.dumps(_loop._json_safe(c), indent=2) + "\n"
-            )
+            write_json(os.path.join(c["output_dir"], "config.json"), c)
 
     def finish(k: int) -> None:
         c = cfgs[k]
@@ -206,9 +205,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
         result = _loop.stored_result(status, reason, metrics, model, mc)
         out_dir = c["output_dir"]
         if out_dir:
-            _loop._atomic_write_text(
-                os.path.join(out_dir, "metrics.json"), json.dumps(_loop._json_safe(metrics), indent=2) + "\n"
-            )
+            write_json(os.path.join(out_dir, "metrics.json"), metrics)
             state = {
                 "version": _loop.CHECKPOINT_VERSION,
                 "config": c,
@@ -218,9 +215,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
                 "history": histories[k],
                 "result": result,
             }
-            tmp = os.path.join(out_dir, f"{_loop.CHECKPOINT}.tmp{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, os.path.join(out_dir, _loop.CHECKPOINT))
+            save_atomic(state, os.path.join(out_dir, _loop.CHECKPOINT))
         # the run's own logger (W&B: its own run, grouped as configured), replayed once the run has ended
         sink = _sinks.build_sink(c["logger"], c, out_dir)
         for record in histories[k]:
@@ -231,7 +226,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
         finished[k] = True
 
     history_files = [
-        _loop._HistoryFile(os.path.join(c["output_dir"], "history.csv")) if c["output_dir"] else None for c in cfgs
+        HistoryFile(os.path.join(c["output_dir"], "history.csv")) if c["output_dir"] else None for c in cfgs
     ]
 
     step_limits = [s.has_step_limits for s in stoppings]

@@ -11,8 +11,6 @@ loop in between, and the epoch is replayed step by step if the divergence check 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
 import os
 import time
@@ -32,10 +30,20 @@ from .backends import BACKENDS
 from .config import resolve_config
 from .data import Dataset, load_dataset
 from .metrics import Measurements
+from .output import HistoryFile, check_writable, save_atomic, write_json
 from .schedules import build_schedule
 from .stopping import StopContext, build_stopping
 
-__all__ = ["run", "build_model", "RunResult", "evaluate", "resolve_device", "CHECKPOINT", "NON_SEMANTIC_KEYS"]
+__all__ = [
+    "run",
+    "build_model",
+    "RunResult",
+    "evaluate",
+    "resolve_device",
+    "resolve_loss",
+    "CHECKPOINT",
+    "NON_SEMANTIC_KEYS",
+]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 2  # 2: the fused backend keeps one momentum buffer per [W | b] block
@@ -82,7 +90,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _resolve_loss(name: str, data: Dataset) -> str:
+def resolve_loss(name: str, data: Dataset) -> str:
+    """The loss a run trains with: ``auto`` is cross_entropy for classification, squared_error for regression;
+    a loss that does not fit the data set's task is an error naming both."""
     if name == "auto":
         return "cross_entropy" if data.task == "classification" else "squared_error"
     if data.task == "classification" and name != "cross_entropy":
@@ -148,77 +158,6 @@ def _clone(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_clone(v) for v in obj)
     return obj
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _check_writable(out_dir: str) -> None:
-    """Fail at start, not after the first epoch, when ``output_dir`` cannot be created or written."""
-    probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"output_dir {out_dir!r} cannot be written: {e.strerror or e}") from None
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _csv_row(rec: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in rec.items()}
-
-
-def _write_history(path: str, history: list[dict[str, Any]]) -> None:
-    """Rewrite ``history.csv`` whole, atomically."""
-    columns: list[str] = []
-    for rec in history:
-        columns += [k for k in rec if k not in columns]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for rec in history:
-            w.writerow(_csv_row(rec))
-    os.replace(tmp, path)
-
-
-class _HistoryFile:
-    """``history.csv`` kept up to date with a run's history: rewritten whole on the first write of a process
-    (the checkpoint's history is the truth after a resume) or when the columns change; otherwise the rows
-    added since the last update are appended (rewriting a growing file every epoch costs O(epochs^2))."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.columns: Optional[list[str]] = None
-        self.written = 0  # rows of the history already in the file
-
-    def update(self, history: list[dict[str, Any]]) -> None:
-        new = history[self.written :]
-        if self.columns is None or any(list(r) != self.columns for r in new):
-            _write_history(self.path, history)
-            columns = list(history[0])
-            self.columns = columns if all(list(r) == columns for r in history) else None
-        else:
-            with open(self.path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.columns)
-                for rec in new:
-                    writer.writerow(_csv_row(rec))
-        self.written = len(history)
 
 
 def _semantic(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -352,7 +291,7 @@ def _run(config: Any = None) -> RunResult:
     cfg = resolve_config(config)
     out_dir = cfg["output_dir"]
     if out_dir:
-        _check_writable(out_dir)
+        check_writable(out_dir)
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     saved: Optional[dict[str, Any]] = None
     if ckpt_path and os.path.exists(ckpt_path):
@@ -378,7 +317,7 @@ def _run(config: Any = None) -> RunResult:
     dtype = getattr(torch, cfg["dtype"])
     seed = cfg["seed"]
     data = load_dataset(cfg["data"], seed, dtype, device)
-    loss = _resolve_loss(cfg["loss"], data)
+    loss = resolve_loss(cfg["loss"], data)
     stopping = build_stopping(cfg["stopping"])
     stopping.device_type = device.type
     score = "accuracy" if data.task == "classification" else "r2"
@@ -425,10 +364,10 @@ def _run(config: Any = None) -> RunResult:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
 
     writer = out_dir if dinfo.is_main else None  # under DDP, rank 0 alone writes files and checkpoints
-    history_file = _HistoryFile(os.path.join(out_dir, "history.csv")) if out_dir else None
+    history_file = HistoryFile(os.path.join(out_dir, "history.csv")) if out_dir else None
     if writer:
         os.makedirs(out_dir, exist_ok=True)
-        _atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(_json_safe(cfg), indent=2) + "\n")
+        write_json(os.path.join(out_dir, "config.json"), cfg)
 
     def save_checkpoint(result: Optional[dict[str, Any]] = None) -> None:
         if not ckpt_path or not dinfo.is_main:
@@ -451,9 +390,7 @@ def _run(config: Any = None) -> RunResult:
             },
             "result": result,
         }
-        tmp = f"{ckpt_path}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)
+        save_atomic(state, ckpt_path)
 
     x_tr, y_tr = data.x_train, data.y_train
     # a backend may want the training set in its own form (fused: a ones column, one-hot targets), once
@@ -606,7 +543,7 @@ def _run(config: Any = None) -> RunResult:
         final_model = backend.model
         result = stored_result(status, stop_reason, metrics, final_model, mc)
         if writer:
-            _atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(_json_safe(metrics), indent=2) + "\n")
+            write_json(os.path.join(out_dir, "metrics.json"), metrics)
             save_checkpoint(result)
         sink.summary(metrics)
     except BaseException:

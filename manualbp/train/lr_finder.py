@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 from .backends import BACKENDS
 from .config import is_number, resolve_config
 from .data import load_dataset
-from .loop import _json_safe, _resolve_loss, build_model, resolve_device
+from .loop import build_model, resolve_device, resolve_loss
+from .output import json_safe
 
 __all__ = [
     "lr_find",
@@ -214,7 +215,7 @@ class LRFinderResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe data (non-finite floats as null / "inf")."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def table(self, marks: Optional[Marks] = None) -> str:
         """A markdown table: each rule's suggested rate (the chosen one starred) and each marked rate, with
@@ -418,7 +419,7 @@ def _range_test(
     dtype = getattr(torch, cfg["dtype"])
     seed = cfg["seed"]
     data = load_dataset(cfg["data"], seed, dtype, device)
-    loss = _resolve_loss(cfg["loss"], data)
+    loss = resolve_loss(cfg["loss"], data)
     model = build_model(cfg["model"], data.in_features, data.out_features, dtype, cfg["init"], seed).to(device)
     backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
     n = data.n_train
