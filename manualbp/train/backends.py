@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..autograd import CrossEntropyFunction, MSELossFunction, SquaredErrorLossFunction
 from ..nn import MLP
-from .config import DEFAULTS, is_number
+from .defaults import DEFAULTS, is_number
 from .distributed import wrap as wrap_distributed
 
 __all__ = [

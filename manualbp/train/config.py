@@ -5,6 +5,10 @@ or an OmegaConf ``DictConfig``, possibly partial) into a plain nested dict: the 
 :data:`DEFAULTS`, every key checked. A misspelt key or a bad value raises a ``ValueError``/``TypeError``
 naming it (``"optim.lr must be a positive number, got -1"``) before any data is loaded.
 
+Imports flow one way: :mod:`~manualbp.train.defaults` (the default tree and number checks) imports nothing of
+``manualbp.train``; each group module (``data``, ``schedules``, ``stopping``, ``backends``, ``metrics``, ``sinks``)
+imports only that and validates its own sub-tree; this module imports them all.
+
 Sub-trees whose keys depend on a chosen name (``init`` parameters, ``lr_schedule`` parameters, ``data``
 parameters of a synthetic set, extra keyword arguments of an optimizer) are checked by the module that
 owns them (``manualbp.init``, ``schedules``, ``data``, ``backends``), which :func:`validate` calls.
@@ -13,48 +17,14 @@ owns them (``manualbp.init``, ``schedules``, ``data``, ``backends``), which :fun
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Mapping
 
+from .. import init as _init
+from . import backends, data, metrics, schedules, sinks, stopping
+from .defaults import DEFAULTS, DTYPES, LOSSES, is_number
+from .defaults import positive_int as _positive_int
+
 __all__ = ["DEFAULTS", "resolve_config", "deep_merge", "to_plain", "validate", "is_number"]
-
-#: The whole configuration tree with its defaults. ``run({})`` trains this.
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "device": "auto",
-    "dtype": "float32",
-    "progress": True,
-    "output_dir": None,
-    "checkpoint_every_s": 10.0,
-    "data": {
-        "name": "digits",
-        "path": None,
-        "target": None,
-        "val_fraction": 0.1,
-        "test_fraction": 0.2,
-    },
-    "model": {"hidden": [64], "activation": "sigmoid", "bias": True},
-    "loss": "auto",
-    "init": {"name": "xavier_uniform"},
-    "optim": {"name": "sgd", "lr": 0.1, "batch_size": 32, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0},
-    "lr_schedule": {"name": "constant"},
-    "stopping": {
-        "max_epochs": 100,
-        "early_stopping": {"patience": 10, "min_delta": 0.0, "monitor": "val_loss", "restore_best": True},
-    },
-    "backend": "manual",
-    "logger": {"name": "none"},
-    "metrics": {"sharpness": None, "activations": None},
-}
-
-LOSSES = ("auto", "cross_entropy", "squared_error", "mse")
-DTYPES = ("float32", "float64", "bfloat16", "float16")
-
-
-def is_number(value: object) -> bool:
-    """A real, finite int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def to_plain(config: object) -> Any:
     """A plain nested dict from a dict or an OmegaConf container (resolving interpolations)."""
@@ -121,18 +91,8 @@ def resolve_config(config: object = None) -> dict[str, Any]:
     return merged
 
 
-def _positive_int(value: object, where: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{where} must be a positive integer, got {value!r}")
-
-
 def validate(cfg: dict[str, Any]) -> None:
     """Check a merged config; raises ``ValueError``/``TypeError`` naming the first bad key."""
-    from .. import init as _init
-    from . import backends, data, metrics, schedules, sinks, stopping
-
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
         raise ValueError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
     device = cfg["device"]

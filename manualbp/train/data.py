@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import DEFAULTS, is_number
+from .defaults import DEFAULTS, is_number
 
 __all__ = ["Dataset", "load_dataset", "DATASETS", "check_data_cfg", "read_idx", "noisy_labels"]
 

@@ -49,8 +49,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .backends import BACKENDS
-from .config import is_number, resolve_config
+from .config import resolve_config
 from .data import load_dataset
+from .defaults import is_number
 from .loop import build_model, resolve_device, resolve_loss
 from .output import json_safe
 

@@ -31,7 +31,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .config import _positive_int, is_number
+from .defaults import is_number
+from .defaults import positive_int as _positive_int
 
 __all__ = [
     "ACTIVATIONS_DEFAULTS",

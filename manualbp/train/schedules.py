@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from .config import is_number
+from .defaults import is_number
 
 __all__ = ["Schedule", "build_schedule", "check_schedule_cfg", "SCHEDULES"]
 

@@ -53,7 +53,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import Tensor
 
-from .config import is_number
+from .defaults import is_number
 
 __all__ = [
     "StoppingRules",
