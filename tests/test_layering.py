@@ -98,3 +98,24 @@ def test_the_training_package_imports_one_way():
         assert "manualbp.train.config" not in graph[f"manualbp.train.{group}"], group
     source = (PACKAGE / "train" / "config.py").read_text()
     assert "    from . import" not in source  # the groups are imported at the top, not inside validate()
+
+
+def test_backends_register_lazily():
+    """Importing manualbp.train does not import the fast paths; looking up backend "fused" does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, manualbp.train as T\n"
+        "assert not any(m.startswith('manualbp.fast') for m in sys.modules), 'fast paths imported eagerly'\n"
+        "assert 'fused' in T.BACKENDS\n"
+        "from manualbp.fast.backend import FusedBackend\n"
+        "assert T.BACKENDS['fused'] is FusedBackend and dict(T.BACKENDS.items())['fused'] is FusedBackend\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import pytest
+
+    from manualbp.train import register_backend
+
+    with pytest.raises(ValueError, match="a lazy backend is named 'module:Class'"):
+        register_backend("broken", "manualbp.fast.backend")

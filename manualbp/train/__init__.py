@@ -33,5 +33,3 @@ __all__ = [
     "lr_find",
     "LRFinderResult",
 ]
-
-from ..fast import backend as _fast_backend  # noqa: E402,F401  (registers backend "fused")

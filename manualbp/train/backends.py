@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import torch
 import torch.nn.functional as TF
@@ -53,14 +53,39 @@ __all__ = [
     "rel_diff",
 ]
 
-BACKENDS: dict[str, type] = {}
+class _Registry(dict):
+    """Backend name -> class. A ``"module:Class"`` string registers a backend lazily: its module is imported
+    the first time the backend is looked up, so importing ``manualbp.train`` does not import the fast paths."""
+
+    def __getitem__(self, name: str) -> type:
+        value = super().__getitem__(name)
+        if isinstance(value, str):
+            module, _, attr = value.partition(":")
+            value = getattr(importlib.import_module(module), attr)
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[name] if name in self else default
+
+    def values(self) -> list[type]:  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self) -> list[tuple[str, type]]:  # type: ignore[override]
+        return [(k, self[k]) for k in self]
 
 
-def register_backend(name: str, cls: type) -> type:
-    """Make ``backend: name`` build ``cls(model, loss, optim_cfg)``. Returns ``cls`` (usable as a decorator factory)."""
+BACKENDS: dict[str, type] = _Registry()
+
+
+def register_backend(name: str, cls: Union[type, str]) -> Union[type, str]:
+    """Make ``backend: name`` build ``cls(model, loss, optim_cfg)``; ``cls`` may be a ``"module:Class"`` string,
+    imported on first use. Returns ``cls`` (usable as a decorator factory)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"backend name must be a non-empty string, got {name!r}")
-    BACKENDS[name] = cls
+    if isinstance(cls, str) and (":" not in cls or cls.startswith(":") or cls.endswith(":")):
+        raise ValueError(f"backend {name!r}: a lazy backend is named 'module:Class', got {cls!r}")
+    BACKENDS[name] = cls  # type: ignore[assignment]
     return cls
 
 
@@ -382,3 +407,4 @@ class BothBackend:
 register_backend("manual", ManualBackend)
 register_backend("autograd", AutogradBackend)
 register_backend("both", BothBackend)
+register_backend("fused", "manualbp.fast.backend:FusedBackend")  # the engine-free trainer, imported when used
