@@ -32,7 +32,7 @@ from .data import Dataset, load_dataset
 from .metrics import Measurements
 from .output import HistoryFile, check_writable, save_atomic, write_json
 from .schedules import build_schedule
-from .stopping import StopContext, build_stopping
+from .stopping import Decision, StopContext, build_stopping
 
 __all__ = [
     "run",
@@ -276,7 +276,7 @@ def _run(config: Any = None) -> RunResult:
     Args:
         config: a nested mapping (plain dict or OmegaConf ``DictConfig``) with any of the keys
             ``seed, device, dtype, data, model, loss, init, optim, lr_schedule, stopping, backend,
-            logger, progress, output_dir``; missing keys take :data:`~manualbp.train.config.DEFAULTS`.
+            logger, progress, output_dir, metrics``; missing keys take :data:`~manualbp.train.config.DEFAULTS`.
 
     With ``output_dir`` set, the run writes ``config.json``, ``history.csv`` (each epoch),
     ``metrics.json`` (at the end) and ``checkpoint.pt`` (atomically, after the first epoch that ends
@@ -284,42 +284,49 @@ def _run(config: Any = None) -> RunResult:
     the same ``output_dir`` resumes from the checkpoint, and returns the stored result without training
     when the run had already finished.
 
+    The steps, in order: :func:`_saved_run` (a checkpoint to resume, or a finished run's result),
+    :class:`_Training` (data, model, backend, schedule, rules), then its :meth:`~_Training.train` (epochs until
+    a rule fires) and :meth:`~_Training.finish` (restore the best epoch, evaluate, write the result).
+
     Example:
         >>> result = run({"data": {"name": "iris"}, "stopping": {"max_epochs": 20}, "progress": False})
         >>> result.status, round(result.metrics["test_accuracy"], 2)
     """
     cfg = resolve_config(config)
+    saved, finished = _saved_run(cfg)
+    if finished is not None:
+        return finished
+    training = _Training(cfg, saved)
+    with training.threads():
+        return training.finish(training.train())
+
+
+def _saved_run(cfg: dict[str, Any]) -> tuple[Optional[dict[str, Any]], Optional[RunResult]]:
+    """The checkpoint in ``output_dir`` (None without one) and, when that run had finished, its stored result."""
     out_dir = cfg["output_dir"]
     if out_dir:
         check_writable(out_dir)
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
-    saved: Optional[dict[str, Any]] = None
-    if ckpt_path and os.path.exists(ckpt_path):
-        saved = _load_checkpoint(ckpt_path)
-        diff = _first_difference(_semantic(saved["config"]), _semantic(cfg))
-        if diff:
-            raise ValueError(
-                f"output_dir {out_dir!r} holds a run with a different config (first difference at {diff!r}); "
-                "use another output_dir, or the same config to resume"
-            )
-        if saved.get("result") is not None:
-            r = saved["result"]
-            arch = r["arch"]
-            model = build_model(arch, arch["in_features"], arch["out_features"], getattr(torch, cfg["dtype"]))
-            model.load_state_dict(r["model_state"])
-            return RunResult(r["status"], r["stop_reason"], r["metrics"], saved["history"], cfg, out_dir, model)
+    if not ckpt_path or not os.path.exists(ckpt_path):
+        return None, None
+    saved = _load_checkpoint(ckpt_path)
+    diff = _first_difference(_semantic(saved["config"]), _semantic(cfg))
+    if diff:
+        raise ValueError(
+            f"output_dir {out_dir!r} holds a run with a different config (first difference at {diff!r}); "
+            "use another output_dir, or the same config to resume"
+        )
+    if saved.get("result") is None:
+        return saved, None
+    r = saved["result"]
+    arch = r["arch"]
+    model = build_model(arch, arch["in_features"], arch["out_features"], getattr(torch, cfg["dtype"]))
+    model.load_state_dict(r["model_state"])
+    return saved, RunResult(r["status"], r["stop_reason"], r["metrics"], saved["history"], cfg, out_dir, model)
 
-    device = resolve_device(cfg["device"])
-    dinfo, device = _dist.setup(device)  # torchrun: this rank's process group and device
-    if device.type == "cuda":  # reproducible CUDA runs (cuBLAS needs its workspace pinned for that)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    dtype = getattr(torch, cfg["dtype"])
-    seed = cfg["seed"]
-    data = load_dataset(cfg["data"], seed, dtype, device)
-    loss = resolve_loss(cfg["loss"], data)
-    stopping = build_stopping(cfg["stopping"])
-    stopping.device_type = device.type
+
+def _check_monitors(stopping: Any, data: Dataset) -> None:
+    """Every metric a stopping rule monitors exists for this data set (and its validation split)."""
     score = "accuracy" if data.task == "classification" else "r2"
     for monitor in stopping.monitors:
         if not monitor.endswith(("_loss", f"_{score}")):
@@ -332,226 +339,272 @@ def _run(config: Any = None) -> RunResult:
                 "(set data.val_fraction > 0, or monitor a train_* metric, or turn the rule off with null)"
             )
 
-    measurements = Measurements(cfg["metrics"], loss, data, seed)
-    mc = cfg["model"]
-    model = build_model(mc, data.in_features, data.out_features, dtype, cfg["init"], seed).to(device)
-    backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
-    if dinfo.enabled:
-        if not hasattr(backend, "distribute"):
-            raise ValueError(f"backend {cfg['backend']!r} does not support distributed training; use manual or autograd")
-        backend.distribute(dinfo)
 
-    n = data.n_train
-    # bs: the global batch (under DDP each rank trains on its 1/world shard of it: batch_size per rank)
-    per_rank = cfg["optim"]["batch_size"]
-    bs = n if per_rank == "full" else min(per_rank * dinfo.world, n)
-    steps_per_epoch = math.ceil(n / bs)
-    schedule = build_schedule(cfg["lr_schedule"], cfg["optim"]["lr"], steps_per_epoch, stopping.max_epochs)
-    plateau_monitor = "val_loss" if data.n_val else "train_loss"
-    shuffle = torch.Generator().manual_seed(seed + 1)
-    epoch, step, elapsed = 0, 0, 0.0
-    history: list[dict[str, Any]] = []
-    if saved is not None:
-        epoch, step, elapsed = saved["epoch"], saved["step"], saved["elapsed"]
-        history = saved["history"]
-        backend.load_state_dict(_to_device(saved["backend"], device))
-        schedule.load_state_dict(saved["schedule"])
-        stopping.load_state_dict(_to_device(saved["stopping"], device))
-        measurements.load_state_dict(saved.get("metrics", {}))
-        shuffle.set_state(saved["rng"]["shuffle"])
+class _Training:
+    """One run, from its resolved config (and the checkpoint it resumes from): everything :func:`_run` needs
+    between its steps. ``epoch``, ``step``, ``elapsed`` and ``history`` are where the run stands."""
+
+    def __init__(self, cfg: dict[str, Any], saved: Optional[dict[str, Any]]) -> None:
+        self.cfg = cfg
+        self.out_dir = cfg["output_dir"]
+        self.ckpt_path = os.path.join(self.out_dir, CHECKPOINT) if self.out_dir else None
+        device = resolve_device(cfg["device"])
+        self.dinfo, self.device = _dist.setup(device)  # torchrun: this rank's process group and device
+        if self.device.type == "cuda":  # reproducible CUDA runs (cuBLAS needs its workspace pinned for that)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        dtype, seed = getattr(torch, cfg["dtype"]), cfg["seed"]
+        self.data = data = load_dataset(cfg["data"], seed, dtype, self.device)
+        self.loss = resolve_loss(cfg["loss"], data)
+        self.stopping = build_stopping(cfg["stopping"])
+        self.stopping.device_type = self.device.type
+        _check_monitors(self.stopping, data)
+        self.measurements = Measurements(cfg["metrics"], self.loss, data, seed)
+        model = build_model(cfg["model"], data.in_features, data.out_features, dtype, cfg["init"], seed).to(self.device)
+        self.n_layers = len(model.linears)
+        self.backend = BACKENDS[cfg["backend"]](model, self.loss, cfg["optim"])
+        if self.dinfo.enabled:
+            if not hasattr(self.backend, "distribute"):
+                raise ValueError(f"backend {cfg['backend']!r} does not support distributed training; use manual or autograd")
+            self.backend.distribute(self.dinfo)
+        n = data.n_train
+        # bs: the global batch (under DDP each rank trains on its 1/world shard of it: batch_size per rank)
+        per_rank = cfg["optim"]["batch_size"]
+        self.bs = n if per_rank == "full" else min(per_rank * self.dinfo.world, n)
+        self.steps_per_epoch = math.ceil(n / self.bs)
+        self.schedule = build_schedule(cfg["lr_schedule"], cfg["optim"]["lr"], self.steps_per_epoch, self.stopping.max_epochs)
+        self.shuffle = torch.Generator().manual_seed(seed + 1)
+        self.epoch, self.step, self.elapsed = 0, 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self.last_lr: Optional[float] = None
+        if saved is not None:
+            self._resume(saved)
+        self.writer = self.out_dir if self.dinfo.is_main else None  # under DDP, rank 0 alone writes files
+        self.history_file = HistoryFile(os.path.join(self.out_dir, "history.csv")) if self.out_dir else None
+        if self.writer:
+            os.makedirs(self.out_dir, exist_ok=True)
+            write_json(os.path.join(self.out_dir, "config.json"), cfg)
+        self.sink = _sinks.build_sink(cfg["logger"] if self.dinfo.is_main else {"name": "none"}, cfg, self.out_dir)
+        if saved is None:
+            self.measurements.at_start(self.backend.model)  # sharpness and activations before the first step
+
+    def threads(self) -> contextlib.AbstractContextManager:
+        """The run's CPU threads: a backend may pick them for the whole run (fused: one thread where a step is
+        microseconds, so that no small op of the loop's, its evaluation or its shuffle pays OpenMP's fork and join)."""
+        if hasattr(self.backend, "threads"):
+            return self.backend.threads(self.bs)
+        return contextlib.nullcontext()
+
+    def _resume(self, saved: dict[str, Any]) -> None:
+        self.epoch, self.step, self.elapsed = saved["epoch"], saved["step"], saved["elapsed"]
+        self.history = saved["history"]
+        self.backend.load_state_dict(_to_device(saved["backend"], self.device))
+        self.schedule.load_state_dict(saved["schedule"])
+        self.stopping.load_state_dict(_to_device(saved["stopping"], self.device))
+        self.measurements.load_state_dict(saved.get("metrics", {}))
+        self.shuffle.set_state(saved["rng"]["shuffle"])
         torch.set_rng_state(saved["rng"]["torch"])
         if saved["rng"].get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
 
-    writer = out_dir if dinfo.is_main else None  # under DDP, rank 0 alone writes files and checkpoints
-    history_file = HistoryFile(os.path.join(out_dir, "history.csv")) if out_dir else None
-    if writer:
-        os.makedirs(out_dir, exist_ok=True)
-        write_json(os.path.join(out_dir, "config.json"), cfg)
-
-    def save_checkpoint(result: Optional[dict[str, Any]] = None) -> None:
-        if not ckpt_path or not dinfo.is_main:
+    def save_checkpoint(self, result: Optional[dict[str, Any]] = None) -> None:
+        if not self.ckpt_path or not self.dinfo.is_main:
             return
         state = {
             "version": CHECKPOINT_VERSION,
-            "config": cfg,
-            "epoch": epoch,
-            "step": step,
-            "elapsed": elapsed,
-            "history": history,
-            "backend": backend.state_dict(),
-            "schedule": schedule.state_dict(),
-            "stopping": stopping.state_dict(),
-            "metrics": measurements.state_dict(),
+            "config": self.cfg,
+            "epoch": self.epoch,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "history": self.history,
+            "backend": self.backend.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "stopping": self.stopping.state_dict(),
+            "metrics": self.measurements.state_dict(),
             "rng": {
-                "shuffle": shuffle.get_state(),
+                "shuffle": self.shuffle.get_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
             "result": result,
         }
-        save_atomic(state, ckpt_path)
+        save_atomic(state, self.ckpt_path)
 
-    x_tr, y_tr = data.x_train, data.y_train
-    # a backend may want the training set in its own form (fused: a ones column, one-hot targets), once
-    x_fit, y_fit = backend.prepare(x_tr, y_tr) if hasattr(backend, "prepare") else (x_tr, y_tr)
-    eval_splits = {"train": (x_tr, y_tr), "val": (data.x_val, data.y_val)}
-    n_layers = len(model.linears)
-    sink = _sinks.build_sink(cfg["logger"] if dinfo.is_main else {"name": "none"}, cfg, out_dir)
-    status = "failed"
-    bar = tqdm(
-        total=stopping.max_epochs,
-        initial=epoch,
-        desc=f"{data.name} {cfg['backend']}",
-        unit="epoch",
-        disable=None if cfg["progress"] and dinfo.is_main else True,  # None: quiet when not a terminal
-        leave=False,
-    )
-    # a backend may pick the CPU threads for the whole run (fused: one thread where a step is microseconds,
-    # so that no small op of the loop's, its evaluation or its shuffle pays OpenMP's fork and join)
-    threads = contextlib.ExitStack()
-    if hasattr(backend, "threads"):
-        threads.enter_context(backend.threads(bs))
-    if saved is None:
-        measurements.at_start(backend.model)  # sharpness and activations at initialization, before the first step
-    try:
-        decision = None
-        last_lr: Optional[float] = None
-        saved_at = elapsed  # training seconds at the last checkpoint
-        # a whole epoch in one backend call where no per-step rule needs the loop between steps
-        whole_epochs = (
-            hasattr(backend, "step_many")
-            and not dinfo.enabled
-            and not stopping.has_step_limits
-            and not schedule.changes_within_epoch
-        )
-        full_counts = torch.tensor(
-            [bs] * (steps_per_epoch - 1) + [n - (steps_per_epoch - 1) * bs], dtype=torch.float64, device=device
-        )
-        while decision is None:
-            t0 = time.perf_counter()
-            if bs < n:  # this epoch's order, gathered once; batch b is rows b*bs .. (b+1)*bs-1 of it
-                perm = torch.randperm(n, generator=shuffle).to(device)
-                x_epoch, y_epoch = x_fit.index_select(0, perm), y_fit.index_select(0, perm)
-            else:
-                x_epoch, y_epoch = x_fit, y_fit
-            losses: Optional[Tensor] = None
-            if whole_epochs:
-                lr = schedule.lr(step, epoch)
-                if lr != last_lr:
-                    backend.set_lr(lr)
-                    last_lr = lr
-                rewind = backend.state_dict()
-                losses = backend.step_many(x_epoch, y_epoch, bs)
-                if stopping.fires_within(losses, step):  # replay the epoch step by step: stop where that stops
-                    backend.load_state_dict(rewind)
-                    losses = None
-                else:
-                    step += steps_per_epoch
-                    counts, seen = full_counts, n
-            if losses is None:
-                batch_losses, batch_counts = [], []
-                for xb, yb in zip(x_epoch.split(bs), y_epoch.split(bs)):
-                    lr = schedule.lr(step, epoch)
-                    if lr != last_lr:
-                        backend.set_lr(lr)
-                        last_lr = lr
-                    if dinfo.enabled:  # this rank's shard of the global batch
-                        xb, yb = xb.tensor_split(dinfo.world)[dinfo.rank], yb.tensor_split(dinfo.world)[dinfo.rank]
-                    batch_loss = backend.step(xb, yb)
-                    batch_losses.append(batch_loss)
-                    batch_counts.append(xb.shape[0])
-                    step += 1
-                    check_loss = batch_loss if stopping.needs_step_loss(step - 1) else None
-                    now = elapsed + time.perf_counter() - t0
-                    if dinfo.enabled:  # every rank must take the same decision: the mean loss, rank 0's clock
-                        check_loss, now = _dist.reduce_step(batch_loss, now, dinfo)
-                    decision = stopping.check_step(check_loss, StopContext(epoch, step, now))
-                    if decision is not None:
-                        break
-                losses = torch.stack(batch_losses)
-                counts, seen = torch.tensor(batch_counts, dtype=torch.float64, device=device), sum(batch_counts)
-            running = torch.dot(losses.to(torch.float64), counts)  # the epoch's summed training loss, no host sync
-            epoch += 1
-            record: dict[str, Any] = {"epoch": epoch, "step": step}
-            if dinfo.enabled:
-                totals = _dist.all_sum(torch.stack([running, running.new_tensor(float(seen))]), dinfo)
-                running, seen = totals[0], int(totals[1].item())
-            record["train_loss_running"] = (running / max(seen, 1)).item()
-            record.update(evaluate(backend, loss, data.task, eval_splits))
-            record["lr"] = last_lr
-            norms = backend.grad_norms()
-            for k, g in enumerate(norms, 1):
-                record[f"grad_norm_{k}"] = g
-            record["grad_norm"] = math.sqrt(sum(g * g for g in norms)) if len(norms) == n_layers else math.nan
-            record.update(backend.extra_metrics())
-            elapsed += time.perf_counter() - t0
-            record["wall_time_s"] = elapsed
-            record.update(measurements.after_epoch(epoch, backend.model))  # not counted as training time
-            if decision is None:
-                schedule.observe(record[plateau_monitor])
-                decision = stopping.check(record, StopContext(epoch, step, elapsed))
-            elif decision[0] != "diverged":  # a per-step rule fired; still track the best epoch
-                stopping.check(record, StopContext(epoch, step, elapsed))
-            if stopping.improved and stopping.restore_best:
-                stopping.best_state = _clone(backend.state_dict())
-            history.append(record)
-            sink.log(record, epoch)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{record['train_loss']:.4f}",
-                **{score[:3]: f"{record.get(f'val_{score}') or record[f'train_{score}']:.4f}"},
-            )
-            if writer:
-                history_file.update(history)
-            if decision is None and (elapsed - saved_at >= cfg["checkpoint_every_s"]):
-                save_checkpoint()
-                saved_at = elapsed
+    def _set_lr(self) -> None:
+        lr = self.schedule.lr(self.step, self.epoch)
+        if lr != self.last_lr:
+            self.backend.set_lr(lr)
+            self.last_lr = lr
 
+    def _whole_epochs(self) -> bool:
+        """Whether a whole epoch can run in one backend call: no per-step rule needs the loop in between."""
+        return (
+            hasattr(self.backend, "step_many")
+            and not self.dinfo.enabled
+            and not self.stopping.has_step_limits
+            and not self.schedule.changes_within_epoch
+        )
+
+    def _epoch_in_one_call(self, x_epoch: Tensor, y_epoch: Tensor) -> Optional[Tensor]:
+        """The epoch's step losses from ``step_many``; None (and the state rewound) when the divergence check
+        would have fired within it, so that the epoch is replayed step by step and stops where that stops."""
+        self._set_lr()
+        rewind = self.backend.state_dict()
+        losses = self.backend.step_many(x_epoch, y_epoch, self.bs)
+        if self.stopping.fires_within(losses, self.step):
+            self.backend.load_state_dict(rewind)
+            return None
+        self.step += self.steps_per_epoch
+        return losses
+
+    def _epoch_step_by_step(self, x_epoch: Tensor, y_epoch: Tensor, t0: float) -> tuple[Tensor, list[int], Decision]:
+        """The epoch's steps one by one, each checked by the per-step rules: losses, batch sizes, decision."""
+        batch_losses, batch_counts, decision = [], [], None
+        for xb, yb in zip(x_epoch.split(self.bs), y_epoch.split(self.bs)):
+            self._set_lr()
+            if self.dinfo.enabled:  # this rank's shard of the global batch
+                xb, yb = xb.tensor_split(self.dinfo.world)[self.dinfo.rank], yb.tensor_split(self.dinfo.world)[self.dinfo.rank]
+            batch_loss = self.backend.step(xb, yb)
+            batch_losses.append(batch_loss)
+            batch_counts.append(xb.shape[0])
+            self.step += 1
+            check_loss = batch_loss if self.stopping.needs_step_loss(self.step - 1) else None
+            now = self.elapsed + time.perf_counter() - t0
+            if self.dinfo.enabled:  # every rank must take the same decision: the mean loss, rank 0's clock
+                check_loss, now = _dist.reduce_step(batch_loss, now, self.dinfo)
+            decision = self.stopping.check_step(check_loss, StopContext(self.epoch, self.step, now))
+            if decision is not None:
+                break
+        return torch.stack(batch_losses), batch_counts, decision
+
+    def _train_epoch(self) -> tuple[float, Decision]:
+        """One epoch of steps: its mean training loss (as trained, over the examples seen) and a per-step decision."""
+        n = self.data.n_train
+        if self.bs < n:  # this epoch's order, gathered once; batch b is rows b*bs .. (b+1)*bs-1 of it
+            perm = torch.randperm(n, generator=self.shuffle).to(self.device)
+            x_epoch, y_epoch = self.x_fit.index_select(0, perm), self.y_fit.index_select(0, perm)
+        else:
+            x_epoch, y_epoch = self.x_fit, self.y_fit
+        losses = self._epoch_in_one_call(x_epoch, y_epoch) if self._whole_epochs() else None
+        decision: Decision = None
+        if losses is not None:
+            counts, seen = self.full_counts, n
+        else:
+            losses, batch_counts, decision = self._epoch_step_by_step(x_epoch, y_epoch, self.t0)
+            counts = torch.tensor(batch_counts, dtype=torch.float64, device=self.device)
+            seen = sum(batch_counts)
+        running = torch.dot(losses.to(torch.float64), counts)  # the epoch's summed training loss, no host sync
+        if self.dinfo.enabled:
+            totals = _dist.all_sum(torch.stack([running, running.new_tensor(float(seen))]), self.dinfo)
+            running, seen = totals[0], int(totals[1].item())
+        return (running / max(seen, 1)).item(), decision
+
+    def _record(self, running_loss: float) -> dict[str, Any]:
+        """The epoch's history record: losses and scores, rate, gradient norms, the backend's and the
+        measurements' entries, training time."""
+        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "train_loss_running": running_loss}
+        record.update(evaluate(self.backend, self.loss, self.data.task, self.eval_splits))
+        record["lr"] = self.last_lr
+        norms = self.backend.grad_norms()
+        for k, g in enumerate(norms, 1):
+            record[f"grad_norm_{k}"] = g
+        record["grad_norm"] = math.sqrt(sum(g * g for g in norms)) if len(norms) == self.n_layers else math.nan
+        record.update(self.backend.extra_metrics())
+        self.elapsed += time.perf_counter() - self.t0
+        record["wall_time_s"] = self.elapsed
+        record.update(self.measurements.after_epoch(self.epoch, self.backend.model))  # not counted as training time
+        return record
+
+    def _decide(self, record: dict[str, Any], decision: Decision) -> Decision:
+        """The per-epoch rules on the record (after a per-step decision they still track the best epoch)."""
+        if decision is None:
+            plateau_monitor = "val_loss" if self.data.n_val else "train_loss"
+            self.schedule.observe(record[plateau_monitor])
+            decision = self.stopping.check(record, StopContext(self.epoch, self.step, self.elapsed))
+        elif decision[0] != "diverged":
+            self.stopping.check(record, StopContext(self.epoch, self.step, self.elapsed))
+        if self.stopping.improved and self.stopping.restore_best:
+            self.stopping.best_state = _clone(self.backend.state_dict())
+        return decision
+
+    def train(self) -> tuple[str, str]:
+        """Epochs until a stopping rule fires: ``(status, stop_reason)``."""
+        x_tr, y_tr = self.data.x_train, self.data.y_train
+        # a backend may want the training set in its own form (fused: a ones column, one-hot targets), once
+        self.x_fit, self.y_fit = self.backend.prepare(x_tr, y_tr) if hasattr(self.backend, "prepare") else (x_tr, y_tr)
+        self.eval_splits = {"train": (x_tr, y_tr), "val": (self.data.x_val, self.data.y_val)}
+        n, bs = self.data.n_train, self.bs
+        self.full_counts = torch.tensor(
+            [bs] * (self.steps_per_epoch - 1) + [n - (self.steps_per_epoch - 1) * bs], dtype=torch.float64, device=self.device
+        )
+        score = "accuracy" if self.data.task == "classification" else "r2"
+        bar = tqdm(
+            total=self.stopping.max_epochs,
+            initial=self.epoch,
+            desc=f"{self.data.name} {self.cfg['backend']}",
+            unit="epoch",
+            disable=None if self.cfg["progress"] and self.dinfo.is_main else True,  # None: quiet off a terminal
+            leave=False,
+        )
+        try:
+            decision: Decision = None
+            saved_at = self.elapsed  # training seconds at the last checkpoint
+            while decision is None:
+                self.t0 = time.perf_counter()
+                running_loss, decision = self._train_epoch()
+                self.epoch += 1
+                record = self._record(running_loss)
+                decision = self._decide(record, decision)
+                self.history.append(record)
+                self.sink.log(record, self.epoch)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{record['train_loss']:.4f}",
+                    **{score[:3]: f"{record.get(f'val_{score}') or record[f'train_{score}']:.4f}"},
+                )
+                if self.writer:
+                    self.history_file.update(self.history)
+                if decision is None and (self.elapsed - saved_at >= self.cfg["checkpoint_every_s"]):
+                    self.save_checkpoint()
+                    saved_at = self.elapsed
+            return decision
+        except BaseException:
+            self.sink.finish("failed")
+            raise
+        finally:
+            bar.close()
+
+    def finish(self, decision: tuple[str, str]) -> RunResult:
+        """Restore the best epoch where a rule asks for it, evaluate on every split, write and log the result."""
         status, stop_reason = decision
-        extra = backend.extra_metrics()  # before any restore: the drift over the whole run
-        restored = False
-        if (
-            status != "diverged"
-            and stopping.restore_best
-            and stopping.best_state is not None
-            and stopping.best_epoch != epoch
-        ):
-            backend.load_state_dict(_to_device(stopping.best_state, device))
-            restored = True
-        metrics: dict[str, Any] = {"status": status, "stop_reason": stop_reason, "stop_message": stopping.message}
-        final = evaluate(backend, loss, data.task, {"test": (data.x_test, data.y_test), **eval_splits})
-        metrics.update(final)
-        metrics.update(
-            {
-                "n_train": data.n_train,
-                "n_val": data.n_val,
-                "n_test": data.n_test,
-                "epochs": epoch,
-                "steps": step,
-                "wall_time_s": elapsed,
-                "best_epoch": stopping.best_epoch,
-                "restored_best": restored,
-                "loss": loss,
-                "backend": cfg["backend"],
-            }
-        )
-        if data.label_noise:
-            metrics.update({"label_noise": data.label_noise, "labels_changed": data.labels_changed})
-        metrics.update(extra)
-        metrics.update(measurements.summary())
-        final_model = backend.model
-        result = stored_result(status, stop_reason, metrics, final_model, mc)
-        if writer:
-            write_json(os.path.join(out_dir, "metrics.json"), metrics)
-            save_checkpoint(result)
-        sink.summary(metrics)
-    except BaseException:
-        bar.close()
-        sink.finish("failed")
-        raise
-    finally:
-        threads.close()
-    bar.close()
-    sink.finish(status)
-    return RunResult(status, stop_reason, metrics, history, cfg, out_dir, final_model)
+        try:
+            extra = self.backend.extra_metrics()  # before any restore: the drift over the whole run
+            stopping, restored = self.stopping, False
+            if status != "diverged" and stopping.restore_best and stopping.best_state is not None and stopping.best_epoch != self.epoch:
+                self.backend.load_state_dict(_to_device(stopping.best_state, self.device))
+                restored = True
+            data = self.data
+            metrics: dict[str, Any] = {"status": status, "stop_reason": stop_reason, "stop_message": stopping.message}
+            metrics.update(evaluate(self.backend, self.loss, data.task, {"test": (data.x_test, data.y_test), **self.eval_splits}))
+            metrics.update(
+                {
+                    "n_train": data.n_train, "n_val": data.n_val, "n_test": data.n_test, "epochs": self.epoch,
+                    "steps": self.step, "wall_time_s": self.elapsed, "best_epoch": stopping.best_epoch,
+                    "restored_best": restored, "loss": self.loss, "backend": self.cfg["backend"],
+                }
+            )  # fmt: skip
+            if data.label_noise:
+                metrics.update({"label_noise": data.label_noise, "labels_changed": data.labels_changed})
+            metrics.update(extra)
+            metrics.update(self.measurements.summary())
+            final_model = self.backend.model
+            result = stored_result(status, stop_reason, metrics, final_model, self.cfg["model"])
+            if self.writer:
+                write_json(os.path.join(self.out_dir, "metrics.json"), metrics)
+                self.save_checkpoint(result)
+            self.sink.summary(metrics)
+        except BaseException:
+            self.sink.finish("failed")
+            raise
+        self.sink.finish(status)
+        return RunResult(status, stop_reason, metrics, self.history, self.cfg, self.out_dir, final_model)
