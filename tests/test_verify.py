@@ -418,3 +418,84 @@ def test_property_compare_and_trace_agree_in_float64(widths, activation, loss, r
     tr = V.trace(model, x, y, loss, reduction=reduction)
     assert tr.ok, str(tr)
     assert len(tr) == 2 * (len(widths) - 2) + 4 + (1 + bias) * (len(widths) - 1) + 2 * (len(widths) - 2) + 1
+
+
+# The package, one module per idea; a module may import only those before it (imports flow one way).
+VERIFY_MODULES = [
+    "reports",
+    "references",
+    "comparison",
+    "tracing",
+    "finite_differences",
+    "bugs",
+    "matrix",
+    "explanation",
+    "conformance",
+    "intermediates",
+]
+
+_IMPORT_ALONE = """
+import importlib, json, sys, types
+sys.path.insert(0, {root!r})
+import manualbp
+loaded = {{}}
+for name in {modules!r}:
+    for key in [k for k in sys.modules if k == "manualbp.verify" or k.startswith("manualbp.verify.")]:
+        del sys.modules[key]
+    stub = types.ModuleType("manualbp.verify")  # the package without its __init__: the module's own imports only
+    stub.__path__ = [{package!r}]
+    sys.modules["manualbp.verify"] = stub
+    module = importlib.import_module("manualbp.verify." + name)
+    missing = [n for n in module.__all__ if not hasattr(module, n)]
+    assert not missing, (name, missing)
+    loaded[name] = sorted(k.rsplit(".", 1)[1] for k in sys.modules if k.startswith("manualbp.verify."))
+print(json.dumps(loaded))
+"""
+
+
+def test_each_verify_module_imports_alone_and_only_what_comes_before_it():
+    """In a fresh interpreter, each submodule loaded without the package's __init__: no cycle, its __all__
+    resolves, and it pulls in only the modules before it in VERIFY_MODULES."""
+    import pathlib
+    import subprocess
+    import sys
+
+    package = pathlib.Path(V.__file__).resolve().parent
+    on_disk = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    assert on_disk == sorted(VERIFY_MODULES)
+    code = _IMPORT_ALONE.format(root=str(package.parent.parent), package=str(package), modules=VERIFY_MODULES)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout)
+    for k, name in enumerate(VERIFY_MODULES):
+        assert name in loaded[name]
+        assert set(loaded[name]) <= set(VERIFY_MODULES[: k + 1]), (name, loaded[name])
+
+
+def test_verify_modules_import_one_way_even_inside_functions():
+    """Every ``from .x import`` (module level or inside a function) names a module before its own."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(V.__file__).resolve().parent
+    for k, name in enumerate(VERIFY_MODULES):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module in VERIFY_MODULES[:k], f"{name} imports from .{node.module or ''}"
+
+
+def test_verify_all_resolves_and_names_the_submodules_api():
+    for name in V.__all__:
+        assert getattr(V, name) is not None, name
+    assert len(set(V.__all__)) == len(V.__all__)
+    import importlib
+
+    exported = set(V.__all__)
+    for module_name in VERIFY_MODULES:
+        module = importlib.import_module(f"manualbp.verify.{module_name}")
+        for name in module.__all__:
+            if name in exported:
+                assert getattr(V, name) is getattr(module, name), (module_name, name)
+    # the functions, not the submodules of (nearly) the same name
+    assert callable(V.compare) and callable(V.trace) and callable(V.explain)

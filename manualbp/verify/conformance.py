@@ -29,21 +29,17 @@ from torch.autograd import forward_ad as fwAD
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import (
+from .comparison import (
     _COTANGENT_SEED,
-    _analytical_jacobians,
     _as_tensor_list,
     _delayed_error,
     _first_line,
     _input_names,
-    _json_float,
-    _numerical_jacobian,
     _vjp,
     compare_callables,
-    compare_tensors,
-    fmt_err,
-    format_table,
 )
+from .finite_differences import _analytical_jacobians, _numerical_jacobian
+from .reports import _json_float, compare_tensors, fmt_err, format_table
 
 __all__ = ["CHECKS", "ConformanceReport", "PropertyRow", "builtin_subjects", "check_function", "summary_table"]
 
@@ -973,7 +969,7 @@ def builtin_subjects(seed: int = 0) -> list[tuple[str, Callable[..., Any], tuple
     from .. import autograd as A
     from .. import native
     from ..nn import MLP
-    from . import _native_cross_entropy, _native_squared_error
+    from .references import _native_cross_entropy, _native_squared_error
 
     gen = torch.Generator().manual_seed(seed)
 

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from . import Report, Row, compare_tensors, default_tolerances, fmt_err, format_table
+from .reports import Report, Row, compare_tensors, default_tolerances, fmt_err, format_table
 
 __all__ = [
     "IntermediateReport",
