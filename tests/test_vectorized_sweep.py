@@ -86,6 +86,13 @@ def test_group_key_and_incompatible_configs():
         run_many([CONFIGS[0], other])
     with pytest.raises(ValueError, match="SGD only"):
         run_many([{**CONFIGS[0], "optim": {"name": "adam", "lr": 0.01, "batch_size": 64}}])
+    # a measurement along training is not taken by the vectorized path: refused, never silently dropped
+    from manualbp.fast.sweep import unsupported
+
+    measured = {**CONFIGS[0], "metrics": {"sharpness": True}}
+    assert unsupported(CONFIGS[0]) is None and "metrics.sharpness" in unsupported(measured)
+    with pytest.raises(ValueError, match="metrics.sharpness is measured on the ordinary path only"):
+        run_many([measured])
 
 
 def test_models_that_diverge_stop_at_the_step_a_run_alone_stops():

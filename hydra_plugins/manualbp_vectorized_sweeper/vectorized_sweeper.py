@@ -235,7 +235,7 @@ class VectorizedSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from manualbp.experiment import headline, objective
-        from manualbp.fast.sweep import group_key, run_many
+        from manualbp.fast.sweep import group_key, run_many, unsupported
 
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -250,7 +250,10 @@ class VectorizedSweeper(Sweeper):
         for idx, overrides in enumerate(jobs):
             try:
                 cfg, task_cfg, config = self._compose(overrides, idx)
-                key = group_key(config) if str(config["optim"].get("name", "")).lower() == "sgd" else None
+                reason = unsupported(config)
+                if reason:
+                    log.info("job %d runs as an ordinary job (%s)", idx, reason)
+                key = group_key(config) if reason is None else None
             except Exception as exc:  # noqa: BLE001 - let the ordinary job report its own error
                 log.info("job %d runs as an ordinary job (%s: %s)", idx, type(exc).__name__, exc)
                 key = None

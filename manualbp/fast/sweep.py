@@ -38,7 +38,7 @@ from ..train.stopping import StopContext, build_stopping
 from .backend import sgd_kwargs
 from .vectorized import VectorizedTrainer
 
-__all__ = ["run_many", "group_key", "VARYING_KEYS"]
+__all__ = ["run_many", "group_key", "unsupported", "VARYING_KEYS"]
 
 #: top-level config keys that may differ inside one vectorized group
 VARYING_KEYS = ("seed", "init", "optim", "lr_schedule", "stopping", "output_dir", "logger", "progress", "backend")
@@ -46,6 +46,18 @@ VARYING_KEYS = ("seed", "init", "optim", "lr_schedule", "stopping", "output_dir"
 HISTORY_EVERY = 10
 #: optim keys that may differ (the rest, batch_size and name, must agree)
 VARYING_OPTIM = ("lr", "momentum", "nesterov", "weight_decay", "dampening")
+
+
+def unsupported(config: Any) -> Optional[str]:
+    """Why a config cannot train in a vectorized group (None when it can): an optimizer other than SGD, or a
+    ``metrics`` measurement (sharpness, activations), which the per-model path takes."""
+    cfg = resolve_config(config)
+    if str(cfg["optim"].get("name", "")).lower() != "sgd":
+        return f"optim.name={cfg['optim']['name']!r}: the vectorized trainer runs SGD only (momentum, Nesterov, weight decay)"
+    on = [name for name, value in cfg["metrics"].items() if value is not None]
+    if on:
+        return f"metrics.{on[0]} is measured on the ordinary path only"
+    return None
 
 
 def group_key(config: Any) -> str:
@@ -95,6 +107,9 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
             "run_many: the configs differ in more than seed/init/optim lr-momentum-weight_decay/"
             "lr_schedule/stopping; group them with manualbp.fast.sweep.group_key"
         )
+    reasons = [r for r in map(unsupported, cfgs) if r]
+    if reasons:
+        raise ValueError(f"run_many: {reasons[0]}")
     first = cfgs[0]
     K = len(cfgs)
     device = _loop.resolve_device(first["device"])
