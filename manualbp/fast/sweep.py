@@ -96,60 +96,300 @@ def _eval_model(out: Tensor, y: Tensor, loss: str, task: str) -> tuple[Tensor, T
 def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     """Train the configs as one vectorized group; returns one :class:`~manualbp.train.RunResult` each.
 
+    The steps: :class:`_Group` (the data of each seed, the K models as one :class:`VectorizedTrainer`, each
+    run's schedule and stopping rules), then epochs (:meth:`_Group.epoch`: the steps of every live model, the
+    evaluation of all K at once, each run's record and rules) until every run has finished
+    (:meth:`_Group.finish`: its result, files and logger).
+
     Raises ValueError if the configs cannot share one batched model (see :func:`group_key`).
     """
     cfgs = [resolve_config(c) for c in configs]
     if not cfgs:
         return []
-    keys = {_group_key(c) for c in cfgs}
-    if len(keys) != 1:
+    reasons = [r for r in map(unsupported, cfgs) if r]
+    if reasons:
+        raise ValueError(f"run_many: {reasons[0]}")
+    if len({_group_key(c) for c in cfgs}) != 1:
         raise ValueError(
             "run_many: the configs differ in more than seed/init/optim lr-momentum-weight_decay/"
             "lr_schedule/stopping; group them with manualbp.fast.sweep.group_key"
         )
-    reasons = [r for r in map(unsupported, cfgs) if r]
-    if reasons:
-        raise ValueError(f"run_many: {reasons[0]}")
-    first = cfgs[0]
-    K = len(cfgs)
-    device = _loop.resolve_device(first["device"])
-    dtype = getattr(torch, first["dtype"])
-    seeds = [c["seed"] for c in cfgs]
-    datasets = {s: load_dataset(first["data"], s, dtype, device) for s in dict.fromkeys(seeds)}
-    data0 = datasets[seeds[0]]
-    loss = resolve_loss(first["loss"], data0)
-    task = data0.task
-    score = "accuracy" if task == "classification" else "r2"
-    shared = len(datasets) == 1
+    group = _Group(cfgs)
+    while not all(group.finished):
+        group.epoch()
+    return group.results  # type: ignore[return-value]
 
-    def stack(attr: str) -> Tensor:
-        if shared:
-            return getattr(datasets[seeds[0]], attr)
-        return torch.stack([getattr(datasets[s], attr) for s in seeds])
 
-    x_tr, y_tr = stack("x_train"), stack("y_train")
-    splits = {s: (stack(f"x_{s}"), stack(f"y_{s}")) for s in ("train", "val", "test")}
-    n = data0.n_train
-    if any(d.n_train != n for d in datasets.values()):
-        raise ValueError("run_many: the seeds give different training-set sizes")
+class _Group:
+    """K runs trained as one batched model: their data, trainer, rules and where each stands."""
 
-    mc = first["model"]
-    models, stoppings, schedules, shuffles = [], [], [], []
-    bs = n if first["optim"]["batch_size"] == "full" else min(first["optim"]["batch_size"], n)
-    steps_per_epoch = math.ceil(n / bs)
-    opts = [sgd_kwargs(c["optim"], "vectorized") for c in cfgs]
-    for c in cfgs:
-        model = build_model(mc, data0.in_features, data0.out_features, dtype, c["init"], c["seed"])
-        models.append(model.to(device))
-        st = build_stopping(c["stopping"])
-        st.device_type = device.type
-        stoppings.append(st)
-        schedules.append(build_schedule(c["lr_schedule"], c["optim"]["lr"], steps_per_epoch, st.max_epochs))
-        shuffles.append(torch.Generator().manual_seed(c["seed"] + 1))
+    def __init__(self, cfgs: list[dict[str, Any]]) -> None:
+        self.cfgs = cfgs
+        first = cfgs[0]
+        self.K = K = len(cfgs)
+        self.device = device = _loop.resolve_device(first["device"])
+        dtype = getattr(torch, first["dtype"])
+        self._load_data(first, [c["seed"] for c in cfgs], dtype)
+        data0, n = self.data0, self.n
+        self.bs = bs = n if first["optim"]["batch_size"] == "full" else min(first["optim"]["batch_size"], n)
+        self.steps_per_epoch = math.ceil(n / bs)
+        models, self.stoppings, self.schedules, self.shuffles = [], [], [], []
+        for c in cfgs:
+            model = build_model(first["model"], data0.in_features, data0.out_features, dtype, c["init"], c["seed"])
+            models.append(model.to(device))
+            st = build_stopping(c["stopping"])
+            st.device_type = device.type
+            self.stoppings.append(st)
+            self.schedules.append(build_schedule(c["lr_schedule"], c["optim"]["lr"], self.steps_per_epoch, st.max_epochs))
+            self.shuffles.append(torch.Generator().manual_seed(c["seed"] + 1))
+        self.trainer = _trainer(models, self.loss, [sgd_kwargs(c["optim"], "vectorized") for c in cfgs])
+        self.n_layers = len(models[0].linears)
+        self.histories: list[list[dict[str, Any]]] = [[] for _ in range(K)]
+        self.decisions: list[Optional[tuple[str, str]]] = [None] * K
+        self.finished = [False] * K
+        self.best_params: list[Optional[list[Tensor]]] = [None] * K
+        self.steps = [0] * K
+        self.last_lr: list[Optional[float]] = [None] * K
+        self.results: list[Optional[_loop.RunResult]] = [None] * K
+        self.epoch_count, self.elapsed = 0, 0.0
+        self.stop_norms: dict[int, list[float]] = {}
+        self.ar = torch.arange(K, device=device).unsqueeze(1)
+        for c in cfgs:
+            if c["output_dir"]:
+                os.makedirs(c["output_dir"], exist_ok=True)
+                write_json(os.path.join(c["output_dir"], "config.json"), c)
+        self.history_files = [
+            HistoryFile(os.path.join(c["output_dir"], "history.csv")) if c["output_dir"] else None for c in cfgs
+        ]
+        self.step_limits = [s.has_step_limits for s in self.stoppings]
+        self.limits = [s.step_loss_limit for s in self.stoppings]  # None until a model's initial loss is known
+        self.step_wise_lr = [s.changes_within_epoch for s in self.schedules]
+        self.every = [s.check_every for s in self.stoppings]  # 1: the divergence check reads every step's loss
+        self.eval_splits = {name: self.splits[name] for name in ("train", "val") if self.splits[name][0].shape[-2] > 0}
+
+    def _load_data(self, first: dict[str, Any], seeds: list[int], dtype: torch.dtype) -> None:
+        """Each seed's split (one shared set when all seeds agree), stacked (K, ...) when they differ."""
+        datasets = {s: load_dataset(first["data"], s, dtype, self.device) for s in dict.fromkeys(seeds)}
+        self.datasets, self.seeds = datasets, seeds
+        self.data0 = data0 = datasets[seeds[0]]
+        self.loss = resolve_loss(first["loss"], data0)
+        self.task = data0.task
+        self.score = "accuracy" if self.task == "classification" else "r2"
+        self.shared = len(datasets) == 1
+
+        def stack(attr: str) -> Tensor:
+            if self.shared:
+                return getattr(data0, attr)
+            return torch.stack([getattr(datasets[s], attr) for s in seeds])
+
+        self.x_tr, self.y_tr = stack("x_train"), stack("y_train")
+        self.splits = {s: (stack(f"x_{s}"), stack(f"y_{s}")) for s in ("train", "val", "test")}
+        self.n = data0.n_train
+        if any(d.n_train != self.n for d in datasets.values()):
+            raise ValueError("run_many: the seeds give different training-set sizes")
+
+    def _set_lrs(self, live: list[int], first_step: bool) -> None:
+        """Every live model's rate at the epoch's first step, then only the step-wise schedules'."""
+        new_lrs = list(self.last_lr)
+        for k in live if first_step else (k for k in live if self.step_wise_lr[k]):
+            new_lrs[k] = self.schedules[k].lr(self.steps[k], self.epoch_count)
+        if new_lrs != self.last_lr:
+            self.trainer.set_lr([v if v is not None else 0.0 for v in new_lrs])
+            self.last_lr = new_lrs
+
+    def _batch(self, perm: Optional[Tensor], b: int) -> tuple[Tensor, Tensor]:
+        if perm is None:
+            return self.x_tr, self.y_tr
+        idx = perm[:, b * self.bs : (b + 1) * self.bs]
+        if self.shared:
+            return self.x_tr[idx[0]], self.y_tr[idx[0]]  # one batch order (one seed) for all
+        return self.x_tr[self.ar, idx], self.y_tr[self.ar, idx]
+
+    def _check_steps(self, losses: Tensor, live: list[int], count: int, seen: list[int], now: float) -> list[int]:
+        """The per-step rules of the live models after a step; returns the models still live."""
+        need = [self.stoppings[k].needs_step_loss(self.steps[k]) for k in live]
+        values = losses.tolist() if any(need) else None  # one host sync for all K models
+        stopped = False
+        for k, needed in zip(live, need):
+            self.steps[k] += 1
+            seen[k] += count
+            if not self.step_limits[k]:  # skip the calls that cannot fire (64 per step add up)
+                if not needed:
+                    continue  # check_step(None, ...): nothing to check
+                limit = self.limits[k]
+                if limit is not None and values[k] < limit:  # type: ignore[index]
+                    continue  # a finite loss below the divergence limit
+            self.decisions[k] = self.stoppings[k].check_step(
+                values[k] if needed else None,  # type: ignore[index]
+                StopContext(self.epoch_count, self.steps[k], now),
+            )
+            self.limits[k] = self.stoppings[k].step_loss_limit
+            if self.decisions[k] is not None:  # its last gradient is this step's: keep its norms
+                norms = self.trainer.grad_norms().items()
+                self.stop_norms[k] = [v[k].item() for nm, v in norms if nm.endswith("weight")]
+                self.trainer.stop(k)
+                stopped = True
+        return [k for k in live if self.decisions[k] is None] if stopped else live
+
+    def _steps(self, live: list[int], t0: float) -> tuple[Tensor, list[int]]:
+        """One epoch of steps for the live models: the summed losses (K,) and the examples each saw."""
+        K, n, bs, trainer = self.K, self.n, self.bs, self.trainer
+        running = torch.zeros(K, dtype=torch.float64, device=self.device)
+        seen = [0] * K
+        perms = [torch.randperm(n, generator=g).to(self.device) if bs < n else None for g in self.shuffles]
+        perm = torch.stack(perms) if bs < n else None  # (K, n)
+        quiet: Optional[bool] = None
+        for b in range(self.steps_per_epoch):
+            if not live:
+                break
+            self._set_lrs(live, b == 0)
+            xb, yb = self._batch(perm, b)
+            losses = trainer.step(xb, yb)
+            count = xb.shape[-2]
+            if len(live) == K:
+                running.add_(losses, alpha=count)
+            else:
+                running.add_(torch.where(trainer.active, losses.to(torch.float64), 0.0), alpha=count)
+            if quiet is None:  # can a step's check fire only through the loss, read every step?
+                quiet = all(self.every[k] == 1 and not self.step_limits[k] and self.limits[k] is not None for k in live)
+            if quiet:  # then, with every live loss finite and below its limit, no check can fire: skip them
+                values = losses.tolist()  # one host sync for all K models
+                if all(values[k] < self.limits[k] for k in live):  # type: ignore[operator]
+                    for k in live:
+                        self.steps[k] += 1
+                        seen[k] += count
+                    continue
+            quiet = None  # a check runs below: limits or live models may change
+            live = self._check_steps(losses, live, count, seen, self.elapsed + time.perf_counter() - t0)
+        return running, seen
+
+    def _evaluate(self, running: Tensor, seen: list[int]) -> tuple[dict, dict, list[str], list[float]]:
+        """The epoch's evaluation (train and val, as run()): all K models at once, one host sync."""
+        names, values = [], []
+        for name, (xs, ys) in self.eval_splits.items():
+            out = self.trainer.predict(xs)
+            lo, sc = _eval_model(out, ys if not self.shared else ys.expand(self.K, *ys.shape), self.loss, self.task)
+            names.append(name)
+            values += [lo, sc]
+        norms = self.trainer.grad_norms()
+        weight_names = [nm for nm in norms if nm.endswith("weight")]
+        table = torch.stack([*values, *(norms[nm].to(torch.float64) for nm in weight_names), running]).tolist()
+        evals = {name: (table[2 * i], table[2 * i + 1]) for i, name in enumerate(names)}
+        norm_values = {nm: table[2 * len(names) + i] for i, nm in enumerate(weight_names)}
+        run_loss = [r / max(c, 1) for r, c in zip(table[-1], seen)]
+        return evals, norm_values, weight_names, run_loss
+
+    def _record(self, k: int, evals: dict, norm_values: dict, weight_names: list[str], run_loss: list[float]) -> dict[str, Any]:
+        score = self.score
+        record: dict[str, Any] = {"epoch": self.epoch_count, "step": self.steps[k], "train_loss_running": run_loss[k]}
+        for name in ("train", "val"):
+            if name in evals:
+                record[f"{name}_loss"], record[f"{name}_{score}"] = evals[name][0][k], evals[name][1][k]
+            else:
+                record[f"{name}_loss"] = record[f"{name}_{score}"] = None
+        record["lr"] = self.last_lr[k]
+        gl = self.stop_norms.get(k) or [norm_values[nm][k] for nm in weight_names]
+        for i, g in enumerate(gl, 1):
+            record[f"grad_norm_{i}"] = g
+        record["grad_norm"] = math.sqrt(sum(g * g for g in gl)) if len(gl) == self.n_layers else math.nan
+        record["wall_time_s"] = self.elapsed
+        return record
+
+    def _decide(self, k: int, record: dict[str, Any]) -> None:
+        """Run k's per-epoch rules on its record (after a per-step decision they still track the best epoch)."""
+        st = self.stoppings[k]
+        ctx = StopContext(self.epoch_count, self.steps[k], self.elapsed)
+        if self.decisions[k] is None:
+            self.schedules[k].observe(record["val_loss" if self.data0.n_val else "train_loss"])
+            self.decisions[k] = st.check(record, ctx)
+        elif self.decisions[k][0] != "diverged":  # type: ignore[index]
+            st.check(record, ctx)
+        if st.improved and st.restore_best:
+            self.best_params[k] = [p.clone() for p in self.trainer.parameters_of(k)]
+
+    def epoch(self) -> None:
+        """One epoch of every run still going: steps, evaluation, records, rules; finished runs are written."""
+        t0 = time.perf_counter()
+        active_at_start = [not f and self.decisions[k] is None for k, f in enumerate(self.finished)]
+        running, seen = self._steps([k for k in range(self.K) if active_at_start[k]], t0)
+        self.epoch_count += 1
+        evals, norm_values, weight_names, run_loss = self._evaluate(running, seen)
+        self.elapsed += time.perf_counter() - t0
+        for k in range(self.K):
+            if not active_at_start[k]:
+                continue
+            record = self._record(k, evals, norm_values, weight_names, run_loss)
+            self._decide(k, record)
+            self.histories[k].append(record)
+            if self.history_files[k] and (self.decisions[k] is not None or self.epoch_count % HISTORY_EVERY == 0):
+                self.history_files[k].update(self.histories[k])
+            if self.decisions[k] is not None:
+                self.trainer.stop(k)
+                self.finish(k)
+
+    def _final_metrics(self, k: int, model: Any, restored: bool) -> dict[str, Any]:
+        c, st, score = self.cfgs[k], self.stoppings[k], self.score
+        status, reason = self.decisions[k]  # type: ignore[misc]
+        metrics: dict[str, Any] = {"status": status, "stop_reason": reason, "stop_message": st.message}
+        d = self.datasets[c["seed"]]
+        for name, (xs, ys) in (("test", (d.x_test, d.y_test)), ("train", (d.x_train, d.y_train)), ("val", (d.x_val, d.y_val))):
+            if xs.shape[0] == 0:
+                metrics[f"{name}_loss"] = metrics[f"{name}_{score}"] = None
+                continue
+            with torch.no_grad():
+                out = model(xs)
+            lo, sc = _eval_model(out.unsqueeze(0), ys.unsqueeze(0), self.loss, self.task)
+            metrics[f"{name}_loss"], metrics[f"{name}_{score}"] = lo.item(), sc.item()
+        metrics.update(
+            {
+                "n_train": d.n_train, "n_val": d.n_val, "n_test": d.n_test, "epochs": self.epoch_count,
+                "steps": self.steps[k], "wall_time_s": self.elapsed, "best_epoch": st.best_epoch,
+                "restored_best": restored, "loss": self.loss, "backend": "vectorized", "vectorized_group_size": self.K,
+            }
+        )  # fmt: skip
+        if d.label_noise:
+            metrics.update({"label_noise": d.label_noise, "labels_changed": d.labels_changed})
+        return metrics
+
+    def finish(self, k: int) -> None:
+        """Run k's result: its weights (the best epoch's where asked), metrics, files and logger."""
+        c, st = self.cfgs[k], self.stoppings[k]
+        status, reason = self.decisions[k]  # type: ignore[misc]
+        restored = False
+        params = [p.clone() for p in self.trainer.parameters_of(k)]
+        if status != "diverged" and st.restore_best and self.best_params[k] is not None and st.best_epoch != self.epoch_count:
+            params = self.best_params[k]  # type: ignore[assignment]
+            restored = True
+        model = self.trainer.model(k)
+        with torch.no_grad():
+            for dst, src in zip(model.flat_parameters(), params):
+                dst.copy_(src)
+        metrics = self._final_metrics(k, model, restored)
+        result = _loop.stored_result(status, reason, metrics, model, c["model"])
+        out_dir = c["output_dir"]
+        if out_dir:
+            write_json(os.path.join(out_dir, "metrics.json"), metrics)
+            state = {
+                "version": _loop.CHECKPOINT_VERSION, "config": c, "epoch": self.epoch_count, "step": self.steps[k],
+                "elapsed": self.elapsed, "history": self.histories[k], "result": result,
+            }  # fmt: skip
+            save_atomic(state, os.path.join(out_dir, _loop.CHECKPOINT))
+        # the run's own logger (W&B: its own run, grouped as configured), replayed once the run has ended
+        sink = _sinks.build_sink(c["logger"], c, out_dir)
+        for record in self.histories[k]:
+            sink.log(record, record["epoch"])
+        sink.summary(metrics)
+        sink.finish(status)
+        self.results[k] = _loop.RunResult(status, reason, metrics, self.histories[k], c, out_dir, model)
+        self.finished[k] = True
+
+
+def _trainer(models: list, loss: str, opts: list[dict[str, Any]]) -> VectorizedTrainer:
+    """One VectorizedTrainer for the K models with each one's SGD settings (dampening must agree)."""
     dampening = {o.get("dampening", 0.0) for o in opts}
     if len(dampening) != 1:
         raise ValueError("run_many: optim.dampening must be equal across the group")
-    trainer = VectorizedTrainer(
+    return VectorizedTrainer(
         models,
         loss,
         lr=[o["lr"] for o in opts],
@@ -158,207 +398,3 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
         nesterov=[bool(o.get("nesterov", False)) for o in opts],
         dampening=dampening.pop(),
     )
-    n_layers = len(models[0].linears)
-    plateau = "val_loss" if data0.n_val else "train_loss"
-    histories: list[list[dict[str, Any]]] = [[] for _ in range(K)]
-    decisions: list[Optional[tuple[str, str]]] = [None] * K
-    finished = [False] * K
-    best_params: list[Optional[list[Tensor]]] = [None] * K
-    steps = [0] * K
-    last_lr: list[Optional[float]] = [None] * K
-    results: list[Optional[_loop.RunResult]] = [None] * K
-    epoch, elapsed = 0, 0.0
-    stop_norms: dict[int, list[float]] = {}
-    ar = torch.arange(K, device=device).unsqueeze(1)
-    for c in cfgs:
-        if c["output_dir"]:
-            os.makedirs(c["output_dir"], exist_ok=True)
-            write_json(os.path.join(c["output_dir"], "config.json"), c)
-
-    def finish(k: int) -> None:
-        c = cfgs[k]
-        status, reason = decisions[k]  # type: ignore[misc]
-        st = stoppings[k]
-        restored = False
-        params = [p.clone() for p in trainer.parameters_of(k)]
-        if status != "diverged" and st.restore_best and best_params[k] is not None and st.best_epoch != epoch:
-            params = best_params[k]  # type: ignore[assignment]
-            restored = True
-        model = trainer.model(k)
-        with torch.no_grad():
-            for dst, src in zip(model.flat_parameters(), params):
-                dst.copy_(src)
-        metrics: dict[str, Any] = {"status": status, "stop_reason": reason, "stop_message": st.message}
-        d = datasets[c["seed"]]
-        for name, (xs, ys) in (
-            ("test", (d.x_test, d.y_test)),
-            ("train", (d.x_train, d.y_train)),
-            ("val", (d.x_val, d.y_val)),
-        ):
-            if xs.shape[0] == 0:
-                metrics[f"{name}_loss"] = metrics[f"{name}_{score}"] = None
-                continue
-            with torch.no_grad():
-                out = model(xs)
-            lo, sc = _eval_model(out.unsqueeze(0), ys.unsqueeze(0), loss, task)
-            metrics[f"{name}_loss"], metrics[f"{name}_{score}"] = lo.item(), sc.item()
-        metrics.update(
-            {
-                "n_train": d.n_train,
-                "n_val": d.n_val,
-                "n_test": d.n_test,
-                "epochs": epoch,
-                "steps": steps[k],
-                "wall_time_s": elapsed,
-                "best_epoch": st.best_epoch,
-                "restored_best": restored,
-                "loss": loss,
-                "backend": "vectorized",
-                "vectorized_group_size": K,
-            }
-        )
-        result = _loop.stored_result(status, reason, metrics, model, mc)
-        out_dir = c["output_dir"]
-        if out_dir:
-            write_json(os.path.join(out_dir, "metrics.json"), metrics)
-            state = {
-                "version": _loop.CHECKPOINT_VERSION,
-                "config": c,
-                "epoch": epoch,
-                "step": steps[k],
-                "elapsed": elapsed,
-                "history": histories[k],
-                "result": result,
-            }
-            save_atomic(state, os.path.join(out_dir, _loop.CHECKPOINT))
-        # the run's own logger (W&B: its own run, grouped as configured), replayed once the run has ended
-        sink = _sinks.build_sink(c["logger"], c, out_dir)
-        for record in histories[k]:
-            sink.log(record, record["epoch"])
-        sink.summary(metrics)
-        sink.finish(status)
-        results[k] = _loop.RunResult(status, reason, metrics, histories[k], c, out_dir, model)
-        finished[k] = True
-
-    history_files = [
-        HistoryFile(os.path.join(c["output_dir"], "history.csv")) if c["output_dir"] else None for c in cfgs
-    ]
-
-    step_limits = [s.has_step_limits for s in stoppings]
-    limits = [s.step_loss_limit for s in stoppings]  # None until a model's initial loss is known
-    step_wise_lr = [s.changes_within_epoch for s in schedules]
-    every = [s.check_every for s in stoppings]  # 1: the divergence check reads every step's loss
-    quiet: Optional[bool] = None
-    eval_splits = {name: splits[name] for name in ("train", "val") if splits[name][0].shape[-2] > 0}
-    while not all(finished):
-        t0 = time.perf_counter()
-        running = torch.zeros(K, dtype=torch.float64, device=device)
-        seen = [0] * K
-        active_at_start = [not f and decisions[k] is None for k, f in enumerate(finished)]
-        live = [k for k in range(K) if active_at_start[k]]
-        perms = [torch.randperm(n, generator=g).to(device) if bs < n else None for g in shuffles]
-        perm = torch.stack(perms) if bs < n else None  # (K, n)
-        for b in range(steps_per_epoch):
-            if not live:
-                break
-            # the learning rates: every live model's at the epoch's first step, then only the step-wise ones'
-            new_lrs = list(last_lr)
-            for k in live if b == 0 else (k for k in live if step_wise_lr[k]):
-                new_lrs[k] = schedules[k].lr(steps[k], epoch)
-            if new_lrs != last_lr:
-                trainer.set_lr([v if v is not None else 0.0 for v in new_lrs])
-                last_lr = new_lrs
-            if perm is not None:
-                idx = perm[:, b * bs : (b + 1) * bs]
-                if shared:
-                    xb, yb = x_tr[idx[0]], y_tr[idx[0]]  # one batch order (one seed) for all
-                else:
-                    xb, yb = x_tr[ar, idx], y_tr[ar, idx]
-            else:
-                xb, yb = x_tr, y_tr
-            losses = trainer.step(xb, yb)
-            count = xb.shape[-2]
-            if len(live) == K:
-                running.add_(losses, alpha=count)
-            else:
-                running.add_(torch.where(trainer.active, losses.to(torch.float64), 0.0), alpha=count)
-            if quiet is None:  # can a step's check fire only through the loss, read every step?
-                quiet = all(every[k] == 1 and not step_limits[k] and limits[k] is not None for k in live)
-            if quiet:  # then, with every live loss finite and below its limit, no check can fire: skip them
-                values = losses.tolist()  # one host sync for all K models
-                if all(values[k] < limits[k] for k in live):  # type: ignore[operator]
-                    for k in live:
-                        steps[k] += 1
-                        seen[k] += count
-                    continue
-            quiet = None  # a check runs below: limits or live models may change
-            need = [stoppings[k].needs_step_loss(steps[k]) for k in live]
-            values = losses.tolist() if any(need) else None  # one host sync for all K models
-            now = elapsed + time.perf_counter() - t0
-            stopped = False
-            for k, needed in zip(live, need):
-                steps[k] += 1
-                seen[k] += count
-                if not step_limits[k]:  # skip the calls that cannot fire (64 per step add up)
-                    if not needed:
-                        continue  # check_step(None, ...): nothing to check
-                    limit = limits[k]
-                    if limit is not None and values[k] < limit:  # type: ignore[index]
-                        continue  # a finite loss below the divergence limit
-                decisions[k] = stoppings[k].check_step(
-                    values[k] if needed else None,  # type: ignore[index]
-                    StopContext(epoch, steps[k], now),
-                )
-                limits[k] = stoppings[k].step_loss_limit
-                if decisions[k] is not None:  # its last gradient is this step's: keep its norms
-                    stop_norms[k] = [v[k].item() for nm, v in trainer.grad_norms().items() if nm.endswith("weight")]
-                    trainer.stop(k)
-                    stopped = True
-            if stopped:
-                live = [k for k in live if decisions[k] is None]
-        epoch += 1
-        # the epoch's evaluation (train and val, as run()): all K models at once, one host sync
-        names, values_ = [], []
-        for name, (xs, ys) in eval_splits.items():
-            out = trainer.predict(xs)
-            lo, sc = _eval_model(out, ys if not shared else ys.expand(K, *ys.shape), loss, task)
-            names.append(name)
-            values_ += [lo, sc]
-        norms = trainer.grad_norms()
-        weight_names = [nm for nm in norms if nm.endswith("weight")]
-        table = torch.stack([*values_, *(norms[nm].to(torch.float64) for nm in weight_names), running]).tolist()
-        evals = {name: (table[2 * i], table[2 * i + 1]) for i, name in enumerate(names)}
-        norm_values = {nm: table[2 * len(names) + i] for i, nm in enumerate(weight_names)}
-        run_loss = [r / max(c, 1) for r, c in zip(table[-1], seen)]
-        elapsed += time.perf_counter() - t0
-        for k in range(K):
-            if not active_at_start[k]:
-                continue
-            record: dict[str, Any] = {"epoch": epoch, "step": steps[k], "train_loss_running": run_loss[k]}
-            for name in ("train", "val"):
-                if name in evals:
-                    record[f"{name}_loss"], record[f"{name}_{score}"] = evals[name][0][k], evals[name][1][k]
-                else:
-                    record[f"{name}_loss"] = record[f"{name}_{score}"] = None
-            record["lr"] = last_lr[k]
-            gl = stop_norms.get(k) or [norm_values[nm][k] for nm in weight_names]
-            for i, g in enumerate(gl, 1):
-                record[f"grad_norm_{i}"] = g
-            record["grad_norm"] = math.sqrt(sum(g * g for g in gl)) if len(gl) == n_layers else math.nan
-            record["wall_time_s"] = elapsed
-            st = stoppings[k]
-            ctx = StopContext(epoch, steps[k], elapsed)
-            if decisions[k] is None:
-                schedules[k].observe(record[plateau])
-                decisions[k] = st.check(record, ctx)
-            elif decisions[k][0] != "diverged":  # type: ignore[index]
-                st.check(record, ctx)
-            if st.improved and st.restore_best:
-                best_params[k] = [p.clone() for p in trainer.parameters_of(k)]
-            histories[k].append(record)
-            if history_files[k] and (decisions[k] is not None or epoch % HISTORY_EVERY == 0):
-                history_files[k].update(histories[k])
-            if decisions[k] is not None:
-                trainer.stop(k)
-                finish(k)
-    return results  # type: ignore[return-value]
