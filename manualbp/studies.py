@@ -155,33 +155,29 @@ def hessian_lambda_max(
         >>> model = manualbp.MLP(4, [5], 3, dtype=torch.float64)
         >>> hessian_lambda_max(model, torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))).value
     """
+    from .hessian import hvp_operator  # the one Hessian-vector product (double backward through the module)
+
+    matvec, _, value = hvp_operator(model, input, target, loss)
     params = [p for p in model.parameters() if p.requires_grad]
-    value = LOSSES[loss]()(model(input), target)
-    grads = torch.autograd.grad(value, params, create_graph=True)
     gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
-
-    def normalize(vs: Sequence[Tensor]) -> list[Tensor]:
-        norm = torch.sqrt(sum((t * t).sum() for t in vs))  # type: ignore[arg-type]
-        return [t / norm for t in vs]
-
-    v0 = normalize(v)
+    v = torch.cat([torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device).reshape(-1) for p in params])
+    v0 = v / torch.linalg.vector_norm(v)
 
     def power(shift: float) -> tuple[float, bool, int]:
         """Dominant eigenvalue of H - shift I (shift 0: H itself), plus shift."""
         v, estimate, converged, it = v0, math.nan, False, 0
         for it in range(1, iters + 1):
-            hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+            hv = matvec(v)
             if shift:
-                hv = tuple(h - shift * t for h, t in zip(hv, v))
-            new = float(sum((h * t).sum() for h, t in zip(hv, v)))  # Rayleigh quotient v^T (H - shift) v, |v| = 1
+                hv = hv - shift * v
+            new = float(torch.dot(hv, v))  # Rayleigh quotient v^T (H - shift) v, |v| = 1
             if not math.isfinite(new):
                 break
             if it > 1 and abs(new - estimate) <= tol * abs(new):
                 estimate, converged = new, True
                 break
             estimate = new
-            v = normalize([h.detach() for h in hv])
+            v = hv.detach() / torch.linalg.vector_norm(hv)
         return estimate + shift, converged, it
 
     estimate, converged, it = power(0.0)
@@ -190,7 +186,7 @@ def hessian_lambda_max(
         # lambda_max - estimate, so a second, shifted iteration finds the largest (algebraic) eigenvalue
         estimate, converged, more = power(estimate)
         it += more
-    return LambdaMax(estimate, float(value.detach()), it, converged)
+    return LambdaMax(estimate, value, it, converged)
 
 
 # --------------------------------------------------------------------------------------------------
