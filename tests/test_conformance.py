@@ -599,3 +599,10 @@ def test_readme_check_function_example_runs(capsys):
     assert re.search(r"needs_input_grad +FAIL .*returned a gradient for bias", out), out
     assert re.search(r"saved tensors +FAIL .*ctx.result holds a tensor", out), out
     assert out.count(", 1 failed, ") == 2  # 13 passed, 6 skipped (11, 8) here; the cuda row passes on a GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_cuda_row_runs_on_a_gpu():
+    report = check_function(LinearFunction, *_linear_inputs(), checks=["runs", "cuda"])
+    assert report["cuda"].status == "pass" and "cuda vs cpu" in report["cuda"].detail, str(report)
