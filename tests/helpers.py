@@ -26,3 +26,19 @@ def native_loss(name: str, output: torch.Tensor, target: torch.Tensor, reduction
         return TF.mse_loss(output, target, reduction=reduction)
     per_example = 0.5 * ((output - target) ** 2).sum(-1)  # the notes' 1/2 sum_k (o_k - y_k)^2
     return {"mean": per_example.mean, "sum": per_example.sum, "none": lambda: per_example}[reduction]()
+
+
+def fake_job(root, num: int, overrides: list, config: dict, metrics: dict, history: list) -> None:
+    """A finished sweep job directory as Hydra and manualbp.train.run leave it (``.hydra/overrides.yaml``,
+    ``config.json``, ``metrics.json``, ``history.csv``); a None cell is written blank, as run() writes an epoch
+    without a measurement."""
+    import json
+
+    d = root / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    keys = list(history[0])
+    rows = [",".join("" if h[k] is None else str(h[k]) for k in keys) + "\n" for h in history]
+    (d / "history.csv").write_text(",".join(keys) + "\n" + "".join(rows))

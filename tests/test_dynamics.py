@@ -4,10 +4,10 @@ numbers are chosen so that each verdict can be worked out by hand (and flips whe
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
+from helpers import fake_job
 
 from manualbp import dynamics as D
 from manualbp import studies as S
@@ -16,14 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _job(root: Path, num: int, overrides: list[str], config: dict, metrics: dict, history: list[dict]) -> None:
-    d = root / str(num)
-    (d / ".hydra").mkdir(parents=True)
-    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (d / "config.json").write_text(json.dumps(config))
-    (d / "metrics.json").write_text(json.dumps({"status": "completed", "wall_time_s": 1.0, **metrics}))
-    keys = list(history[0])
-    cell = lambda v: "" if v is None else str(v)  # noqa: E731  (a blank: no measurement that epoch)
-    (d / "history.csv").write_text(",".join(keys) + "\n" + "".join(",".join(cell(h[k]) for k in keys) + "\n" for h in history))
+    fake_job(root, num, overrides, config, {"status": "completed", "wall_time_s": 1.0, **metrics}, history)
 
 
 def _eos_sweep(root: Path, hover: bool = True) -> Path:
