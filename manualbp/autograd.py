@@ -171,7 +171,11 @@ ACTIVATION_FUNCTIONS: dict[str, type[Function]] = {
 
 
 def _loss_function(forward_fn, backward_fn, jvp_fn, class_name: str, doc: str) -> type[Function]:
-    """A loss Function ``apply(input, target, reduction)`` from a functional forward/backward/jvp triple."""
+    """A loss Function ``apply(input, target, reduction)`` from a functional forward/backward/jvp triple.
+
+    The backward is looked up on ``manualbp.functional`` by name at each call, so that a formula patched there
+    (``manualbp.verify.inject_bug``) reaches this Function too."""
+    backward_name = backward_fn.__name__
 
     def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
         return forward_fn(input, target, reduction)
@@ -183,7 +187,7 @@ def _loss_function(forward_fn, backward_fn, jvp_fn, class_name: str, doc: str) -
 
     def backward(ctx: Any, grad_output: Tensor):
         input, target = ctx.saved_tensors
-        grad_input, grad_target = backward_fn(grad_output, input, target, ctx.reduction)
+        grad_input, grad_target = getattr(F, backward_name)(grad_output, input, target, ctx.reduction)
         return (
             grad_input if ctx.needs_input_grad[0] else None,
             grad_target if ctx.needs_input_grad[1] else None,

@@ -56,6 +56,26 @@ _BACKWARD: dict[str, Optional[Callable[[Tensor, Tensor, float], Any]]] = {
     "identity": None,  # g 1
 }
 
+def output_grad_into(loss_name: str, out: Tensor, target: Tensor, grad: Tensor, dim: int) -> None:
+    """dL/do up to the step's ``scale`` (:func:`loss_scales`) into ``grad``: for cross-entropy ``out`` holds
+    log softmax(o) and ``grad`` gets y - softmax(o) sum_k y_k (torch's log-softmax backward kernel on
+    dL/d log softmax = y); for the squared errors ``grad`` gets o - y. ``dim`` is the class dimension."""
+    if loss_name == "cross_entropy":
+        torch._log_softmax_backward_data(target, out, dim, out.dtype, out=grad)  # y - softmax(o) sum_k y_k
+    else:
+        torch.sub(out, target, out=grad)  # o - y
+
+
+def block_grad_into(dest: Tensor, grad_t: Tensor, below: Tensor, alpha: float, beta: float, bias: bool) -> None:
+    """dest = beta dest + alpha (dL/dz)^T [a_prev | 1], one ``addmm_`` (``baddbmm_`` for K stacked models):
+    at once dL/dW = (dL/dz)^T a_prev and, on the ones column (``bias``), dL/db = sum_n dL/dz; with dest the
+    block [W | b] and alpha = -lr scale it is the SGD step itself."""
+    if dest.dim() == 2:
+        dest.addmm_(grad_t, below, beta=beta, alpha=alpha)
+    else:
+        dest.baddbmm_(grad_t, below, beta=beta, alpha=alpha)
+
+
 def forward_into(matmul: Callable[..., Tensor], h: Tensor, blocks_t: list[Tensor], activations: Any, buf: Any) -> None:
     """The forward pass into ``buf``: z^l = [a^{l-1} | 1] [W^l | b^l]^T, a^l = sigma(z^l) (written into the
     view ``buf.a[l]`` of ``buf.act[l]`` = [a^l | 1]), o = [a^{L-1} | 1] [W^L | b^L]^T. ``h`` is [x | 1];
@@ -330,9 +350,9 @@ class FusedTrainer:
             torch.log_softmax(buf.out, 1, out=buf.out)
             loss = torch.dot(buf.out_flat, target_flat)
             # y - softmax(o) sum_k y_k = -dL/do (torch's log-softmax backward kernel, on dL/d log softmax = y)
-            torch._log_softmax_backward_data(target, buf.out, 1, buf.out.dtype, out=buf.grad[-1])
+            output_grad_into(self.loss_name, buf.out, target, buf.grad[-1], 1)
         else:  # squared errors: dL/do = o - y (notes: 1/2 sum_k) or 2 (o - y) (mse), over the reduction
-            torch.sub(buf.out, target, out=buf.grad[-1])
+            output_grad_into(self.loss_name, buf.out, target, buf.grad[-1], 1)
             loss = torch.dot(buf.go_flat, buf.go_flat)
         scale = buf.scale
         # backward, top layer first (block k is layer l = k + 1): dL/da^{l-1} = dL/dz^l W^l, dL/dz^{l-1} = dL/da^{l-1} sigma'
@@ -343,9 +363,9 @@ class FusedTrainer:
             if k:
                 backprop_into(torch.mm, buf, k, self.weights, self.activations)
             if plain:  # [W | b] -= lr dL/d[W | b] = lr scale grad^T [a^{l-1} | 1], one kernel
-                blocks[k].addmm_(buf.grad_t[k], below, alpha=-self.lr * scale)
+                block_grad_into(blocks[k], buf.grad_t[k], below, -self.lr * scale, 1.0, self.bias)
             else:  # dL/d[W | b] = scale grad^T [a^{l-1} | 1]
-                grad_blocks[k].addmm_(buf.grad_t[k], below, beta=0, alpha=scale)  # type: ignore[index]
+                block_grad_into(grad_blocks[k], buf.grad_t[k], below, scale, 0.0, self.bias)  # type: ignore[index]
         if grad_blocks is not None:
             self._sgd_update(grad_blocks)
         self._last = (buf, input)
@@ -357,20 +377,27 @@ class FusedTrainer:
         # g = g + m buf (nesterov) or buf; p -= lr g. ``grads`` itself stays the raw dL/dp (for grad_norms).
         params = self.blocks
         if self.weight_decay != 0:
-            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+            grads = self._weight_decayed(grads)
         if self.momentum != 0:
             if self.momentum_buffers is None:
                 self.momentum_buffers = [g.clone() for g in grads]
             else:
-                torch._foreach_mul_(self.momentum_buffers, self.momentum)
-                torch._foreach_add_(self.momentum_buffers, grads, alpha=1 - self.dampening)
-            if self.nesterov:
-                direction = torch._foreach_add(grads, self.momentum_buffers, alpha=self.momentum)
-            else:
-                direction = self.momentum_buffers
+                self._momentum_update(grads)
+            direction = self._nesterov_direction(grads) if self.nesterov else self.momentum_buffers
         else:
             direction = grads
         torch._foreach_add_(params, direction, alpha=-self.lr)
+
+    # The update's formulas, one method each (so that manualbp.verify.inject_bug can break each one).
+    def _weight_decayed(self, grads: list[Tensor]) -> list[Tensor]:
+        return torch._foreach_add(grads, self.blocks, alpha=self.weight_decay)  # g + wd p
+
+    def _momentum_update(self, grads: list[Tensor]) -> None:
+        torch._foreach_mul_(self.momentum_buffers, self.momentum)  # buf = m buf
+        torch._foreach_add_(self.momentum_buffers, grads, alpha=1 - self.dampening)  # + (1 - d) g
+
+    def _nesterov_direction(self, grads: list[Tensor]) -> list[Tensor]:
+        return torch._foreach_add(grads, self.momentum_buffers, alpha=self.momentum)  # g + m buf
 
     # -- the rest of the backend contract ---------------------------------------------------------------
     @property

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..autograd import join_params
 from ..nn import MLP
+from . import fused as _fused
 from ._losses import LOSSES, resolve_loss
-from .fused import backprop_into, forward_into, loss_scales
+from .fused import forward_into
 
 __all__ = ["VectorizedTrainer"]
 
@@ -141,8 +142,7 @@ class VectorizedTrainer:
             dims = tuple(range(1, per_item.dim()))
             losses = per_item.mean(dims) if self.reduction == "mean" else per_item.sum(dims)
             # "mean" is d(mean)/d(item) = 1/count per model; the "sum" formula with that base case gives it
-            count = out.shape[1] * (out.shape[2] if self.loss_name == "mse" else 1)
-            base = 1.0 / count if self.reduction == "mean" else 1.0
+            base = self._reduction_factor(out)
             grad_o = self._loss_backward(base, out, y, "sum")[0]  # dL/do per model, (K, N, out)
             grads = F.mlp_backward(
                 grad_o,
@@ -154,6 +154,11 @@ class VectorizedTrainer:
                 needs_bias_grad=[self.bias] * len(self.weights),
             )
         return losses, join_params(grads.grad_weights, grads.grad_biases, self.bias)
+
+    def _reduction_factor(self, out: Tensor) -> float:
+        """d(reduced loss)/d(summed loss) of one model: 1/count for "mean" (rows, or elements for mse), 1 for "sum"."""
+        count = out.shape[1] * (out.shape[2] if self.loss_name == "mse" else 1)
+        return 1.0 / count if self.reduction == "mean" else 1.0
 
     def step(self, input: Tensor, target: Tensor) -> Tensor:
         """One SGD step of every active model; returns the per-model batch losses (K,) before the update."""
@@ -193,21 +198,22 @@ class VectorizedTrainer:
         if self.loss_name == "cross_entropy":
             torch.log_softmax(buf.out, -1, out=buf.out)
             dots = torch.mv(buf.out.view(K, -1), buf.y.view(-1)) if shared else _rowdot(buf.out, buf.y)
-            torch._log_softmax_backward_data(buf.y_k, buf.out, 2, buf.out.dtype, out=buf.grad[-1])
+            _fused.output_grad_into(self.loss_name, buf.out, buf.y_k, buf.grad[-1], 2)
         else:
-            torch.sub(buf.out, buf.y_k, out=buf.grad[-1])
+            _fused.output_grad_into(self.loss_name, buf.out, buf.y_k, buf.grad[-1], 2)
             dots = _rowdot(buf.grad[-1], buf.grad[-1])
         step = self.lr * -buf.scale  # (K, 1, 1); frozen models take no step (masked: 0 * inf would be nan)
         inactive = None if self._all_active else ~self.active.view(-1, 1, 1)
         # backward, top layer first: dL/da^{l-1} = dL/dz^l W^l (before W^l moves), dL/dz^{l-1} = dL/da^{l-1} sigma'
         for k in range(len(blocks) - 1, -1, -1):
             if k:
-                backprop_into(torch.bmm, buf, k, self.weights, acts)
+                _fused.backprop_into(torch.bmm, buf, k, self.weights, acts)
             torch.mul(buf.grad[k], step, out=buf.stepped[k])
             if inactive is not None:
                 buf.stepped[k].masked_fill_(inactive, 0)
             below = buf.act[k - 1] if k else buf.x_k  # [a^{l-1} | 1]
-            blocks[k].baddbmm_(buf.stepped[k].transpose(1, 2), below)  # [W | b] -= lr_k dL/d[W | b]
+            # [W | b] -= lr_k dL/d[W | b]
+            _fused.block_grad_into(blocks[k], buf.stepped[k].transpose(1, 2), below, 1.0, 1.0, self.bias)
         self._last, self._grads = (buf, buf.x_k), None
         self.steps += self.active
         return dots.mul_(buf.loss_scale)
@@ -226,25 +232,36 @@ class VectorizedTrainer:
         neg_lr = -self.lr
         for i, (p, g) in enumerate(zip(self.params, grads)):
             if self._has_weight_decay:
-                g = torch.addcmul(g, p, self.weight_decay)  # g + wd p
+                g = self._weight_decayed(g, p)
             direction = g
             if self._any_momentum:
                 buf = self.momentum_buffers[i]  # type: ignore[index]
                 if first:
                     buf.copy_(g)
-                elif self.dampening:
-                    buf.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
                 else:
-                    buf.mul_(self.momentum).add_(g)
+                    self._momentum_update(buf, g)
                 direction = buf
                 if self._any_nesterov:
-                    ahead = torch.addcmul(g, self.momentum, buf)  # g + m buf
+                    ahead = self._nesterov_ahead(g, buf)
                     direction = ahead if self._all_nesterov else torch.where(self.nesterov, ahead, buf)
             if all_active:
                 p.addcmul_(direction, neg_lr)  # p - lr g
             else:
                 p.copy_(torch.where(self.active.view(-1, 1, 1), torch.addcmul(p, direction, neg_lr), p))
         self.steps += self.active  # on the device: no host sync per step
+
+    # The update's formulas, one method each (so that manualbp.verify.inject_bug can break each one).
+    def _weight_decayed(self, g: Tensor, p: Tensor) -> Tensor:
+        return torch.addcmul(g, p, self.weight_decay)  # g + wd_k p
+
+    def _momentum_update(self, buf: Tensor, g: Tensor) -> None:
+        if self.dampening:
+            buf.mul_(self.momentum).add_(g, alpha=1 - self.dampening)  # buf = m_k buf + (1 - d) g
+        else:
+            buf.mul_(self.momentum).add_(g)  # buf = m_k buf + g
+
+    def _nesterov_ahead(self, g: Tensor, buf: Tensor) -> Tensor:
+        return torch.addcmul(g, self.momentum, buf)  # g + m_k buf
 
     # -- per-model state -------------------------------------------------------------------------------
     def set_lr(self, lr: Scalars) -> None:
@@ -376,4 +393,4 @@ class _Buffers:
         self.y_k = self.y.expand(K, n, widths[-1])
         self.grad = [new(K, n, w) for w in widths[1:]]  # dL/dz^l / scale (last: dL/do / scale)
         self.stepped = [new(K, n, w) for w in widths[1:]]  # -lr_k dL/dz^l: what the update matmul takes
-        self.loss_scale, self.scale = loss_scales(trainer.loss_name, trainer.reduction, n, widths[-1])
+        self.loss_scale, self.scale = _fused.loss_scales(trainer.loss_name, trainer.reduction, n, widths[-1])
