@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-finite-differences", action="store_true", help="skip the float64 gradcheck/gradgradcheck")
     v.add_argument("--json", metavar="PATH", help="write every configuration's full report as JSON")
     v.add_argument("--inject-bug", choices=sorted(BUGS), help=bug_help)
+    v.add_argument(
+        "--bugs",
+        action="store_true",
+        help="the mutation matrix instead: every bug of the catalogue against every execution path; prints per path "
+        "how many the checks caught (exit status 1 when a reached bug is missed)",
+    )
 
     e = sub.add_parser(
         "explain",
@@ -163,7 +169,16 @@ def _progress_bar(total: int):
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from .verify import available_devices, verify_matrix
+    from .verify import available_devices, mutation_matrix, verify_matrix
+
+    if args.bugs:
+        mutation = mutation_matrix()
+        print(mutation)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(mutation.to_dict(), f, indent=2)
+            print(f"full results: {args.json}")
+        return 0 if mutation.ok else 1
 
     devices = args.devices or available_devices()
     total = len(args.activations) * len(args.losses) * len(args.depths) * len(args.dtypes) * len(devices)

@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 
 import manualbp
 from manualbp import verify as V
-from manualbp.cli import main
+from manualbp.cli import build_parser, main
 
 SMALL = ["--activations", "sigmoid,relu", "--losses", "squared_error", "--depths", "1", "--dtypes", "float64"]
 
@@ -57,7 +57,7 @@ def test_verify_small_matrix_passes_and_writes_json(tmp_path, capsys):
     assert rows[0].split()[5] == V.fmt_err(largest)
 
 
-@pytest.mark.parametrize("bug", sorted(V.BUGS))
+@pytest.mark.parametrize("bug", ["sigmoid_missing_derivative", "weight_grad_transposed"])
 def test_verify_exits_1_on_an_injected_bug(bug, capsys):
     assert main(["verify", *SMALL, "--no-finite-differences", "--inject-bug", bug]) == 1
     out = capsys.readouterr().out
@@ -237,3 +237,24 @@ def test_explain_library_matches_trace_and_native_softmax():
     o = e.trace["o"].reference[0]
     assert yhat == pytest.approx(TF.softmax(o, -1).tolist(), abs=1e-15)
     assert e.ok and e.trace.ok
+
+
+@pytest.mark.parametrize("bug", sorted(set(V.BUGS) - {"sigmoid_missing_derivative", "weight_grad_transposed"}))
+def test_every_catalogue_name_is_an_inject_bug_choice(bug):
+    """--inject-bug takes every name of the catalogue (the run itself: test_verify_exits_1_on_an_injected_bug)."""
+    args = build_parser().parse_args(["verify", "--inject-bug", bug])
+    assert args.inject_bug == bug and not args.bugs
+
+
+@pytest.mark.slow
+def test_verify_bugs_prints_the_mutation_matrix(capsys):
+    assert main(["verify", "--bugs"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    for path in V.PATHS:
+        assert path in lines
+    reached = sum(V.CATALOGUE[b].reach("module") is None for b in V.CATALOGUE)
+    assert f"{reached} of {reached}" in lines["module"]
+    assert "0 of 0" in lines["module-native"] and "not reached" in lines["module-native"]
+    assert "C++ paths not reached yet" in out
+    assert out.rstrip().splitlines()[-1].startswith("PASS")

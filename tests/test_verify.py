@@ -429,6 +429,7 @@ VERIFY_MODULES = [
     "finite_differences",
     "bugs",
     "matrix",
+    "mutation",
     "explanation",
     "conformance",
     "intermediates",
@@ -499,3 +500,95 @@ def test_verify_all_resolves_and_names_the_submodules_api():
                 assert getattr(V, name) is getattr(module, name), (module_name, name)
     # the functions, not the submodules of (nearly) the same name
     assert callable(V.compare) and callable(V.trace) and callable(V.explain)
+
+
+# --------------------------------------------------------------------------------------------------
+# The bug catalogue and the mutation matrix
+# --------------------------------------------------------------------------------------------------
+from manualbp.verify import mutation as M  # noqa: E402
+
+_MODULE_BUGS = [name for name, bug in V.CATALOGUE.items() if bug.reach("module") is None]
+
+
+def test_the_catalogue_covers_every_formula():
+    assert len(V.CATALOGUE) >= 20 and set(V.BUGS) == set(V.CATALOGUE)
+    settings = [bug.setting for bug in V.CATALOGUE.values()]
+    assert {s["activation"] for s in settings if "activation" in s} == set(manualbp.functional.ACTIVATIONS)
+    assert {"cross_entropy", "mse", "squared_error", "softmax"} <= {s["loss"] for s in settings if "loss" in s}
+    assert {"momentum", "nesterov", "weight_decay"} <= {s["optim"] for s in settings if "optim" in s}
+    for bug in V.CATALOGUE.values():
+        assert bug.formula and bug.description
+        for path in ("module-native", "fused-native"):
+            assert bug.reach(path).startswith("not reached")
+
+
+@pytest.mark.parametrize("name", _MODULE_BUGS)
+def test_each_bug_breaks_its_formula_on_the_module_and_is_caught(name):
+    """Not a no-op: with the bug the module's check (compare, trace, the per-op Functions) fails; without it
+    (the same setting, before and after the block) it passes."""
+    setting = M._setting(V.CATALOGUE[name])
+    assert M._check_module(setting)
+    with V.inject_bug(name):
+        assert not M._check_module(setting)
+    assert M._check_module(setting)  # restored on exit
+
+
+@pytest.mark.parametrize("name", sorted(set(V.CATALOGUE) - set(_MODULE_BUGS)))
+def test_each_optimizer_bug_is_caught_on_the_fused_python_path(name):
+    setting = M._setting(V.CATALOGUE[name])
+    with V.inject_bug(name):
+        assert not M._check_fused(setting)
+    assert M._check_fused(setting)
+
+
+def test_inject_bug_restores_every_patched_copy_and_leaves_the_native_switch_alone(monkeypatch):
+    from manualbp.fast import _losses, fused, vectorized
+
+    monkeypatch.delenv("MANUALBP_NATIVE", raising=False)
+    tables = [dict(manualbp.functional.ACTIVATIONS), dict(fused._BACKWARD), dict(_losses.LOSSES)]
+    functions = [manualbp.functional.linear_backward, fused.loss_scales, fused.block_grad_into]
+    methods = [fused.FusedTrainer._momentum_update, vectorized.VectorizedTrainer._nesterov_ahead]
+    for name in V.CATALOGUE:
+        with V.inject_bug(name):
+            assert "MANUALBP_NATIVE" not in __import__("os").environ
+    assert tables == [dict(manualbp.functional.ACTIVATIONS), dict(fused._BACKWARD), dict(_losses.LOSSES)]
+    assert functions == [manualbp.functional.linear_backward, fused.loss_scales, fused.block_grad_into]
+    assert methods == [fused.FusedTrainer._momentum_update, vectorized.VectorizedTrainer._nesterov_ahead]
+
+
+def test_mutation_matrix_on_a_subset_and_its_errors():
+    result = V.mutation_matrix(["tanh_derivative_plus", "momentum_not_decayed"], ["module", "fused", "fused-native"])
+    assert result.ok
+    assert result.cells[("tanh_derivative_plus", "module")] == "caught"
+    assert result.cells[("momentum_not_decayed", "module")].startswith("n/a")
+    assert result.cells[("momentum_not_decayed", "fused")] == "caught"
+    assert result.cells[("tanh_derivative_plus", "fused-native")].startswith("not reached")
+    text = str(result)
+    assert "2 of 2" in text and "C++ paths not reached yet" in text and text.endswith("every path")
+    with pytest.raises(ValueError, match="not in the catalogue"):
+        V.mutation_matrix(["nope"])
+    with pytest.raises(ValueError, match="paths"):
+        V.mutation_matrix(paths=["gpu"])
+
+
+def test_mutation_matrix_reports_a_missed_bug(monkeypatch):
+    monkeypatch.setitem(M.__dict__, "inject_bug", lambda name: V.inject_bug(None))  # every bug a no-op
+    result = V.mutation_matrix(["relu_derivative_ones"], ["module"])
+    assert not result.ok and result.missed() == [("relu_derivative_ones", "module")]
+    assert "MISSED relu_derivative_ones on module" in str(result)
+
+
+def test_mutation_matrix_fails_loudly_when_the_baseline_fails(monkeypatch):
+    monkeypatch.setattr(M, "_check_module", lambda setting: False)
+    with pytest.raises(RuntimeError, match="fails without any bug"):
+        V.mutation_matrix(["relu_derivative_ones"], ["module"])
+
+
+@pytest.mark.slow
+def test_the_mutation_matrix_catches_every_reached_bug_on_every_path():
+    result = V.mutation_matrix()
+    assert result.ok, str(result)
+    for path in ("module", "fused", "vectorized", "vectorized-sgd"):
+        assert result.reached(path)
+        assert result.caught(path) == result.reached(path)
+    assert not result.reached("module-native") and not result.reached("fused-native")  # C++: not reached yet

@@ -26,7 +26,8 @@ The package, one module per idea, each readable alone; a module imports only fro
 - :mod:`~manualbp.verify.comparison`: :func:`compare` and :func:`compare_callables`;
 - :mod:`~manualbp.verify.tracing`: :func:`trace`;
 - :mod:`~manualbp.verify.finite_differences`: :func:`finite_difference_check`;
-- :mod:`~manualbp.verify.bugs`: :data:`BUGS` and :func:`inject_bug`;
+- :mod:`~manualbp.verify.bugs`: :data:`BUGS`, the :data:`CATALOGUE` and :func:`inject_bug`;
+- :mod:`~manualbp.verify.mutation`: :func:`mutation_matrix`, every bug against every path (``manualbp verify --bugs``);
 - :mod:`~manualbp.verify.matrix`: :func:`verify_matrix` (``manualbp verify``);
 - :mod:`~manualbp.verify.explanation`: :func:`explain` (``manualbp explain``);
 - :mod:`~manualbp.verify.conformance`: :func:`check_function`, a custom Function's properties;
@@ -38,13 +39,14 @@ like the function it holds would be shadowed by it on the package.)
 
 from __future__ import annotations
 
-from .bugs import BUGS, inject_bug
+from .bugs import BUGS, CATALOGUE, PATHS, Bug, inject_bug, python_paths
 from .comparison import compare, compare_callables
 from .conformance import CHECKS, ConformanceReport, PropertyRow, check_function
 from .explanation import ExplainStep, ExplainValue, Explanation, explain
 from .finite_differences import FiniteDifferenceReport, FiniteDifferenceRow, finite_difference_check
 from .intermediates import IntermediateReport, IntermediateRow, Recorder, assert_intermediates_match, record
 from .matrix import DTYPES, LOW_PRECISION_FACTOR, ConfigResult, MatrixResult, available_devices, verify_matrix
+from .mutation import MutationResult, mutation_matrix
 from .references import LOSSES
 from .reports import GradReport, Report, Row, TraceReport, compare_tensors, default_tolerances, format_table
 from .tracing import ACTIVATION_DERIVATIVES, trace
@@ -93,6 +95,12 @@ __all__ = [
     "format_table",
     "inject_bug",
     "BUGS",
+    "Bug",
+    "CATALOGUE",
+    "PATHS",
+    "MutationResult",
+    "mutation_matrix",
+    "python_paths",
     "trace",
     "CHECKS",
     "ConformanceReport",

@@ -1,72 +1,494 @@
-"""Deliberate bugs, to show (and test) that the checks catch them.
+"""Deliberate bugs, to show (and test) that the checks catch them: the mutation catalogue.
 
-:data:`BUGS` names them; :func:`inject_bug` breaks one formula of ``manualbp.functional`` inside a ``with``
-block (patching the module's attributes, so that every path built on the formulas sees it) and restores it.
+:data:`CATALOGUE` holds one :class:`Bug` per formula of the hand-derived backward and the SGD update (every
+activation derivative, every loss gradient and its reduction factor, softmax, dL/dW, dL/db, dL/da_prev,
+momentum, Nesterov, weight decay); :data:`BUGS` is its ``name -> description`` view. :func:`inject_bug`
+breaks one formula inside a ``with`` block, on every Python path at once, and restores it on exit. It patches
+the formula where each path reads it:
+
+- ``manualbp.functional`` (``ACTIVATIONS``, ``linear_backward``, the losses' backward, ``softmax_backward``):
+  the module's Python Functions (``manualbp.autograd``: ``MLPFunction`` and the per-op Functions),
+  :func:`~manualbp.verify.trace`, and the vectorized trainer's momentum / weight-decay step;
+- the copies that hold a formula of their own: ``manualbp.fast._losses.LOSSES`` and
+  ``manualbp.verify.tracing._LOSS_BACKWARD`` (references to the squared errors' backward taken at import),
+  ``manualbp.fast.fused`` (``_BACKWARD``, ``output_grad_into``, ``loss_scales``, ``block_grad_into``,
+  ``backprop_into``, ``FusedTrainer``'s update methods: the fused trainer's Python path and the vectorized
+  trainer's plain-SGD step), ``VectorizedTrainer``'s update methods and ``_reduction_factor``.
+
+Not reached yet: the compiled paths, ``manualbp/csrc/module.cpp`` (the module's C++ nodes, which
+``manualbp.nn`` uses where the extension is built and eligible) and ``manualbp/csrc/fused.cpp``
+(``FusedTrainer.step_many``'s C++ loop) repeat the kernels and see no patched Python formula. Inside the
+block they stay on (nothing here sets ``MANUALBP_NATIVE``): a check that must see the bug on the module or
+the fused trainer runs their Python path explicitly (:func:`python_paths`, as :func:`mutation_matrix` does).
+No path implements Adam by hand (``torch.optim.Adam`` only), so the catalogue has no Adam bug.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 from unittest import mock
 
+import torch
 from torch import Tensor
 
 from .. import functional as F
 
-__all__ = ["BUGS", "inject_bug"]
+__all__ = ["BUGS", "CATALOGUE", "PATHS", "Bug", "inject_bug", "python_paths"]
 
-#: name -> what the injected bug does to the hand-derived backward.
-BUGS = {
-    "sigmoid_missing_derivative": "sigmoid's backward returns dL/da, missing its a (1 - a) factor",
-    "weight_grad_transposed": "dL/dW is computed transposed, (dL/dz)^T a_prev -> (a_prev^T dL/dz) reshaped to (out, in)",
+#: The execution paths, in the order the mutation matrix prints them: name -> what runs there.
+PATHS = {
+    "module": "MLP through its Python Functions (MLPFunction; per-op Functions when module hooks are set)",
+    "module-native": "MLP through the C++ autograd nodes (manualbp/csrc/module.cpp)",
+    "fused": "FusedTrainer, Python step (manualbp/fast/fused.py)",
+    "fused-native": "FusedTrainer.step_many's C++ loop (manualbp/csrc/fused.cpp)",
+    "vectorized": "VectorizedTrainer, plain SGD (the fused step batched over K models)",
+    "vectorized-sgd": "VectorizedTrainer with momentum/weight decay (functional's formulas batched over K)",
 }
+#: The paths the Python patches cannot reach (their formulas are compiled C++).
+NATIVE_PATHS = ("module-native", "fused-native")
+_NOT_REACHED_NATIVE = "not reached: C++ kernels (no runtime switch in the extension yet)"
+_NO_OPTIMIZER = "n/a: the module has no hand-written optimizer (it trains with torch.optim)"
+_NO_SOFTMAX = "n/a: no separate softmax (cross-entropy's dL/do is fused)"
+_PLAIN_SGD = "n/a: plain SGD only (no momentum or weight decay on this path)"
+
+
+@dataclass(frozen=True)
+class Bug:
+    """One deliberate bug: ``formula`` the formula it breaks (as the notes write it), ``description`` what the
+    broken code computes instead; ``setting`` the configuration where the formula matters (activation, loss,
+    reduction, optimizer: what the mutation matrix trains with); ``na`` the paths without this formula, with
+    the reason."""
+
+    name: str
+    formula: str
+    description: str
+    setting: dict[str, Any] = field(default_factory=dict)
+    na: dict[str, str] = field(default_factory=dict)
+
+    def reach(self, path: str) -> Optional[str]:
+        """None where the bug reaches ``path``, else the reason it does not."""
+        if path in NATIVE_PATHS:
+            return _NOT_REACHED_NATIVE
+        return self.na.get(path)
+
+
+_OPTIMIZER_NA = {"module": _NO_OPTIMIZER, "vectorized": _PLAIN_SGD}
+
+
+def _bug(name: str, formula: str, description: str, na: Optional[dict] = None, **setting: Any) -> Bug:
+    return Bug(name, formula, description, setting, na or {})
+
+
+#: Every bug, one per formula (the names are stable: tests and the README use them).
+CATALOGUE: dict[str, Bug] = {
+    b.name: b
+    for b in [
+        # activation derivatives, from the saved output a
+        _bug("sigmoid_missing_derivative", "dL/dz = dL/da * a (1 - a)", "dL/dz = dL/da: the a (1 - a) factor is missing", activation="sigmoid"),  # noqa: E501
+        _bug("tanh_derivative_plus", "dL/dz = dL/da * (1 - a^2)", "dL/dz = dL/da * (1 + a^2)", activation="tanh"),
+        _bug("relu_derivative_ones", "dL/dz = dL/da * [a > 0]", "dL/dz = dL/da * [a >= 0]: the gradient passes where z <= 0", activation="relu"),  # noqa: E501
+        _bug("leaky_relu_slope_missing", "dL/dz = dL/da * ([a > 0] + s [a <= 0])", "dL/dz = dL/da * [a > 0]: the slope s is dropped", activation="leaky_relu"),  # noqa: E501
+        _bug("identity_derivative_masked", "dL/dz = dL/da", "dL/dz = dL/da * [a > 0]: relu's mask on a linear layer", activation="identity"),  # noqa: E501
+        # the losses' dL/do
+        _bug("cross_entropy_grad_sign", "dL/do = softmax(o) - y", "dL/do = y - softmax(o)", loss="cross_entropy"),
+        _bug("cross_entropy_missing_softmax", "dL/do = softmax(o) - y", "dL/do = -y: the softmax term is missing", loss="cross_entropy"),  # noqa: E501
+        _bug("softmax_over_batch", "dL/do = softmax(o) - y, softmax over the classes k", "softmax taken over the batch (each class normalized over the examples)", loss="cross_entropy"),  # noqa: E501
+        _bug("softmax_backward_missing_sum", "dL/do_k = yhat_k (dL/dyhat_k - sum_j dL/dyhat_j yhat_j)", "dL/do_k = yhat_k dL/dyhat_k: the softmax Jacobian's off-diagonal term is missing", {"fused": _NO_SOFTMAX, "vectorized": _NO_SOFTMAX, "vectorized-sgd": _NO_SOFTMAX}, loss="softmax"),  # noqa: E501
+        _bug("squared_error_grad_doubled", "dL/do = o - y (L = 1/2 sum_k (o_k - y_k)^2)", "dL/do = 2 (o - y): mse's factor on the notes' loss", loss="squared_error"),  # noqa: E501
+        _bug("mse_missing_factor_two", "dL/do = 2 (o - y) / numel", "dL/do = (o - y) / numel: the 2 is missing", loss="mse"),
+        _bug("mse_mean_over_examples", "dL/do = 2 (o - y) / (N K) (mean over every element)", "dL/do = 2 (o - y) / N: mean over the examples only", loss="mse"),  # noqa: E501
+        _bug("mean_reduction_missing_1_over_n", "dL/dL_n = 1/N for reduction='mean'", "dL/dL_n = 1: the mean is differentiated as a sum", loss="cross_entropy"),  # noqa: E501
+        _bug("sum_reduction_divided_by_n", "dL/dL_n = 1 for reduction='sum'", "dL/dL_n = 1/N: the sum is differentiated as a mean", loss="cross_entropy", reduction="sum"),  # noqa: E501
+        # the linear layer
+        _bug("weight_grad_transposed", "dL/dW = (dL/dz)^T a_prev, (out, in)", "dL/dW computed transposed, a_prev^T dL/dz forced into (out, in)"),  # noqa: E501
+        _bug("bias_grad_not_summed", "dL/db = sum_n dL/dz_n", "dL/db = dL/dz_1: the first example's only, not summed over the batch"),  # noqa: E501
+        _bug("bias_grad_mean", "dL/db = sum_n dL/dz_n", "dL/db = 1/N sum_n dL/dz_n: averaged over the batch instead of summed"),  # noqa: E501
+        _bug("input_grad_missing", "dL/da_prev = dL/dz W", "dL/da_prev = 0: backpropagation stops at each layer"),
+        _bug("input_grad_weight_transposed", "dL/da_prev = dL/dz W", "dL/da_prev = dL/dz (W^T forced into (out, in))"),
+        # the SGD update (torch.optim.SGD's)
+        _bug("weight_decay_sign", "g = dL/dp + wd p", "g = dL/dp - wd p", _OPTIMIZER_NA, optim="weight_decay"),
+        _bug("momentum_not_decayed", "buf = m buf + (1 - d) g", "buf = buf + (1 - d) g: the momentum factor m is missing", _OPTIMIZER_NA, optim="momentum"),  # noqa: E501
+        _bug("nesterov_missing_momentum_factor", "direction = g + m buf", "direction = g + buf", _OPTIMIZER_NA, optim="nesterov"),  # noqa: E501
+    ]
+}
+
+#: name -> what the injected bug does to the hand-derived backward (the catalogue's descriptions).
+BUGS: dict[str, str] = {name: f"{bug.description} (right: {bug.formula})" for name, bug in CATALOGUE.items()}
+
+
+@contextlib.contextmanager
+def python_paths() -> Iterator[None]:
+    """``MANUALBP_NATIVE=off`` inside the block: the module and the fused trainer take their Python paths
+    (the ones an injected bug reaches)."""
+    with mock.patch.dict(os.environ, {"MANUALBP_NATIVE": "off"}):
+        yield
 
 
 @contextlib.contextmanager
 def inject_bug(name: Optional[str]) -> Iterator[None]:
-    """Temporarily break one formula of ``manualbp.functional`` (a testing hook; ``None`` does nothing).
+    """Temporarily break one formula on every Python path (a testing hook; ``None`` does nothing).
 
-    Everything built on the formulas (``MLPFunction``, the per-op Functions, :func:`trace`) sees the bug
-    inside the ``with`` block; the formula is restored on exit. Names: see :data:`BUGS`. Inside the block
-    ``MANUALBP_NATIVE=off``: the compiled twins of ``MLPFunction`` and ``CrossEntropyFunction``
-    (``manualbp/csrc/module.cpp``) repeat the formulas' kernels and would not see a patched formula.
+    Inside the ``with`` block every Python copy of the formula is broken (see the module docstring for the
+    list); everything is restored on exit. The compiled paths stay on and are not reached: run a path's Python
+    form explicitly (:func:`python_paths`) to see the bug there. Names: see :data:`CATALOGUE`.
     """
     if name is None:
         yield
         return
-    if name not in BUGS:
-        raise ValueError(f"bug must be one of {', '.join(map(repr, BUGS))}, got {name!r}")
-    with mock.patch.dict(os.environ, {"MANUALBP_NATIVE": "off"}):
-        with _inject_bug(name):
-            yield
+    if name not in CATALOGUE:
+        raise ValueError(f"bug must be one of {', '.join(map(repr, CATALOGUE))}, got {name!r}")
+    with contextlib.ExitStack() as stack:
+        for patch in _PATCHES[name]():
+            stack.enter_context(patch)
+        yield
 
 
-@contextlib.contextmanager
-def _inject_bug(name: str) -> Iterator[None]:
-    if name == "sigmoid_missing_derivative":
-        saved = F.ACTIVATIONS["sigmoid"]
+# --------------------------------------------------------------------------------------------------
+# The patches, one list per bug
+# --------------------------------------------------------------------------------------------------
+def _fast() -> tuple[Any, Any, Any, Any]:
+    from ..fast import _losses, fused, vectorized
+    from .tracing import _LOSS_BACKWARD
 
-        def sigmoid_backward_without_derivative(grad_output: Tensor, output: Tensor) -> Tensor:
-            return grad_output  # BUG: the a (1 - a) factor is missing
+    return fused, vectorized, _losses, _LOSS_BACKWARD
 
-        F.ACTIVATIONS["sigmoid"] = (saved[0], sigmoid_backward_without_derivative)
-        try:
-            yield
-        finally:
-            F.ACTIVATIONS["sigmoid"] = saved
-        return
+
+def _wrap_attr(owner: Any, attr: str, make: Callable[[Callable], Callable]) -> Any:
+    return mock.patch.object(owner, attr, make(getattr(owner, attr)))
+
+
+def _activation_patches(name: str, broken: Callable[[Tensor, Tensor, float], Tensor]) -> list:
+    """``broken(dL/da, a, slope)`` -> the wrong dL/dz, in the registry (functional) and in the fused table."""
+    fused = _fast()[0]
+    forward, _ = F.ACTIVATIONS[name]
+
+    def backward(grad_output: Tensor, output: Tensor, negative_slope: float = 0.01) -> Tensor:
+        return broken(grad_output, output, negative_slope)
+
+    def backward_inplace(g: Tensor, a: Tensor, s: float) -> None:
+        g.copy_(broken(g, a, s))
+
+    return [
+        mock.patch.dict(F.ACTIVATIONS, {name: (forward, backward)}),
+        mock.patch.dict(fused._BACKWARD, {name: backward_inplace}),
+    ]
+
+
+def _loss_input_patches(names: tuple[str, ...], broken: Callable[[Tensor, Tensor, str, str], Tensor]) -> list:
+    """``broken(dL/do, o, reduction, loss)`` -> the wrong dL/do, in the losses' backward of functional and in
+    the tables that hold references to them (the fast trainers' LOSSES, trace's _LOSS_BACKWARD). For
+    cross-entropy ``o`` is log softmax(o) (the formula's root, ``cross_entropy_backward_from_log_probs``)."""
+    losses, trace_losses = _fast()[2:]
+    attrs = {
+        "squared_error": "squared_error_loss_backward",
+        "mse": "mse_loss_backward",
+        "cross_entropy": "cross_entropy_backward_from_log_probs",
+    }
+    patches = []
+    for loss in names:
+        original = getattr(F, attrs[loss])
+
+        def wrapped(grad_output, input, target, reduction="mean", *rest, _original=original, _loss=loss):
+            grad_input, grad_target = _original(grad_output, input, target, reduction, *rest)
+            return broken(grad_input, input, reduction, _loss), grad_target
+
+        patches.append(mock.patch.object(F, attrs[loss], wrapped))
+        if loss != "cross_entropy":  # cross_entropy_backward calls the patched root by its global name
+            patches.append(mock.patch.dict(losses.LOSSES, {loss: (losses.LOSSES[loss][0], wrapped)}))
+            patches.append(mock.patch.dict(trace_losses, {loss: wrapped}))
+    return patches
+
+
+def _count(input: Tensor, loss: str) -> int:
+    """The examples of a loss's input (*, K), or its elements for mse: what "mean" divides by."""
+    return input.numel() if loss == "mse" else input.shape[:-1].numel()
+
+
+def _loss_scales_patch(broken: Callable[[str, str, int, int, float], float]) -> Any:
+    """``broken(loss, reduction, n, classes, scale)`` -> the wrong dL/do scale of the fast trainers' step."""
+    fused = _fast()[0]
+    original = fused.loss_scales
+
+    def loss_scales(loss_name: str, reduction: str, n: int, classes: int) -> tuple[float, float]:
+        loss_scale, scale = original(loss_name, reduction, n, classes)
+        return loss_scale, broken(loss_name, reduction, n, classes, scale)
+
+    return mock.patch.object(fused, "loss_scales", loss_scales)
+
+
+def _reduction_factor_patch(broken: Callable[[Any, Tensor, float], float]) -> Any:
+    """The vectorized momentum step's own reduction factor (d reduced / d summed loss, per model)."""
+    vectorized = _fast()[1]
+    original = vectorized.VectorizedTrainer._reduction_factor
+
+    def factor(self: Any, out: Tensor) -> float:
+        return broken(self, out, original(self, out))
+
+    return mock.patch.object(vectorized.VectorizedTrainer, "_reduction_factor", factor)
+
+
+def _output_grad_patch(broken: Callable[[str, Tensor, Tensor, Tensor, int, Callable], None]) -> Any:
+    fused = _fast()[0]
+    original = fused.output_grad_into
+
+    def output_grad_into(loss_name: str, out: Tensor, target: Tensor, grad: Tensor, dim: int) -> None:
+        broken(loss_name, out, target, grad, dim, original)
+
+    return mock.patch.object(fused, "output_grad_into", output_grad_into)
+
+
+def _linear_patches(
+    weight: Optional[Callable[[Tensor], Tensor]] = None,
+    bias: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    input_weight: Optional[Callable[[Tensor], Tensor]] = None,
+) -> list:
+    """dL/dW -> ``weight(dL/dW)``; dL/db -> ``bias(dL/db, dL/dz as (rows, out) or (K, rows, out))``; dL/da_prev
+    computed from ``input_weight(W)`` instead of W: in functional.linear_backward, and in the fused step's
+    block gradient (``block_grad_into``) and backprop (``backprop_into``)."""
+    fused = _fast()[0]
     original = F.linear_backward
 
-    def linear_backward_transposed(grad_output: Tensor, input: Tensor, weight: Tensor, **kwargs: bool):
-        grad_input, grad_weight, grad_bias = original(grad_output, input, weight, **kwargs)
-        if grad_weight is not None:
-            grad_weight = grad_weight.T.reshape(grad_weight.shape)  # BUG: a_prev^T dL/dz, forced into (out, in)
+    def linear_backward(grad_output, input, weight_, **needs):
+        grad_input, grad_weight, grad_bias = original(grad_output, input, weight_, **needs)
+        if input_weight is not None and grad_input is not None:
+            grad_input = original(
+                grad_output, input, input_weight(weight_), needs_weight_grad=False, needs_bias_grad=False
+            )[0]
+        if weight is not None and grad_weight is not None:
+            grad_weight = weight(grad_weight)
+        if bias is not None and grad_bias is not None:
+            rows = grad_output if weight_ is not None and weight_.dim() == 3 else grad_output.reshape(-1, grad_output.shape[-1])
+            grad_bias = bias(grad_bias, rows)
         return grad_input, grad_weight, grad_bias
 
-    F.linear_backward = linear_backward_transposed  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        F.linear_backward = original  # type: ignore[assignment]
+    patches = [mock.patch.object(F, "linear_backward", linear_backward)]
+    if weight is not None or bias is not None:
+        block_original = fused.block_grad_into
+
+        def block_grad_into(dest, grad_t, below, alpha, beta, has_bias):
+            before = dest.clone() if beta != 0 else torch.zeros_like(dest)
+            block_original(dest, grad_t, below, alpha, beta, has_bias)
+            delta = dest - before  # alpha dL/d[W | b]
+            if weight is not None:
+                w = delta[..., :-1] if has_bias else delta
+                w.copy_(weight(w.clone()))
+            if bias is not None and has_bias:
+                rows = (grad_t * alpha).transpose(-1, -2)  # alpha dL/dz, (rows, out) or (K, rows, out)
+                delta[..., -1] = bias(delta[..., -1].clone(), rows).reshape(delta[..., -1].shape)
+            dest.copy_(before + delta)
+
+        patches.append(mock.patch.object(fused, "block_grad_into", block_grad_into))
+    if input_weight is not None:
+        backprop_original = fused.backprop_into
+
+        def backprop_into(matmul, buf, k, weights, activations):
+            broken = list(weights)
+            broken[k] = input_weight(weights[k])
+            backprop_original(matmul, buf, k, broken, activations)
+
+        patches.append(mock.patch.object(fused, "backprop_into", backprop_into))
+    return patches
+
+
+def _transposed(w: Tensor) -> Tensor:
+    return w.mT.reshape(w.shape)  # the transpose, forced into the original (out, in) shape
+
+
+def _first_row(grad_bias: Tensor, rows: Tensor) -> Tensor:
+    first = rows[..., 0, :]  # dL/dz of the first example, (out,) or (K, out)
+    return first.reshape(grad_bias.shape)
+
+
+def _mean_rows(grad_bias: Tensor, rows: Tensor) -> Tensor:
+    return grad_bias / rows.shape[-2]
+
+
+def _optimizer_patches(fused_method: str, fused_make: Callable, vec_method: str, vec_make: Callable) -> list:
+    fused, vectorized = _fast()[:2]
+    return [
+        _wrap_attr(fused.FusedTrainer, fused_method, fused_make),
+        _wrap_attr(vectorized.VectorizedTrainer, vec_method, vec_make),
+    ]
+
+
+def _sign_flipped_ce(loss_name, out, target, grad, dim, original):
+    original(loss_name, out, target, grad, dim)
+    if loss_name == "cross_entropy":
+        grad.neg_()  # the buffer is -dL/do / |scale|: flipping it flips dL/do
+
+
+def _missing_softmax_ce(loss_name, out, target, grad, dim, original):
+    original(loss_name, out, target, grad, dim)
+    if loss_name == "cross_entropy":
+        grad.copy_(target)  # y: dL/do = -y
+
+
+def _batch_softmax_ce(loss_name, out, target, grad, dim, original):
+    if loss_name == "cross_entropy":
+        out = torch.log_softmax(out, dim - 1)  # normalized over the examples
+    original(loss_name, out, target, grad, dim)
+
+
+def _reduction_scale(mean: bool):
+    """Fused: mean differentiated as a sum (``mean=True``) or sum as a mean."""
+
+    def broken(loss_name, reduction, n, classes, scale):
+        count = n * classes if loss_name == "mse" else n
+        if mean and reduction == "mean":
+            return scale * count
+        if not mean and reduction == "sum":
+            return scale / count
+        return scale
+
+    return broken
+
+
+def _reduction_vectorized(mean: bool):
+    def broken(self, out, factor):
+        count = out.shape[1] * (out.shape[2] if self.loss_name == "mse" else 1)
+        if mean and self.reduction == "mean":
+            return factor * count
+        if not mean and self.reduction == "sum":
+            return factor / count
+        return factor
+
+    return broken
+
+
+def _reduction_module(mean: bool):
+    def broken(grad_input, input, reduction, loss):
+        count = _count(input, loss)
+        if mean and reduction == "mean":
+            return grad_input * count
+        if not mean and reduction == "sum":
+            return grad_input / count
+        return grad_input
+
+    return broken
+
+
+def _ce_root_patch(rewrite: Callable[..., tuple]) -> Any:
+    """cross_entropy_backward_from_log_probs(grad_output, log_probs, target, reduction, count) recomputed
+    from ``rewrite(original, args...)``."""
+    original = F.cross_entropy_backward_from_log_probs
+
+    def wrapped(grad_output, log_probs, target, reduction="mean", count=None):
+        return rewrite(original, grad_output, log_probs, target, reduction, count)
+
+    return mock.patch.object(F, "cross_entropy_backward_from_log_probs", wrapped)
+
+
+def _ce_without_softmax(original, grad_output, log_probs, target, reduction, count):
+    grad_input, grad_target = original(grad_output, log_probs, target, reduction, count)
+    no_softmax = original(grad_output, torch.full_like(log_probs, -torch.inf), target, reduction, count)[0]
+    return no_softmax.reshape(grad_input.shape), grad_target  # -y scale: exp(-inf) = 0 drops softmax's term
+
+
+def _ce_batch_softmax(original, grad_output, log_probs, target, reduction, count):
+    grad_input, grad_target = original(grad_output, log_probs, target, reduction, count)
+    broken = original(grad_output, torch.log_softmax(log_probs, -2), target, reduction, count)[0]
+    return broken.reshape(grad_input.shape), grad_target
+
+
+def _patches_for(name: str) -> list:
+    if name == "sigmoid_missing_derivative":
+        return _activation_patches("sigmoid", lambda g, a, s: g.clone())
+    if name == "tanh_derivative_plus":
+        return _activation_patches("tanh", lambda g, a, s: g * (1 + a * a))
+    if name == "relu_derivative_ones":
+        return _activation_patches("relu", lambda g, a, s: g * (a >= 0).to(g.dtype))
+    if name == "leaky_relu_slope_missing":
+        return _activation_patches("leaky_relu", lambda g, a, s: g * (a > 0).to(g.dtype))
+    if name == "identity_derivative_masked":
+        return _activation_patches("identity", lambda g, a, s: g * (a > 0).to(g.dtype))
+    if name == "cross_entropy_grad_sign":
+        return _loss_input_patches(("cross_entropy",), lambda g, o, r, loss: -g) + [_output_grad_patch(_sign_flipped_ce)]
+    if name == "cross_entropy_missing_softmax":
+        return [_ce_root_patch(_ce_without_softmax), _output_grad_patch(_missing_softmax_ce)]
+    if name == "softmax_over_batch":
+        return [_ce_root_patch(_ce_batch_softmax), _output_grad_patch(_batch_softmax_ce)]
+    if name == "softmax_backward_missing_sum":
+        return [mock.patch.object(F, "softmax_backward", lambda grad_output, output: output * grad_output)]
+    if name == "squared_error_grad_doubled":
+        return _loss_input_patches(("squared_error",), lambda g, o, r, loss: 2 * g) + [
+            _loss_scales_patch(lambda loss, r, n, c, s: 2 * s if loss == "squared_error" else s)
+        ]
+    if name == "mse_missing_factor_two":
+        return _loss_input_patches(("mse",), lambda g, o, r, loss: g / 2) + [
+            _loss_scales_patch(lambda loss, r, n, c, s: s / 2 if loss == "mse" else s)
+        ]
+    if name == "mse_mean_over_examples":
+        return _loss_input_patches(("mse",), lambda g, o, r, loss: g * o.shape[-1] if r == "mean" else g) + [
+            _loss_scales_patch(lambda loss, r, n, c, s: s * c if loss == "mse" and r == "mean" else s),
+            _reduction_factor_patch(
+                lambda self, out, f: f * out.shape[2] if self.loss_name == "mse" and self.reduction == "mean" else f
+            ),
+        ]
+    if name in ("mean_reduction_missing_1_over_n", "sum_reduction_divided_by_n"):
+        mean = name.startswith("mean")
+        return _loss_input_patches(("squared_error", "mse", "cross_entropy"), _reduction_module(mean)) + [
+            _wrap_attr(F, "cross_entropy_on_probabilities_backward", lambda original: _probabilities(original, mean)),
+            _loss_scales_patch(_reduction_scale(mean)),
+            _reduction_factor_patch(_reduction_vectorized(mean)),
+        ]
+    if name == "weight_grad_transposed":
+        return _linear_patches(weight=_transposed)
+    if name == "bias_grad_not_summed":
+        return _linear_patches(bias=_first_row)
+    if name == "bias_grad_mean":
+        return _linear_patches(bias=_mean_rows)
+    if name == "input_grad_missing":
+        return _linear_patches(input_weight=torch.zeros_like)
+    if name == "input_grad_weight_transposed":
+        return _linear_patches(input_weight=_transposed)
+    if name == "weight_decay_sign":
+        return _optimizer_patches(
+            "_weight_decayed",
+            lambda original: lambda self, grads: [2 * g - d for g, d in zip(grads, original(self, grads))],
+            "_weight_decayed",
+            lambda original: lambda self, g, p: 2 * g - original(self, g, p),
+        )
+    if name == "momentum_not_decayed":
+        return _optimizer_patches("_momentum_update", _fused_not_decayed, "_momentum_update", _vectorized_not_decayed)
+    if name == "nesterov_missing_momentum_factor":
+        return _optimizer_patches(
+            "_nesterov_direction",
+            lambda original: lambda self, grads: [
+                d + (1 - self.momentum) * b for d, b in zip(original(self, grads), self.momentum_buffers)
+            ],
+            "_nesterov_ahead",
+            lambda original: lambda self, g, buf: original(self, g, buf) + (1 - self.momentum) * buf,
+        )
+    raise AssertionError(f"no patches for {name!r}")  # pragma: no cover (every catalogue name has them)
+
+
+def _probabilities(original: Callable, mean: bool) -> Callable:
+    def wrapped(grad_output, input, target, reduction="mean"):
+        grad_input, grad_target = original(grad_output, input, target, reduction)
+        return _reduction_module(mean)(grad_input, input, reduction, "cross_entropy"), grad_target
+
+    return wrapped
+
+
+def _fused_not_decayed(original: Callable) -> Callable:
+    def update(self, grads):
+        old = [b.clone() for b in self.momentum_buffers]
+        original(self, grads)
+        torch._foreach_add_(self.momentum_buffers, old, alpha=1 - self.momentum)  # + (1 - m) buf: buf + g
+
+    return update
+
+
+def _vectorized_not_decayed(original: Callable) -> Callable:
+    def update(self, buf, g):
+        old = buf.clone()
+        original(self, buf, g)
+        buf.add_(old * (1 - self.momentum))
+
+    return update
+
+
+_PATCHES: dict[str, Callable[[], list]] = {name: (lambda name=name: _patches_for(name)) for name in CATALOGUE}

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..nn import MLP
-from .bugs import inject_bug
+from .bugs import inject_bug, python_paths
 from .comparison import compare
 from .finite_differences import FiniteDifferenceReport, finite_difference_check
 from .references import LOSSES
@@ -282,7 +282,8 @@ def verify_matrix(
 
     ``depth`` is the number of hidden layers (0 is a linear model). The finite-difference check runs once per
     (activation, loss, depth, device), in float64, on the same weights. An exception inside one configuration
-    marks it as an error and the matrix goes on. ``bug`` injects one of :data:`BUGS` (a testing hook);
+    marks it as an error and the matrix goes on. ``bug`` injects one of :data:`BUGS` (a testing hook; the run
+    then takes the module's Python paths, which the bug reaches, not its C++ nodes, which it does not yet);
     ``progress`` is called after each configuration.
     """
     activations = _check_choices(activations, sorted(F.ACTIVATIONS), "activations")
@@ -304,7 +305,7 @@ def verify_matrix(
     fd_cache: dict[tuple, FiniteDifferenceReport] = {}
     results: list[ConfigResult] = []
     start = _now()
-    with _full_precision_matmul(), inject_bug(bug):
+    with _full_precision_matmul(), inject_bug(bug), python_paths() if bug else contextlib.nullcontext():
         for device in devices:
             for depth in depths:
                 for activation in activations:
