@@ -11,8 +11,8 @@
                         a script's hand-written backward (dNAME for each NAME), gradient by gradient, against
                         autograd, with the bug site; exit status 1 when a gradient is wrong
 
-Testing hook: ``--inject-bug NAME`` (both commands) breaks one hand-derived formula for the run
-(``sigmoid_missing_derivative`` or ``weight_grad_transposed``, see ``manualbp.verify.BUGS``), to show that
+Testing hook: ``--inject-bug NAME`` (both commands) breaks one hand-derived formula for the run (any name of
+``manualbp.verify.BUGS``; ``verify --bugs`` runs every one against every path, the mutation matrix), to show that
 the checks catch it; the test suite uses it to prove that ``manualbp verify`` exits 1 on a wrong backward.
 """
 
