@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,3 +283,80 @@ def test_stopping_section_tabulates_prechelts_criteria_and_the_trade_off(tmp_pat
     assert "Clean first, noise later: 82.0% of the training labels are still correct" in text
     assert "(+0.050; the best criterion, UP_4: +0.060), against +0.050 with clean labels: **not reproduced**" in text
     assert (tmp_path / "img" / "results_stopping_noisy_tradeoff.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------------------
+# The package's shape: modules by what they do, imports one way, the old names still reachable
+# --------------------------------------------------------------------------------------------------
+STUDIES_DIR = ROOT / "manualbp" / "studies"
+STUDIES_MODULES = sorted(p.stem for p in STUDIES_DIR.glob("*.py") if p.stem != "__init__")
+BOTTOM = {"measure", "sweeps", "document", "figures"}  # import no other studies module
+
+
+def _defined(path: Path) -> list[str]:
+    """The names ``path`` defines at module level (functions, classes, assignments)."""
+    names = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += [t.id for t in targets if isinstance(t, ast.Name) and t.id != "__all__"]
+    return names
+
+
+def _sibling_imports(path: Path) -> set[str]:
+    """The manualbp.studies modules ``path`` imports at module level."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return out
+
+
+def test_the_studies_package_imports_one_way():
+    """measure/sweeps/document/figures at the bottom (none imports another studies module), the study sections
+    above them (importing only the bottom), so no cycle; the measurements neither plot nor write markdown."""
+    assert BOTTOM < set(STUDIES_MODULES) and "dynamics" in STUDIES_MODULES
+    for m in STUDIES_MODULES:
+        deps = _sibling_imports(STUDIES_DIR / f"{m}.py")
+        assert deps <= (set() if m in BOTTOM else BOTTOM), (m, deps)
+    imported = {
+        n for node in ast.walk(ast.parse((STUDIES_DIR / "measure.py").read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))
+        for n in [getattr(node, "module", None) or "", *(a.name for a in node.names)]
+    }  # fmt: skip
+    assert not {n for n in imported if "matplotlib" in n or "report" in n or "markdown" in n}, imported
+
+
+@pytest.mark.parametrize("module", STUDIES_MODULES)
+def test_each_studies_module_imports_alone_and_the_package_reexports_its_names(module):
+    """In a fresh interpreter: ``import manualbp.studies.<module>`` on its own, then every name it defines is the
+    same object on ``manualbp.studies`` (the dynamics names: on ``manualbp.dynamics``)."""
+    front = "manualbp.dynamics" if module == "dynamics" else "manualbp.studies"
+    code = (
+        "import importlib, sys\n"
+        f"mod = importlib.import_module('manualbp.studies.{module}')\n"
+        f"front = importlib.import_module({front!r})\n"
+        f"missing = [n for n in {_defined(STUDIES_DIR / f'{module}.py')!r} if getattr(front, n, None) is not getattr(mod, n)]\n"
+        "assert not missing, missing\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_every_name_the_scripts_and_tests_use_is_reexported():
+    """``S.<name>`` (manualbp.studies) and ``D.<name>`` (manualbp.dynamics) as scripts/ and tests/ write them,
+    and ``from manualbp.studies import <name>``, all resolve."""
+    from manualbp import dynamics as D
+
+    used = {"S": set(), "D": set()}
+    for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")]:
+        text = path.read_text()
+        if "import studies as S" in text:
+            used["S"] |= set(re.findall(r"\bS\.(\w+)", text))
+        if "import dynamics as D" in text:
+            used["D"] |= set(re.findall(r"\bD\.(\w+)", text))
+        used["S"] |= {n.strip() for names in re.findall(r"from manualbp\.studies import ([\w, ]+)", text) for n in names.split(",")}
+    assert {"Section", "_plt", "_unstable", "lr_section", "saturation"} <= used["S"] and "_series" in used["D"]
+    assert [n for n in sorted(used["S"]) if not hasattr(S, n)] == []
+    assert [n for n in sorted(used["D"]) if not hasattr(D, n)] == []
