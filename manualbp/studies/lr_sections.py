@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -27,20 +27,30 @@ def _unstable(job: Job, initial_loss: Optional[float]) -> bool:
     return initial_loss is not None and final >= initial_loss
 
 
-def lr_section(
-    jobs: list[Job], img: Path, prefix: str = "results_lr", hessian_iters: int = 200, title: Optional[str] = None
-) -> Section:
-    """Final training loss per rate; observed full-batch divergence boundary vs 2 / lambda_max at init."""
+Cell = dict[tuple[str, str, float], Job]  # (activation, batch size, rate) -> the run
+
+
+def _lr_cells(jobs: list[Job]) -> tuple[list[str], list[str], list[float], Cell]:
+    """The activations, batch sizes and rates in the tables' order, and each (activation, batch, rate)'s run."""
     acts = _ordered([str(j.get("model.activation")) for j in jobs], ["sigmoid", "tanh", "relu"])
     batches = _ordered([_batch(j) for j in jobs], ["full", "1", "8", "16", "32", "64", "128"])
     lrs = sorted({_lr(j) for j in jobs})
     cell = {(str(j.get("model.activation")), _batch(j), _lr(j)): j for j in jobs}
-    # lambda_max at initialization, per activation (the init does not depend on the rate or the batch)
+    return acts, batches, lrs, cell
+
+
+def _lambda_max_at_init(jobs: list[Job], acts: list[str], hessian_iters: int) -> dict[str, LambdaMax]:
+    """lambda_max at initialization, per activation (the init does not depend on the rate or the batch)."""
     lam: dict[str, LambdaMax] = {}
     for a in acts:
         j = next(j for j in jobs if str(j.get("model.activation")) == a)
         st = initial_state(j.config, dtype=torch.float64)
         lam[a] = hessian_lambda_max(st.model, st.data.x_train, st.data.y_train, st.loss, iters=hessian_iters)
+    return lam
+
+
+def _loss_table(acts: list[str], batches: list[str], lrs: list[float], cell: Cell) -> str:
+    """Final training loss per activation, batch size and rate (``div@E``: diverged at epoch E)."""
     header = ["activation", "batch", *[_f(lr, 4).rstrip("0").rstrip(".") if lr < 1e4 else str(lr) for lr in lrs]]
     rows = []
     for a in acts:
@@ -55,6 +65,14 @@ def lr_section(
                 else:
                     row.append(_f(j.metrics.get("train_loss")))
             rows.append(row)
+    return markdown_table(header, rows)
+
+
+def _boundary_table(
+    acts: list[str], batches: list[str], lrs: list[float], cell: Cell, lam: Mapping[str, LambdaMax]
+) -> tuple[str, dict[tuple[str, str], Optional[float]], dict[tuple[str, str], Optional[float]]]:
+    """The observed divergence boundary against 2 / lambda_max; also, per (activation, batch), the first unstable
+    rate and the largest stable rate below it."""
     bheader = [
         "activation",
         "batch",
@@ -93,6 +111,20 @@ def lr_section(
                     ratio,
                 ]
             )
+    return markdown_table(bheader, brows), boundary, largest_stable
+
+
+def _lr_figure(
+    jobs: list[Job],
+    acts: list[str],
+    batches: list[str],
+    lrs: list[float],
+    cell: Cell,
+    lam: Mapping[str, LambdaMax],
+    title: Optional[str],
+    path: Path,
+) -> str:
+    """One panel per batch size: final training loss against the rate (x: diverged), 2/lambda_max dashed."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(batches), figsize=(max(7.0, 5 * len(batches)), 3.9), sharey=True, squeeze=False)
     colors = dict(zip(acts, ["C0", "C1", "C2", "C3", "C4"]))
@@ -126,12 +158,22 @@ def lr_section(
     fig.suptitle(
         title or f"Final training loss after {epochs} epochs vs learning rate ({data}, one hidden layer)", fontsize=11
     )
-    figs = [_save(fig, img / f"{prefix}.png")]
+    return _save(fig, path)
+
+
+def lr_section(
+    jobs: list[Job], img: Path, prefix: str = "results_lr", hessian_iters: int = 200, title: Optional[str] = None
+) -> Section:
+    """Final training loss per rate; observed full-batch divergence boundary vs 2 / lambda_max at init."""
+    acts, batches, lrs, cell = _lr_cells(jobs)
+    lam = _lambda_max_at_init(jobs, acts, hessian_iters)
+    boundary_table, boundary, largest_stable = _boundary_table(acts, batches, lrs, cell, lam)
+    figs = [_lr_figure(jobs, acts, batches, lrs, cell, lam, title, img / f"{prefix}.png")]
     md = [
         "Final training loss per learning rate (`div@E`: diverged at epoch E, i.e. the loss exceeded 10x its first "
         "step's or became NaN/inf):",
         "",
-        markdown_table(header, rows),
+        _loss_table(acts, batches, lrs, cell),
         "",
         "The divergence boundary. lambda_max is the largest Hessian eigenvalue of the training loss (whole training "
         "split, float64) at initialization, by power iteration on Hessian-vector products computed by double backward "
@@ -140,7 +182,7 @@ def lr_section(
         "between the largest stable rate below the first unstable one and that first unstable rate (the grid has "
         "three rates per decade).",
         "",
-        markdown_table(bheader, brows),
+        boundary_table,
         "",
         f"![final loss vs learning rate](img/{prefix}.png)",
     ]
