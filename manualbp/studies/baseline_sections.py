@@ -14,20 +14,26 @@ from .sweeps import _finite
 __all__ = ["baseline_section"]
 
 
-def baseline_section(jobs: list[Job], img: Path, prefix: str = "results_mnist1d") -> Section:
-    """Test accuracy per seed and its mean for the MLP and the zero-hidden-layer (logistic) model."""
+def _model_name(j: Job) -> str:
+    """The row label: the MLP's widths and activation, or logistic regression (no hidden layer)."""
+    hidden = j.get("model.hidden") or []
+    return (
+        "logistic regression (no hidden layer)"
+        if not hidden
+        else f"MLP {'-'.join(str(h) for h in hidden)} {j.get('model.activation')}"
+    )
 
-    def name(j: Job) -> str:
-        hidden = j.get("model.hidden") or []
-        return (
-            "logistic regression (no hidden layer)"
-            if not hidden
-            else f"MLP {'-'.join(str(h) for h in hidden)} {j.get('model.activation')}"
-        )
 
+def _baseline_groups(jobs: list[Job]) -> dict[str, list[Job]]:
+    """The runs (seeds) of each model."""
     groups: dict[str, list[Job]] = defaultdict(list)
     for j in jobs:
-        groups[name(j)].append(j)
+        groups[_model_name(j)].append(j)
+    return groups
+
+
+def _baseline_table(groups: dict[str, list[Job]]) -> tuple[str, dict[str, float]]:
+    """Per model: test accuracy per seed, mean, std, epochs, and the paper's figure; also the mean per model."""
     header = ["model", "seeds", "test accuracy per seed", "mean", "std", "epochs (best epoch)", "paper"]
     rows, means = [], {}
     for n, js in sorted(groups.items(), key=lambda kv: kv[0].startswith("logistic")):
@@ -47,6 +53,11 @@ def baseline_section(jobs: list[Job], img: Path, prefix: str = "results_mnist1d"
                 "about 0.32" if n.startswith("logistic") else "about 0.68",
             ]
         )
+    return markdown_table(header, rows), means
+
+
+def _baseline_figure(groups: dict[str, list[Job]], path: Path) -> str:
+    """Validation (solid) and training (dotted) accuracy against epoch of each model's first seed."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for k, (n, js) in enumerate(sorted(groups.items(), key=lambda kv: kv[0].startswith("logistic"))):
@@ -70,8 +81,15 @@ def baseline_section(jobs: list[Job], img: Path, prefix: str = "results_mnist1d"
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=7)
     ax.set_title("MNIST-1D (seed 0); dashed: the paper's 0.68 and 0.32")
-    figs = [_save(fig, img / f"{prefix}.png")]
-    md = [markdown_table(header, rows), "", f"![MNIST-1D learning curves](img/{prefix}.png)"]
+    return _save(fig, path)
+
+
+def baseline_section(jobs: list[Job], img: Path, prefix: str = "results_mnist1d") -> Section:
+    """Test accuracy per seed and its mean for the MLP and the zero-hidden-layer (logistic) model."""
+    groups = _baseline_groups(jobs)
+    table, means = _baseline_table(groups)
+    figs = [_baseline_figure(groups, img / f"{prefix}.png")]
+    md = [table, "", f"![MNIST-1D learning curves](img/{prefix}.png)"]
     sec = Section("\n".join(md), figs)
     sec.means = means  # type: ignore[attr-defined]
     return sec

@@ -12,11 +12,9 @@ from .sweeps import _batch, _lr, epochs_to
 __all__ = ["batch_section"]
 
 
-def batch_section(jobs: list[Job], img: Path, prefix: str = "results_batch") -> Section:
-    """Accuracy against epochs and against wall time, each batch size at its best rate."""
-    batches = _ordered([_batch(j) for j in jobs], ["1", "32", "full"])
-    lrs = sorted({_lr(j) for j in jobs})
-    cell = {(_batch(j), _lr(j)): j for j in jobs}
+def _batch_table(batches: list[str], lrs: list[float], cell: dict[tuple[str, float], Job]) -> tuple[str, dict[str, Job]]:
+    """Final test accuracy per batch size and rate, and the best rate's speed; also each batch size's best run (by
+    final validation accuracy, among those that did not diverge)."""
     header = [
         "batch",
         *[f"lr {lr:g}" for lr in lrs],
@@ -52,6 +50,11 @@ def batch_section(jobs: list[Job], img: Path, prefix: str = "results_batch") -> 
         else:
             row += ["-"] * 5
         rows.append(row)
+    return markdown_table(header, rows), best
+
+
+def _batch_figure(best: dict[str, Job], path: Path) -> str:
+    """Validation accuracy against epochs and against wall time, one line per batch size at its best rate."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for b, j in best.items():
@@ -66,11 +69,20 @@ def batch_section(jobs: list[Job], img: Path, prefix: str = "results_batch") -> 
     axes[0].set_ylabel("validation accuracy")
     axes[0].legend(fontsize=8)
     fig.suptitle("Digits, 64 sigmoid units: each batch size at its best rate")
-    figs = [_save(fig, img / f"{prefix}.png")]
+    return _save(fig, path)
+
+
+def batch_section(jobs: list[Job], img: Path, prefix: str = "results_batch") -> Section:
+    """Accuracy against epochs and against wall time, each batch size at its best rate."""
+    batches = _ordered([_batch(j) for j in jobs], ["1", "32", "full"])
+    lrs = sorted({_lr(j) for j in jobs})
+    cell = {(_batch(j), _lr(j)): j for j in jobs}
+    table, best = _batch_table(batches, lrs, cell)
+    figs = [_batch_figure(best, img / f"{prefix}.png")]
     md = [
         "Final test accuracy per batch size and rate, and the best rate's speed (by final validation accuracy):",
         "",
-        markdown_table(header, rows),
+        table,
         "",
         f"![accuracy vs epochs and wall time](img/{prefix}.png)",
     ]
