@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,3 +283,90 @@ def test_stopping_section_tabulates_prechelts_criteria_and_the_trade_off(tmp_pat
     assert "Clean first, noise later: 82.0% of the training labels are still correct" in text
     assert "(+0.050; the best criterion, UP_4: +0.060), against +0.050 with clean labels: **not reproduced**" in text
     assert (tmp_path / "img" / "results_stopping_noisy_tradeoff.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------------------
+# The package's shape: modules by what they do, imports one way, the old names still reachable
+# --------------------------------------------------------------------------------------------------
+STUDIES_DIR = ROOT / "manualbp" / "studies"
+STUDIES_MODULES = sorted(p.stem for p in STUDIES_DIR.glob("*.py") if p.stem != "__init__")
+BOTTOM = {"measure", "sweeps", "document", "figures"}  # import no other studies module
+
+
+#: every name the flat manualbp/studies.py and manualbp/dynamics.py defined: each stays reachable where it was
+OLD_STUDIES_NAMES = (
+    "LOSSES InitialState initial_state initial_grad_norms saturation LambdaMax hessian_lambda_max override _finite _f "
+    "epochs_to _lr _batch _plt _save Section INIT_LABELS _ordered init_section depth_section _unstable lr_section "
+    "RULE_ORDER PRECHELT_NAMES FIRING_RULES rule_label _rule_order _mean _min_val _seed_rows SEED_HEADER CriterionStats "
+    "_ends_at_best criterion_stats _criteria_table _stopping_figure _tradeoff_figure stopping_section batch_section "
+    "baseline_section Study STUDIES load_sweep sweep_runtime sweep_wall_time read_sections write_results"
+).split()
+OLD_DYNAMICS_NAMES = (
+    "_num _lr EosRun eos_runs Window window _eos_row eos_section eos_digits_section _layers _series saturation_runs "
+    "_init_label _mean saturation_section"
+).split()
+
+
+def _sibling_imports(path: Path) -> set[str]:
+    """The manualbp.studies modules ``path`` imports at module level."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return out
+
+
+def test_the_studies_package_imports_one_way():
+    """measure/sweeps/document/figures at the bottom (none imports another studies module), the study sections
+    above them (importing only the bottom), so no cycle; the measurements neither plot nor write markdown."""
+    assert BOTTOM < set(STUDIES_MODULES) and "dynamics" in STUDIES_MODULES
+    for m in STUDIES_MODULES:
+        deps = _sibling_imports(STUDIES_DIR / f"{m}.py")
+        assert deps <= (set() if m in BOTTOM else BOTTOM), (m, deps)
+    imported = {
+        n for node in ast.walk(ast.parse((STUDIES_DIR / "measure.py").read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))
+        for n in [getattr(node, "module", None) or "", *(a.name for a in node.names)]
+    }  # fmt: skip
+    assert not {n for n in imported if "matplotlib" in n or "report" in n or "markdown" in n}, imported
+
+
+@pytest.mark.parametrize("module", STUDIES_MODULES)
+def test_each_studies_module_imports_alone_and_the_package_reexports_its_names(module):
+    """In a fresh interpreter: ``import manualbp.studies.<module>`` on its own, then each name of its ``__all__``
+    and each old name it holds is the same object on ``manualbp.studies`` (dynamics: on ``manualbp.dynamics``)."""
+    front, old = ("manualbp.dynamics", OLD_DYNAMICS_NAMES) if module == "dynamics" else ("manualbp.studies", OLD_STUDIES_NAMES)
+    code = (
+        "import importlib\n"
+        f"mod = importlib.import_module('manualbp.studies.{module}')\n"
+        f"front = importlib.import_module({front!r})\n"
+        f"names = [*getattr(mod, '__all__', ()), *(n for n in {old!r} if hasattr(mod, n))]\n"
+        "missing = [n for n in names if getattr(front, n, None) is not getattr(mod, n)]\n"
+        "assert not missing, missing\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_old_names_are_all_still_there():
+    from manualbp import dynamics as D
+
+    assert [n for n in OLD_STUDIES_NAMES if not hasattr(S, n)] == []
+    assert [n for n in OLD_DYNAMICS_NAMES if not hasattr(D, n)] == []
+
+
+def test_every_name_the_scripts_and_tests_use_is_reexported():
+    """``S.<name>`` (manualbp.studies) and ``D.<name>`` (manualbp.dynamics) as scripts/ and tests/ write them,
+    and ``from manualbp.studies import <name>``, all resolve."""
+    from manualbp import dynamics as D
+
+    used = {"S": set(), "D": set()}
+    for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")]:
+        text = path.read_text()
+        if "import studies as S" in text:
+            used["S"] |= set(re.findall(r"\bS\.(\w+)", text))
+        if "import dynamics as D" in text:
+            used["D"] |= set(re.findall(r"\bD\.(\w+)", text))
+        used["S"] |= {n.strip() for names in re.findall(r"from manualbp\.studies import ([\w, ]+)", text) for n in names.split(",")}
+    assert {"Section", "_plt", "_unstable", "lr_section", "saturation"} <= used["S"] and "_series" in used["D"]
+    assert [n for n in sorted(used["S"]) if not hasattr(S, n)] == []
+    assert [n for n in sorted(used["D"]) if not hasattr(D, n)] == []
