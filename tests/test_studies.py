@@ -330,6 +330,7 @@ def test_the_studies_package_imports_one_way():
     assert not {n for n in imported if "matplotlib" in n or "report" in n or "markdown" in n}, imported
 
 
+@pytest.mark.slow  # a fresh interpreter per module (about 2.5 s each); the AST test above guards the direction fast
 @pytest.mark.parametrize("module", STUDIES_MODULES)
 def test_each_studies_module_imports_alone_and_the_package_reexports_its_names(module):
     """In a fresh interpreter: ``import manualbp.studies.<module>`` on its own, then each name of its ``__all__``
