@@ -22,6 +22,7 @@ from typing import Any, Optional
 from ..report import Job, markdown_table
 from .document import Section, _f, _ordered
 from .figures import _plt, _save
+from .sweeps import _lr
 
 __all__ = ["EosRun", "eos_digits_section", "eos_runs", "eos_section", "Window", "saturation_runs", "saturation_section", "window"]
 
@@ -31,10 +32,6 @@ def _num(value: Any) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-def _lr(job: Job) -> float:
-    return float(job.get("optim.lr"))
 
 
 # --------------------------------------------------------------------------------------------------
