@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .nn import CrossEntropyLoss, MSELoss, SquaredErrorLoss
 
-__all__ = ["LOSS_MODULES", "Sharpness", "hvp_operator", "lanczos", "sharpness"]
+__all__ = ["LOSS_MODULES", "Sharpness", "hvp_operator", "lanczos", "sharpness", "stable_rate"]
 
 #: loss name -> the hand-derived loss module (reduction "mean") whose Hessian is taken.
 LOSS_MODULES: dict[str, Callable[[], torch.nn.Module]] = {
@@ -119,8 +119,13 @@ class Sharpness:
 
     @property
     def lr_bound(self) -> float:
-        """2 / lambda_max: the largest stable rate of gradient descent on the local quadratic model."""
-        return 2.0 / self.value if self.value > 0 else math.inf
+        return stable_rate(self.value)
+
+
+def stable_rate(lambda_max: float) -> float:
+    """2 / lambda_max: the largest stable rate of gradient descent on the local quadratic model (inf when the
+    curvature is not positive)."""
+    return 2.0 / lambda_max if lambda_max > 0 else math.inf
 
 
 def sharpness(

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ..hessian import hvp_operator, stable_rate
 from ..nn import MLP, CrossEntropyLoss, MSELoss, SquaredErrorLoss
 from ..train.config import resolve_config
 from ..train.data import Dataset, load_dataset
@@ -104,7 +105,7 @@ class LambdaMax:
     @property
     def lr_bound(self) -> float:
         """2 / lambda_max: the largest stable step of gradient descent on the local quadratic model."""
-        return 2.0 / self.value if self.value > 0 else math.inf
+        return stable_rate(self.value)
 
 
 def hessian_lambda_max(
@@ -137,8 +138,7 @@ def hessian_lambda_max(
         >>> model = manualbp.MLP(4, [5], 3, dtype=torch.float64)
         >>> hessian_lambda_max(model, torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))).value
     """
-    from ..hessian import hvp_operator  # the one Hessian-vector product (double backward through the module)
-
+    # the one Hessian-vector product (double backward through the module) of manualbp.hessian
     matvec, _, value = hvp_operator(model, input, target, loss)
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(seed)
