@@ -48,16 +48,29 @@ def _csv(kind: type = str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .functional import ACTIVATIONS
-    from .verify import BUGS, DTYPES, LOSSES
-
     parser = _Parser(
         prog="manualbp",
         description="Hand-derived backpropagation for PyTorch: verify the manual gradients and explain them.",
     )
     parser.add_argument("--version", action="version", version=f"manualbp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bug_help = f"testing hook: break one hand-derived formula for this run ({', '.join(BUGS)}); the checks must fail"
+    _add_verify_parser(sub)
+    _add_explain_parser(sub)
+    _add_check_parser(sub)
+    _add_check_intermediates_parser(sub)
+    _add_lr_find_parser(sub)
+    return parser
+
+
+def _bug_help() -> str:
+    from .verify import BUGS
+
+    return f"testing hook: break one hand-derived formula for this run ({', '.join(BUGS)}); the checks must fail"
+
+
+def _add_verify_parser(sub) -> None:
+    from .functional import ACTIVATIONS
+    from .verify import BUGS, DTYPES, LOSSES
 
     v = sub.add_parser(
         "verify",
@@ -71,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--activations",
         type=_csv(),
-        default=["sigmoid", "tanh", "relu", "leaky_relu", "identity"],
+        default=list(ACTIVATIONS),
         help=f"comma-separated, from {','.join(sorted(ACTIVATIONS))} (default: all)",
     )
     v.add_argument("--losses", type=_csv(), default=list(LOSSES), help=f"from {','.join(LOSSES)} (default: all)")
@@ -88,13 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
     v.add_argument("--no-finite-differences", action="store_true", help="skip the float64 gradcheck/gradgradcheck")
     v.add_argument("--json", metavar="PATH", help="write every configuration's full report as JSON")
-    v.add_argument("--inject-bug", choices=sorted(BUGS), help=bug_help)
+    v.add_argument("--inject-bug", choices=sorted(BUGS), help=_bug_help())
     v.add_argument(
         "--bugs",
         action="store_true",
         help="the mutation matrix instead: every bug of the catalogue against every execution path; prints per path "
         "how many the checks caught (exit status 1 when a reached bug is missed)",
     )
+
+
+def _add_explain_parser(sub) -> None:
+    from .functional import ACTIVATIONS
+    from .verify import BUGS, LOSSES
 
     e = sub.add_parser(
         "explain",
@@ -112,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--loss", default="squared_error", choices=list(LOSSES), help="default: squared_error")
     e.add_argument("--seed", type=int, default=0, help="seed of the weights and the example (default: 0)")
     e.add_argument("--format", default="text", choices=["text", "markdown", "json"], help="default: text")
-    e.add_argument("--inject-bug", choices=sorted(BUGS), help=bug_help)
-    _add_check_parser(sub)
+    e.add_argument("--inject-bug", choices=sorted(BUGS), help=_bug_help())
+
+
+def _add_check_intermediates_parser(sub) -> None:
     i = sub.add_parser(
         "check-intermediates",
         help="your hand-written backward, gradient by gradient, against autograd (the backprop-ninja check)",
@@ -128,8 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("script", help="path to a Python file")
     i.add_argument("--loss", default="loss", help="the script's variable holding the scalar loss (default: loss)")
     i.add_argument("--format", default="text", choices=["text", "json"], help="default: text")
-    _add_lr_find_parser(sub)
-    return parser
 
 
 def _add_check_parser(sub) -> None:
