@@ -20,6 +20,7 @@ import copy
 from typing import Any, Mapping
 
 from .. import init as _init
+from ..functional import ACTIVATIONS
 from . import backends, data, metrics, schedules, sinks, stopping
 from .defaults import DEFAULTS, DTYPES, LOSSES, is_number
 from .defaults import positive_int as _positive_int
@@ -125,7 +126,7 @@ def validate(cfg: dict[str, Any]) -> None:
     for k, width in enumerate(hidden):
         _positive_int(width, f"model.hidden[{k}]")
     act = model["activation"]
-    names = ("sigmoid", "tanh", "relu", "leaky_relu", "identity")
+    names = tuple(ACTIVATIONS)  # the formula table of manualbp.functional: one list of names
     acts = [act] * len(hidden) if isinstance(act, str) else act
     if not isinstance(acts, (list, tuple)):
         raise TypeError(f"model.activation must be a name or a list of names, got {type(act).__name__}")

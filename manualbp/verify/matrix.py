@@ -262,7 +262,7 @@ def _full_precision_matmul() -> Iterator[None]:
 
 
 def verify_matrix(
-    activations: Sequence[str] = ("sigmoid", "tanh", "relu", "leaky_relu", "identity"),
+    activations: Sequence[str] = tuple(F.ACTIVATIONS),
     losses: Sequence[str] = LOSSES,
     depths: Sequence[int] = (1, 2),
     dtypes: Sequence[str] = ("float64", "float32"),
