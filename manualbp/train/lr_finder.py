@@ -43,9 +43,10 @@ import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .backends import BACKENDS
@@ -406,6 +407,41 @@ def lr_find(
             torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+def _batches(cfg: dict[str, Any], device: torch.device) -> tuple[Any, Any, int, Iterator[tuple[Tensor, Tensor]]]:
+    """The run's data, backend and batch size, and its batches in run()'s order (an endless iterator)."""
+    dtype, seed = getattr(torch, cfg["dtype"]), cfg["seed"]
+    data = load_dataset(cfg["data"], seed, dtype, device)
+    loss = resolve_loss(cfg["loss"], data)
+    model = build_model(cfg["model"], data.in_features, data.out_features, dtype, cfg["init"], seed).to(device)
+    backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
+    n = data.n_train
+    bs = n if cfg["optim"]["batch_size"] == "full" else min(cfg["optim"]["batch_size"], n)
+    # a backend may want the training set in its own form (fused: a ones column, one-hot targets), once
+    x_fit, y_fit = backend.prepare(data.x_train, data.y_train) if hasattr(backend, "prepare") else (data.x_train, data.y_train)
+    shuffle = torch.Generator().manual_seed(seed + 1)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            if bs < n:
+                perm = torch.randperm(n, generator=shuffle).to(device)
+                xe, ye = x_fit.index_select(0, perm), y_fit.index_select(0, perm)
+            else:
+                xe, ye = x_fit, y_fit
+            yield from zip(xe.split(bs), ye.split(bs))
+
+    return data, backend, bs, batches()
+
+
+def _divergence(k: int, lr: float, value: float, s: float, best: float, diverge_factor: Optional[float]) -> Optional[str]:
+    """Why the range test stops at step ``k`` (None to go on): a non-finite loss, or the smoothed loss above
+    ``diverge_factor`` x its best (Lightning's early_stop_threshold)."""
+    if not math.isfinite(value) or not math.isfinite(s):
+        return f"diverged at step {k}: the loss is {value} at lr {lr:.3g}"
+    if diverge_factor is not None and s > diverge_factor * min(best, s):
+        return f"diverged at step {k}: smoothed loss {s:.4g} > {diverge_factor:g} x its best {min(best, s):.4g} (lr {lr:.3g})"
+    return None
+
+
 def _range_test(
     cfg: dict[str, Any],
     device: torch.device,
@@ -417,30 +453,7 @@ def _range_test(
     method: str,
     progress: Optional[bool],
 ) -> LRFinderResult:
-    dtype = getattr(torch, cfg["dtype"])
-    seed = cfg["seed"]
-    data = load_dataset(cfg["data"], seed, dtype, device)
-    loss = resolve_loss(cfg["loss"], data)
-    model = build_model(cfg["model"], data.in_features, data.out_features, dtype, cfg["init"], seed).to(device)
-    backend = BACKENDS[cfg["backend"]](model, loss, cfg["optim"])
-    n = data.n_train
-    bs = n if cfg["optim"]["batch_size"] == "full" else min(cfg["optim"]["batch_size"], n)
-    # a backend may want the training set in its own form (fused: a ones column, one-hot targets), once
-    x_fit, y_fit = (data.x_train, data.y_train)
-    if hasattr(backend, "prepare"):
-        x_fit, y_fit = backend.prepare(x_fit, y_fit)
-    shuffle = torch.Generator().manual_seed(seed + 1)
-
-    def batches():
-        while True:
-            if bs < n:
-                perm = torch.randperm(n, generator=shuffle).to(device)
-                xe, ye = x_fit.index_select(0, perm), y_fit.index_select(0, perm)
-            else:
-                xe, ye = x_fit, y_fit
-            yield from zip(xe.split(bs), ye.split(bs))
-
-    schedule = exponential_lrs(min_lr, max_lr, num_steps)
+    data, backend, bs, batches = _batches(cfg, device)
     lrs: list[float] = []
     losses: list[float] = []
     smoothed: list[float] = []
@@ -448,40 +461,27 @@ def _range_test(
     status, reason, diverged_at = "completed", f"completed {num_steps} steps", None
     show = cfg["progress"] if progress is None else progress
     bar = tqdm(
-        total=num_steps,
-        desc=f"lr-find {data.name} {cfg['backend']}",
-        unit="step",
-        disable=None if show else True,
-        leave=False,
+        total=num_steps, desc=f"lr-find {data.name} {cfg['backend']}", unit="step", disable=None if show else True, leave=False
     )
-    threads = contextlib.ExitStack()
-    if hasattr(backend, "threads"):
-        threads.enter_context(backend.threads(bs))
+    threads = backend.threads(bs) if hasattr(backend, "threads") else contextlib.nullcontext()
     try:
-        for k, ((xb, yb), lr) in enumerate(zip(batches(), schedule)):
-            backend.set_lr(lr)
-            value = float(backend.step(xb, yb))
-            avg = smoothing * avg + (1 - smoothing) * value
-            s = avg / (1 - smoothing ** (k + 1))
-            lrs.append(lr)
-            losses.append(value)
-            smoothed.append(s)
-            bar.update(1)
-            if not math.isfinite(value) or not math.isfinite(s):
-                status, diverged_at = "diverged", k
-                reason = f"diverged at step {k}: the loss is {value} at lr {lr:.3g}"
-                break
-            best = min(best, s)
-            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{s:.4f}")
-            if diverge_factor is not None and s > diverge_factor * best:
-                status, diverged_at = "diverged", k
-                reason = (
-                    f"diverged at step {k}: smoothed loss {s:.4g} > {diverge_factor:g} x its best {best:.4g} "
-                    f"(lr {lr:.3g})"
-                )
-                break
+        with threads:
+            for k, ((xb, yb), lr) in enumerate(zip(batches, exponential_lrs(min_lr, max_lr, num_steps))):
+                backend.set_lr(lr)
+                value = float(backend.step(xb, yb))
+                avg = smoothing * avg + (1 - smoothing) * value
+                s = avg / (1 - smoothing ** (k + 1))  # fastai's bias-corrected moving average
+                lrs.append(lr)
+                losses.append(value)
+                smoothed.append(s)
+                bar.update(1)
+                stop = _divergence(k, lr, value, s, best, diverge_factor)
+                if stop is not None:
+                    status, diverged_at, reason = "diverged", k, stop
+                    break
+                best = min(best, s)
+                bar.set_postfix(lr=f"{lr:.2e}", loss=f"{s:.4f}")
     finally:
-        threads.close()
         bar.close()
     suggestions = {name: suggest_lr(lrs, smoothed, name)[1] for name in SUGGESTIONS}
     return LRFinderResult(
