@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import math
 import re
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fake_job
 from torch.func import functional_call
 
 import manualbp
@@ -111,18 +111,6 @@ def test_saturation_counts_flat_units():
     assert S.saturation(model, x) == [pytest.approx(1 / 3)]
 
 
-def _fake_job(root: Path, num: int, overrides: list[str], config: dict, metrics: dict, history: list[dict]):
-    d = root / str(num)
-    (d / ".hydra").mkdir(parents=True)
-    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (d / "config.json").write_text(json.dumps(config))
-    (d / "metrics.json").write_text(json.dumps(metrics))
-    keys = list(history[0])
-    (d / "history.csv").write_text(
-        ",".join(keys) + "\n" + "".join(",".join(str(h[k]) for k in keys) + "\n" for h in history)
-    )
-
-
 def _load_results_script():
     spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
     mod = importlib.util.module_from_spec(spec)
@@ -145,7 +133,7 @@ def test_results_script_regenerates_the_document_from_a_tiny_fake_sweep(tmp_path
             }
             for e in (1, 2)
         ]
-        _fake_job(
+        fake_job(
             sweep,
             num,
             [f"optim.batch_size={bs}", f"optim.lr={lr}"],
@@ -210,7 +198,7 @@ def test_lr_section_reports_the_observed_boundary_next_to_two_over_lambda_max(tm
     ):
         cfg = {**base, "optim": {"name": "sgd", "lr": lr, "batch_size": "full"}, "stopping": {"max_epochs": 2}}
         hist = [{"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5} for e in (1, 2)]
-        _fake_job(
+        fake_job(
             sweep,
             num,
             [f"optim.lr={lr}"],
@@ -267,7 +255,7 @@ def test_stopping_section_tabulates_prechelts_criteria_and_the_trade_off(tmp_pat
                 if noise:
                     metrics["labels_changed"] = 18
                 cfg = {"seed": seed, "stopping": {"max_epochs": 20, **stopping}}
-                _fake_job(tmp_path / "multirun" / preset, num, [f"seed={seed}"], cfg, metrics, hist)
+                fake_job(tmp_path / "multirun" / preset, num, [f"seed={seed}"], cfg, metrics, hist)
                 num += 1
     labels = {S.rule_label(j) for j in S.load_sweep(tmp_path / "multirun" / "stopping_study")}
     assert labels == {"max_epochs", "early_stopping", "GL_1", "UP_4"}
