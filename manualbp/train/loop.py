@@ -386,7 +386,7 @@ class _Training:
             write_json(os.path.join(self.out_dir, "config.json"), cfg)
         self.sink = _sinks.build_sink(cfg["logger"] if self.dinfo.is_main else {"name": "none"}, cfg, self.out_dir)
         if saved is None:
-            self.measurements.at_start(self.backend.model)  # sharpness and activations before the first step
+            self.measurements.at_start(self.backend)  # sharpness and activations before the first step
 
     def threads(self) -> contextlib.AbstractContextManager:
         """The run's CPU threads: a backend may pick them for the whole run (fused: one thread where a step is
@@ -512,7 +512,7 @@ class _Training:
         record.update(self.backend.extra_metrics())
         self.elapsed += time.perf_counter() - self.t0
         record["wall_time_s"] = self.elapsed
-        record.update(self.measurements.after_epoch(self.epoch, self.backend.model))  # not counted as training time
+        record.update(self.measurements.after_epoch(self.epoch, self.backend))  # not counted as training time
         return record
 
     def _decide(self, record: dict[str, Any], decision: Decision) -> Decision:

@@ -113,6 +113,10 @@ class ActivationTracker:
         self.initial: dict[str, float] = {}
         self._keys: Optional[list[str]] = None
 
+    @property
+    def on(self) -> bool:
+        return self.params is not None
+
     def measure(self, model: Any) -> dict[str, float]:
         assert self.params is not None
         pct = self.params["percentiles"]
@@ -216,11 +220,22 @@ class Measurements:
         self.sharpness = SharpnessTracker(cfg, loss, data.x_train, data.y_train, seed)
         self.activations = ActivationTracker(cfg, data.x_val if data.n_val else data.x_train)
 
-    def at_start(self, model: Any) -> None:
-        self.sharpness.at_start(model)
-        self.activations.at_start(model)
+    @property
+    def on(self) -> bool:
+        return self.sharpness.on or self.activations.on
 
-    def after_epoch(self, epoch: int, model: Any) -> dict[str, Optional[float]]:
+    def at_start(self, backend: Any) -> None:
+        """Before the first step. ``backend.model`` is read only when a measurement is on (for the autograd
+        backend reading it copies the native net's weights into the manual module)."""
+        if self.on:
+            model = backend.model
+            self.sharpness.at_start(model)
+            self.activations.at_start(model)
+
+    def after_epoch(self, epoch: int, backend: Any) -> dict[str, Optional[float]]:
+        if not self.on:
+            return {}
+        model = backend.model
         return {**self.sharpness.after_epoch(epoch, model), **self.activations.after_epoch(epoch, model)}
 
     def summary(self) -> dict[str, Optional[float]]:
