@@ -51,7 +51,11 @@ VARYING_OPTIM = ("lr", "momentum", "nesterov", "weight_decay", "dampening")
 def unsupported(config: Any) -> Optional[str]:
     """Why a config cannot train in a vectorized group (None when it can): an optimizer other than SGD, or a
     ``metrics`` measurement (sharpness, activations), which the per-model path takes."""
-    cfg = resolve_config(config)
+    return _unsupported(resolve_config(config))
+
+
+def _unsupported(cfg: dict) -> Optional[str]:
+    """:func:`unsupported` of a resolved config."""
     if str(cfg["optim"].get("name", "")).lower() != "sgd":
         return f"optim.name={cfg['optim']['name']!r}: the vectorized trainer runs SGD only (momentum, Nesterov, weight decay)"
     on = [name for name, value in cfg["metrics"].items() if value is not None]
@@ -106,7 +110,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     cfgs = [resolve_config(c) for c in configs]
     if not cfgs:
         return []
-    reasons = [r for r in map(unsupported, cfgs) if r]
+    reasons = [r for r in map(_unsupported, cfgs) if r]
     if reasons:
         raise ValueError(f"run_many: {reasons[0]}")
     if len({_group_key(c) for c in cfgs}) != 1:
