@@ -332,16 +332,21 @@ def _batch_softmax_ce(loss_name, out, target, grad, dim, original):
     original(loss_name, out, target, grad, dim)
 
 
+def _misreduced(value: Any, reduction: str, count: int, mean: bool) -> Any:
+    """The reduction bug on one path's ``value`` (its gradient, or the factor it is scaled by): with ``mean``
+    a mean differentiated as a sum (x count), else a sum differentiated as a mean (/ count)."""
+    if mean and reduction == "mean":
+        return value * count
+    if not mean and reduction == "sum":
+        return value / count
+    return value
+
+
 def _reduction_scale(mean: bool):
     """Fused: mean differentiated as a sum (``mean=True``) or sum as a mean."""
 
     def broken(loss_name, reduction, n, classes, scale):
-        count = n * classes if loss_name == "mse" else n
-        if mean and reduction == "mean":
-            return scale * count
-        if not mean and reduction == "sum":
-            return scale / count
-        return scale
+        return _misreduced(scale, reduction, n * classes if loss_name == "mse" else n, mean)
 
     return broken
 
@@ -349,23 +354,14 @@ def _reduction_scale(mean: bool):
 def _reduction_vectorized(mean: bool):
     def broken(self, out, factor):
         count = out.shape[1] * (out.shape[2] if self.loss_name == "mse" else 1)
-        if mean and self.reduction == "mean":
-            return factor * count
-        if not mean and self.reduction == "sum":
-            return factor / count
-        return factor
+        return _misreduced(factor, self.reduction, count, mean)
 
     return broken
 
 
 def _reduction_module(mean: bool):
     def broken(grad_input, input, reduction, loss):
-        count = _count(input, loss)
-        if mean and reduction == "mean":
-            return grad_input * count
-        if not mean and reduction == "sum":
-            return grad_input / count
-        return grad_input
+        return _misreduced(grad_input, reduction, _count(input, loss), mean)
 
     return broken
 
