@@ -107,8 +107,8 @@ def saturated(activation: str, a: Tensor) -> Tensor:
 class ActivationTracker:
     """Per-layer activation statistics on a fixed batch (a no-op when ``metrics.activations`` is off)."""
 
-    def __init__(self, cfg: Mapping[str, Any], x: Tensor) -> None:
-        self.params: Optional[dict[str, Any]] = check_metrics_cfg(cfg)["activations"]
+    def __init__(self, params: Optional[dict[str, Any]], x: Tensor) -> None:
+        self.params = params  # metrics.activations with its defaults (check_metrics_cfg), or None: off
         self.x = x[: self.params["examples"]] if self.params is not None else x
         self.initial: dict[str, float] = {}
         self._keys: Optional[list[str]] = None
@@ -158,8 +158,8 @@ class ActivationTracker:
 class SharpnessTracker:
     """The sharpness measurements of one run (a no-op when ``metrics.sharpness`` is off)."""
 
-    def __init__(self, cfg: Mapping[str, Any], loss: str, x: Tensor, y: Tensor, seed: int) -> None:
-        self.params: Optional[dict[str, Any]] = check_metrics_cfg(cfg)["sharpness"]
+    def __init__(self, params: Optional[dict[str, Any]], loss: str, x: Tensor, y: Tensor, seed: int) -> None:
+        self.params = params  # metrics.sharpness with its defaults (check_metrics_cfg), or None: off
         self.loss = loss
         self.initial: Optional[float] = None
         self.last: Optional[float] = None
@@ -217,8 +217,9 @@ class Measurements:
     after each epoch (history entries), at the end (``metrics.json`` entries), and in the checkpoint."""
 
     def __init__(self, cfg: Mapping[str, Any], loss: str, data: Any, seed: int) -> None:
-        self.sharpness = SharpnessTracker(cfg, loss, data.x_train, data.y_train, seed)
-        self.activations = ActivationTracker(cfg, data.x_val if data.n_val else data.x_train)
+        params = check_metrics_cfg(cfg)  # once: each tracker takes its own part, defaults filled in
+        self.sharpness = SharpnessTracker(params["sharpness"], loss, data.x_train, data.y_train, seed)
+        self.activations = ActivationTracker(params["activations"], data.x_val if data.n_val else data.x_train)
 
     @property
     def on(self) -> bool:
