@@ -35,6 +35,7 @@ from .comparison import (
     _delayed_error,
     _first_line,
     _input_names,
+    _random_like,
     _vjp,
     compare_callables,
 )
@@ -184,17 +185,13 @@ class _Subject:
     def cotangents(self, outs: Sequence[Tensor], offset: int = 0) -> list[Optional[Tensor]]:
         """A seeded random cotangent for each differentiable output (None for the others)."""
         gen = self.generator(offset)
-        return [_randn(o, gen) if o.requires_grad and o.is_floating_point() else None for o in outs]
+        return [_random_like(o, gen) if o.requires_grad and o.is_floating_point() else None for o in outs]
 
     def forward_backward(self, args: Sequence[Any], offset: int = 0) -> tuple[list[Tensor], list[Optional[Tensor]]]:
         """Outputs (detached) and the gradients of the checked inputs for the seeded cotangents."""
         outs = self.call(args)
         grads = _vjp(outs, self.cotangents(outs, offset), [args[i] for i in self.wrt])
         return [o.detach() for o in outs], grads
-
-
-def _randn(like: Tensor, gen: torch.Generator) -> Tensor:
-    return torch.randn(like.shape, generator=gen, dtype=torch.float64).to(like.device, like.dtype)
 
 
 def _custom_nodes(outs: Sequence[Tensor]) -> list[Any]:
@@ -402,7 +399,7 @@ def _check_cotangents(s: _Subject) -> PropertyRow:
         outs = s.call(args)
         vs = s.cotangents(outs, offset=100 + trial)
         gen = s.generator(200 + trial)
-        us = [_randn(args[i], gen) for i in s.wrt]
+        us = [_random_like(args[i], gen) for i in s.wrt]
         grads = _vjp(outs, vs, [args[i] for i in s.wrt])
         lhs = sum(float((g * u).sum()) for g, u in zip(grads, us) if g is not None)
         jus = _directional(s, args, us)
@@ -424,7 +421,7 @@ def _check_forward_ad(s: _Subject) -> PropertyRow:
         return PropertyRow("", SKIP, None, f"{why} (forward-mode AD unsupported)", "define jvp and ctx.save_for_forward")
     args = s.inputs(requires=[])
     gen = s.generator(300)
-    us = [_randn(args[i], gen) for i in s.wrt]
+    us = [_random_like(args[i], gen) for i in s.wrt]
     with fwAD.dual_level(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # inside torch's forward AD
         duals = list(args)
@@ -446,7 +443,7 @@ def _stack_inputs(s: _Subject, args: list, batch: int) -> tuple[list[list], list
     copies = [list(args) for _ in range(batch)]
     for b in range(batch):
         for i in s.wrt:
-            copies[b][i] = args[i].detach() * (1 + 0.05 * _randn(args[i], gen))  # keeps signs (a probability stays one)
+            copies[b][i] = args[i].detach() * (1 + 0.05 * _random_like(args[i], gen))  # keeps signs (a probability stays one)
     stacked = [torch.stack([c[i] for c in copies]) if i in s.wrt else a for i, a in enumerate(args)]
     in_dims = tuple(0 if i in s.wrt else None for i in range(len(args)))
     return copies, stacked, in_dims
@@ -485,7 +482,7 @@ def _scalar(s: _Subject, offset: int) -> Callable[..., Tensor]:
     def f(*a: Any) -> Tensor:
         outs = s.call(a)
         gen = s.generator(offset)
-        return sum((o * _randn(o, gen)).sum() for o in outs if o.is_floating_point())  # type: ignore[return-value]
+        return sum((o * _random_like(o, gen)).sum() for o in outs if o.is_floating_point())  # type: ignore[return-value]
 
     return f
 
