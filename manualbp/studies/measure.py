@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..hessian import hvp_operator, stable_rate
-from ..nn import MLP, CrossEntropyLoss, MSELoss, SquaredErrorLoss
+from ..hessian import LOSS_MODULES, hvp_operator, stable_rate
+from ..nn import MLP
 from ..train.config import resolve_config
 from ..train.data import Dataset, load_dataset
 from ..train.loop import build_model
@@ -29,11 +29,8 @@ from ..train.loop import build_model
 __all__ = ["LOSSES", "InitialState", "initial_state", "initial_grad_norms", "saturation", "LambdaMax", "hessian_lambda_max"]
 
 
-LOSSES: dict[str, Callable[[], torch.nn.Module]] = {
-    "cross_entropy": CrossEntropyLoss,
-    "squared_error": SquaredErrorLoss,
-    "mse": MSELoss,
-}
+#: loss name -> the hand-derived loss module (manualbp.hessian's table, the one the Hessian is taken of)
+LOSSES: dict[str, Callable[[], torch.nn.Module]] = LOSS_MODULES
 
 
 @dataclass
