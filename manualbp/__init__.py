@@ -6,6 +6,7 @@ algorithm of the notes, written by hand in ``manualbp.functional``.
 
 from . import functional
 from .nn import MLP, CrossEntropyLoss, Linear, MSELoss, SquaredErrorLoss
+from .registry import register_activation, register_loss
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,7 @@ __all__ = [
     "MSELoss",
     "SquaredErrorLoss",
     "functional",
+    "register_activation",
+    "register_loss",
     "__version__",
 ]

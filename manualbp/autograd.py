@@ -15,7 +15,7 @@ hands only the first output, o, to the user.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from torch.autograd import Function
 from torch.autograd import forward_ad as _forward_ad
 
 from . import functional as F
+from .registry import ACTIVATION_REGISTRY, LOSS_REGISTRY
 
 __all__ = [
     "LinearFunction",
@@ -32,6 +33,7 @@ __all__ = [
     "LeakyReLUFunction",
     "IdentityFunction",
     "ACTIVATION_FUNCTIONS",
+    "LOSS_FUNCTIONS",
     "SquaredErrorLossFunction",
     "MSELossFunction",
     "CrossEntropyFunction",
@@ -140,34 +142,64 @@ def _activation_function(name: str, class_name: str) -> type[Function]:
 
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         ctx.args = inputs[1:]
-        if name != "identity":  # identity's derivative needs nothing saved
+        ctx.saves_output = ACTIVATION_REGISTRY[name].saves_output  # identity's derivative needs nothing saved
+        if ctx.saves_output:
             _save(ctx, output)
 
     def backward(ctx: Any, grad_output: Tensor):
-        output = ctx.saved_tensors[0] if name != "identity" else grad_output
+        output = ctx.saved_tensors[0] if ctx.saves_output else grad_output
         return (F.activation_backward(name, grad_output, output, *ctx.args), *([None] * len(ctx.args)))
 
     def jvp(ctx: Any, input_t: Tensor, *args_t: None) -> Tensor:
-        if name == "identity":  # da = dz, as a fresh tensor like the forward's output
+        if not ctx.saves_output:  # da = dz (identity), as a fresh tensor like the forward's output
             return F.activation_jvp(name, input_t, input_t).clone()
         return F.activation_jvp(name, input_t, ctx.saved_tensors[0], *ctx.args)  # da = sigma'(z) * dz
 
-    doc = f"a = {name}(z) with the hand-derived backward from the saved output. ``apply(input{', negative_slope' if name == 'leaky_relu' else ''})``."
+    slope = ", negative_slope" if ACTIVATION_REGISTRY[name].takes_slope else ""
+    doc = f"a = {name}(z) with the hand-derived backward from the saved output. ``apply(input{slope})``."
     return _make_function(class_name, doc, forward, setup_context, backward, jvp)
 
 
-SigmoidFunction = _activation_function("sigmoid", "SigmoidFunction")
-TanhFunction = _activation_function("tanh", "TanhFunction")
-ReLUFunction = _activation_function("relu", "ReLUFunction")
-LeakyReLUFunction = _activation_function("leaky_relu", "LeakyReLUFunction")
-IdentityFunction = _activation_function("identity", "IdentityFunction")
-ACTIVATION_FUNCTIONS: dict[str, type[Function]] = {
-    "sigmoid": SigmoidFunction,
-    "tanh": TanhFunction,
-    "relu": ReLUFunction,
-    "leaky_relu": LeakyReLUFunction,
-    "identity": IdentityFunction,
-}
+class _FunctionTable(Mapping):
+    """name -> the Function of every registered activation (or loss), made on first use from the registry:
+    a formula registered with ``manualbp.register_activation`` gets its Function with no other edit."""
+
+    def __init__(self, registry: Mapping, make: Callable[[str], type[Function]]) -> None:
+        self._registry, self._make, self._made = registry, make, {}
+
+    def __getitem__(self, name: str) -> type[Function]:
+        function = self._made.get(name)
+        if function is None:
+            self._registry[name]  # an unknown name: the registry's error, listing the names
+            function = self._made[name] = self._make(name)
+            if "_apply_compiled" in globals() and "apply_compiled" not in vars(function):  # made after import
+                function.apply_compiled = _apply_compiled(_without_jvp(function))  # type: ignore[attr-defined]
+        return function
+
+    def __iter__(self):
+        return iter(self._registry)
+
+    def __len__(self) -> int:
+        return len(self._registry)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._registry
+
+
+def _activation_class_name(name: str) -> str:
+    builtin = {"relu": "ReLU", "leaky_relu": "LeakyReLU"}
+    return builtin.get(name, "".join(part.capitalize() for part in name.split("_"))) + "Function"
+
+
+#: name -> the per-op Function of each registered activation (``apply(input[, negative_slope])``).
+ACTIVATION_FUNCTIONS: Mapping[str, type[Function]] = _FunctionTable(
+    ACTIVATION_REGISTRY, lambda name: _activation_function(name, _activation_class_name(name))
+)
+SigmoidFunction = ACTIVATION_FUNCTIONS["sigmoid"]
+TanhFunction = ACTIVATION_FUNCTIONS["tanh"]
+ReLUFunction = ACTIVATION_FUNCTIONS["relu"]
+LeakyReLUFunction = ACTIVATION_FUNCTIONS["leaky_relu"]
+IdentityFunction = ACTIVATION_FUNCTIONS["identity"]
 
 
 def _loss_function(forward_fn, backward_fn, jvp_fn, class_name: str, doc: str) -> type[Function]:
@@ -215,6 +247,42 @@ MSELossFunction = _loss_function(
     "MSELossFunction",
     "PyTorch's mse_loss. ``apply(input, target, reduction)``.",
 )
+
+
+def _registered_loss_function(name: str) -> type[Function]:
+    """The Function of a registered loss: its spec's forward, backward and (if given) jvp, read from the
+    registry at each call. ``apply(input, target, reduction)``."""
+
+    def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+        return LOSS_REGISTRY[name].forward(input, target, reduction)
+
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        input, target, reduction = inputs
+        _save(ctx, input, target)
+        ctx.reduction = reduction
+
+    def backward(ctx: Any, grad_output: Tensor):
+        input, target = ctx.saved_tensors
+        grad_input, grad_target = LOSS_REGISTRY[name].backward(grad_output, input, target, ctx.reduction)
+        return (
+            grad_input if ctx.needs_input_grad[0] else None,
+            grad_target if ctx.needs_input_grad[1] else None,
+            None,
+        )
+
+    def jvp(ctx: Any, input_t: Optional[Tensor], target_t: Optional[Tensor], _: None) -> Optional[Tensor]:
+        rule = LOSS_REGISTRY[name].jvp
+        if rule is None:
+            raise NotImplementedError(f"loss {name!r} was registered without a jvp (forward-mode AD)")
+        input, target = ctx.saved_tensors
+        return rule(input, target, input_t, target_t, ctx.reduction)  # dL
+
+    spec = LOSS_REGISTRY[name]
+    doc = f"The registered loss L = {spec.formula}, dL/do = {spec.gradient}. ``apply(input, target, reduction)``."
+    return _make_function(_activation_class_name(name).replace("Function", "LossFunction"), doc, forward,
+                          setup_context, backward, jvp)  # fmt: skip
+
+
 _CE_SAVED = "_manualbp_cross_entropy"  # forward -> setup_context, on the loss tensor for an instant
 
 
@@ -440,6 +508,18 @@ class MLPFunction(Function):
             output_t = output_t.reshape(*ctx.input_shape[:-1], ctx.out_features)  # rows (N, out) -> (*, out)
         # a^l below every tangent has a zero one; autograd takes no None for a forward-differentiable output
         return (output_t, *[torch.zeros_like(a) if t is None else t for t, a in zip(hidden_t, hidden)])
+
+
+_BUILTIN_LOSS_FUNCTIONS: dict[str, type[Function]] = {
+    "cross_entropy": CrossEntropyFunction,
+    "squared_error": SquaredErrorLossFunction,
+    "mse": MSELossFunction,
+}
+#: name -> the Function of each registered loss (``apply(input, target, reduction)``): the built-in ones'
+#: own classes, a registered one's made from its spec.
+LOSS_FUNCTIONS: Mapping[str, type[Function]] = _FunctionTable(
+    LOSS_REGISTRY, lambda name: _BUILTIN_LOSS_FUNCTIONS.get(name) or _registered_loss_function(name)
+)
 
 
 def _without_jvp(function: type[Function]) -> type[Function]:

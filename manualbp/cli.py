@@ -69,8 +69,8 @@ def _bug_help() -> str:
 
 
 def _add_verify_parser(sub) -> None:
-    from .functional import ACTIVATIONS
-    from .verify import BUGS, DTYPES, LOSSES
+    from .registry import activation_names, loss_names
+    from .verify import BUGS, DTYPES
 
     v = sub.add_parser(
         "verify",
@@ -84,10 +84,12 @@ def _add_verify_parser(sub) -> None:
     v.add_argument(
         "--activations",
         type=_csv(),
-        default=list(ACTIVATIONS),
-        help=f"comma-separated, from {','.join(sorted(ACTIVATIONS))} (default: all)",
+        default=list(activation_names()),
+        help=f"comma-separated, from {','.join(activation_names())} (default: all)",
     )
-    v.add_argument("--losses", type=_csv(), default=list(LOSSES), help=f"from {','.join(LOSSES)} (default: all)")
+    v.add_argument(
+        "--losses", type=_csv(), default=list(loss_names()), help=f"from {','.join(loss_names())} (default: all)"
+    )
     v.add_argument("--depths", type=_csv(int), default=[1, 2], help="numbers of hidden layers (default: 1,2)")
     v.add_argument(
         "--dtypes",
@@ -111,8 +113,8 @@ def _add_verify_parser(sub) -> None:
 
 
 def _add_explain_parser(sub) -> None:
-    from .functional import ACTIVATIONS
-    from .verify import BUGS, LOSSES
+    from .registry import activation_names, loss_names
+    from .verify import BUGS
 
     e = sub.add_parser(
         "explain",
@@ -126,8 +128,8 @@ def _add_explain_parser(sub) -> None:
     e.add_argument(
         "--widths", type=_csv(int), default=[2, 3, 2], help="layer sizes input,hidden...,output (default: 2,3,2)"
     )
-    e.add_argument("--activation", default="sigmoid", choices=sorted(ACTIVATIONS), help="default: sigmoid")
-    e.add_argument("--loss", default="squared_error", choices=list(LOSSES), help="default: squared_error")
+    e.add_argument("--activation", default="sigmoid", choices=activation_names(), help="default: sigmoid")
+    e.add_argument("--loss", default="squared_error", choices=loss_names(), help="default: squared_error")
     e.add_argument("--seed", type=int, default=0, help="seed of the weights and the example (default: 0)")
     e.add_argument("--format", default="text", choices=["text", "markdown", "json"], help="default: text")
     e.add_argument("--inject-bug", choices=sorted(BUGS), help=_bug_help())

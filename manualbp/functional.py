@@ -25,10 +25,12 @@ line; ``tests/test_gradcheck.py`` pins every kernel against the plain formula.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from . import registry as _registry
 
 _aten = torch.ops.aten
 _torch_linear = torch.nn.functional.linear
@@ -236,28 +238,73 @@ def identity_backward(grad_output: Tensor, output: Tensor) -> Tensor:
     return grad_output  # dL/dz = dL/da, like z
 
 
-#: name -> (forward, backward-from-output); leaky_relu takes ``negative_slope`` as a keyword.
-ACTIVATIONS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
-    "sigmoid": (sigmoid, sigmoid_backward),
-    "tanh": (tanh, tanh_backward),
-    "relu": (relu, relu_backward),
-    "leaky_relu": (leaky_relu, leaky_relu_backward),
-    "identity": (identity, identity_backward),
-}
+def _gain(nonlinearity: str) -> Callable[[float], float]:
+    return lambda slope: torch.nn.init.calculate_gain(nonlinearity, slope if nonlinearity == "leaky_relu" else None)
+
+
+# The registry entries (``manualbp.registry``): each activation once, in the internal convention (the slope s
+# last, read by leaky_relu only), with its in-place forms for the fast trainers: ``forward_into(z, out, s)``
+# writes a = sigma(z) into out (out is z: the in-place op, which vmap and jit.trace support; out= is not) and ``backward_(g, a, s)`` does g <- g sigma'(z) in place
+# from the saved output, the very kernels of the ``*_backward`` above written into g.
+for _spec in (
+    _registry.Activation(
+        "sigmoid", lambda z, s: sigmoid(z), lambda g, a, s: sigmoid_backward(g, a),
+        "a = 1 / (1 + e^{-z})", "{a} (1 - {a})",
+        lambda z, out, s: sigmoid(z, inplace=True) if out is z else torch.sigmoid(z, out=out),  # a = 1 / (1 + e^-z)
+        lambda g, a, s: _aten.sigmoid_backward.grad_input(g, a, grad_input=g),  # g a (1 - a)
+        _gain("sigmoid"), native=True,
+    ),
+    _registry.Activation(
+        "tanh", lambda z, s: tanh(z), lambda g, a, s: tanh_backward(g, a),
+        "a = tanh(z)", "(1 - {a}^2)",
+        lambda z, out, s: tanh(z, inplace=True) if out is z else torch.tanh(z, out=out),  # a = tanh(z)
+        lambda g, a, s: _aten.tanh_backward.grad_input(g, a, grad_input=g),  # g (1 - a^2)
+        _gain("tanh"), native=True,
+    ),
+    _registry.Activation(
+        "relu", lambda z, s: relu(z), lambda g, a, s: relu_backward(g, a),
+        "a = max(z, 0)", "[{a} > 0]",
+        lambda z, out, s: relu(z, inplace=True) if out is z else torch.clamp_min(z, 0, out=out),  # a = max(z, 0)
+        lambda g, a, s: _aten.threshold_backward.grad_input(g, a, 0, grad_input=g),  # g [a > 0]
+        _gain("relu"), native=True,
+    ),
+    _registry.Activation(
+        "leaky_relu", lambda z, s: leaky_relu(z, s), leaky_relu_backward,
+        "a = z if z > 0 else s z", "([{a} > 0] + s [{a} <= 0])",
+        lambda z, out, s: leaky_relu(z, s, True) if out is z else torch._C._nn.leaky_relu(z, s, out=out),  # z or s z
+        lambda g, a, s: _aten.leaky_relu_backward.grad_input(g, a, s, True, grad_input=g),  # g ([a > 0] + s [a <= 0])
+        _gain("leaky_relu"), takes_slope=True, native=True,
+    ),
+    _registry.Activation(
+        "identity", lambda z, s: identity(z), lambda g, a, s: g,
+        "a = z", "1",
+        lambda z, out, s: out if out is z else out.copy_(z),  # a = z
+        lambda g, a, s: None,  # g 1
+        _gain("linear"), native=True, saves_output=False,
+    ),
+):  # fmt: skip
+    _registry.add_builtin_activation(_spec)
+
+
+#: name -> (forward, backward-from-output) of every registered activation (a live view of the registry).
+#: The functions take the negative slope last: ``forward(z, s)``, ``backward(dL/da, a, s)``.
+ACTIVATIONS: Mapping[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = _registry.View(
+    _registry.ACTIVATION_REGISTRY, lambda spec: (spec.forward, spec.backward)
+)
 
 
 def activation(name: str, input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
-    """Apply the activation called ``name`` (a key of ``ACTIVATIONS``); ``inplace`` overwrites ``input``."""
-    forward = ACTIVATIONS[name][0]
-    return forward(input, negative_slope, inplace) if name == "leaky_relu" else forward(input, inplace)
+    """Apply the registered activation called ``name``; ``inplace`` overwrites ``input`` with a."""
+    spec = _registry.ACTIVATION_REGISTRY[name]
+    if inplace:
+        spec.forward_into(input, input, negative_slope)
+        return input
+    return spec.forward(input, negative_slope)
 
 
 def activation_backward(name: str, grad_output: Tensor, output: Tensor, negative_slope: float = 0.01) -> Tensor:
-    """dL/dz from dL/da and the saved output a of the activation called ``name``."""
-    backward = ACTIVATIONS[name][1]
-    if name == "leaky_relu":
-        return backward(grad_output, output, negative_slope)
-    return backward(grad_output, output)
+    """dL/dz from dL/da and the saved output a of the registered activation called ``name``."""
+    return _registry.ACTIVATION_REGISTRY[name].backward(grad_output, output, negative_slope)
 
 
 def activation_jvp(
@@ -511,6 +558,40 @@ def cross_entropy_jvp(
         -(log_probs * target_t).sum(-1) if target_t is not None else None,  # - sum_k log yhat_k dy_k, (*)
     )
     return None if per_example is None else _reduce(per_example, reduction)
+
+
+def _torch_cross_entropy(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """PyTorch's own ``cross_entropy`` on (*, K) logits (the reference the hand-derived one is held against)."""
+    logits = input.reshape(-1, input.shape[-1])
+    tgt = target.reshape(-1, input.shape[-1]) if target.is_floating_point() else target.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(logits, tgt, reduction=reduction)
+    return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
+
+
+# The registry entries of the losses (``manualbp.registry``). Each backward is looked up on this module by name
+# at each call, so that a formula patched here (``manualbp.verify.inject_bug``) reaches every path reading the
+# registry. ``native``: the fast trainers' fused kernels and the C++ loop have the loss.
+for _spec in (
+    _registry.Loss(
+        "cross_entropy", lambda o, y, r: cross_entropy(o, y, r), lambda g, o, y, r: cross_entropy_backward(g, o, y, r),
+        "-sum_k y_k log softmax(o)_k", "softmax(o) - y", targets="classes", mean_over="examples",
+        reference=_torch_cross_entropy,
+        jvp=lambda o, y, do, dy, r: cross_entropy_jvp(o, y, do, dy, r), native=True,
+    ),
+    _registry.Loss(
+        "squared_error", lambda o, y, r: squared_error_loss(o, y, r),
+        lambda g, o, y, r: squared_error_loss_backward(g, o, y, r),
+        "1/2 sum_k (o_k - y_k)^2", "o - y", targets="values", mean_over="examples",
+        jvp=lambda o, y, do, dy, r: squared_error_loss_jvp(o, y, do, dy, r), native=True,
+    ),
+    _registry.Loss(
+        "mse", lambda o, y, r: mse_loss(o, y, r), lambda g, o, y, r: mse_loss_backward(g, o, y, r),
+        "mean over all elements of (o - y)^2", "2 (o - y) / numel", targets="values", mean_over="elements",
+        reference=lambda o, y, r: torch.nn.functional.mse_loss(o, y, reduction=r),
+        jvp=lambda o, y, do, dy, r: mse_loss_jvp(o, y, do, dy, r), native=True,
+    ),
+):  # fmt: skip
+    _registry.add_builtin_loss(_spec)
 
 
 def softmax(input: Tensor) -> Tensor:

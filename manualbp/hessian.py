@@ -23,21 +23,20 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from functools import partial
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .nn import CrossEntropyLoss, MSELoss, SquaredErrorLoss
+from .nn import make_loss
+from .registry import LOSS_REGISTRY, View
 
 __all__ = ["LOSS_MODULES", "Sharpness", "hvp_operator", "lanczos", "sharpness", "stable_rate"]
 
-#: loss name -> the hand-derived loss module (reduction "mean") whose Hessian is taken.
-LOSS_MODULES: dict[str, Callable[[], torch.nn.Module]] = {
-    "cross_entropy": CrossEntropyLoss,
-    "squared_error": SquaredErrorLoss,
-    "mse": MSELoss,
-}
+#: loss name -> the hand-derived loss module (reduction "mean") whose Hessian is taken: every registered loss
+#: (a live view of ``manualbp.registry``).
+LOSS_MODULES: Mapping[str, Callable[[], torch.nn.Module]] = View(LOSS_REGISTRY, lambda spec: partial(make_loss, spec.name))
 
 
 def hvp_operator(

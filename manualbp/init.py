@@ -40,13 +40,17 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .registry import ACTIVATION_REGISTRY
+
 __all__ = ["SCHEMES", "BIAS_SCHEMES", "initialize", "init_weight", "init_bias", "layer_nonlinearities"]
 
 
 def _gain(params: Mapping[str, Any], nonlinearity: str, slope: float, default: Union[float, str]) -> float:
     gain = params.get("gain", default)
-    if gain == "auto":
-        return nn.init.calculate_gain(nonlinearity, slope if nonlinearity == "leaky_relu" else None)
+    if gain == "auto":  # the registry's gain of the activation (torch's calculate_gain for the built-in ones)
+        if nonlinearity in ACTIVATION_REGISTRY:
+            return ACTIVATION_REGISTRY[nonlinearity].gain(slope)
+        return nn.init.calculate_gain(nonlinearity)
     return float(gain)
 
 

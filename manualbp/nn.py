@@ -21,6 +21,7 @@ from . import _checks as C
 from . import native as _native_ext
 from .autograd import (
     ACTIVATION_FUNCTIONS,
+    LOSS_FUNCTIONS,
     CrossEntropyFunction,
     LinearFunction,
     MLPFunction,
@@ -31,7 +32,7 @@ from .autograd import (
     _transforms_active,
     apply_function,
 )
-from .functional import ACTIVATIONS
+from .registry import ACTIVATION_REGISTRY, LOSS_REGISTRY
 
 __all__ = [
     "Linear",
@@ -46,6 +47,10 @@ __all__ = [
     "CrossEntropyLoss",
     "MLP",
     "make_activation",
+    "make_loss",
+    "RegisteredActivation",
+    "RegisteredLoss",
+    "TorchActivation",
 ]
 
 
@@ -229,7 +234,7 @@ class _Activation(nn.Module):
     negative_slope: float = 0.0
 
     def _args(self) -> tuple:
-        return (self.negative_slope,) if self.name == "leaky_relu" else ()
+        return (self.negative_slope,) if ACTIVATION_REGISTRY[self.name].takes_slope else ()
 
     def forward(self, input: Tensor) -> Tensor:
         C.check_tensor(input, "input")
@@ -312,20 +317,52 @@ _TORCH_ACTIVATIONS: dict[type, str] = {
 }
 
 
+class RegisteredActivation(_Activation):
+    """The module of an activation registered with :func:`manualbp.register_activation`: its per-op Function
+    (the spec's forward, and its backward from the saved output)."""
+
+    def __init__(self, name: str, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.name = ACTIVATION_REGISTRY[name].name
+        self.negative_slope = C.check_negative_slope(negative_slope)
+
+    def extra_repr(self) -> str:
+        return repr(self.name)
+
+
+class TorchActivation(nn.Module):
+    """A registered activation's reference for ``MLP.to_torch()``: its forward formula under plain autograd
+    (the derivative autograd takes of it, not the registered backward)."""
+
+    def __init__(self, name: str, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.name, self.negative_slope = ACTIVATION_REGISTRY[name].name, float(negative_slope)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return ACTIVATION_REGISTRY[self.name].forward(input, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return repr(self.name)
+
+
 def make_activation(name: str, negative_slope: float = 0.01) -> _Activation:
-    """The activation module called ``name`` (sigmoid, tanh, relu, leaky_relu, identity)."""
-    if name not in _ACTIVATION_MODULES:
-        raise ValueError(f"activation must be one of {', '.join(sorted(ACTIVATIONS))}, got {name!r}")
+    """The activation module called ``name``: one of the registry's (``manualbp.registry.activation_names()``)."""
+    spec = ACTIVATION_REGISTRY[name]  # an unknown name: "activation must be one of ..."
     if name == "leaky_relu":
         return LeakyReLU(negative_slope)
-    return _ACTIVATION_MODULES[name]()
+    if name in _ACTIVATION_MODULES:
+        return _ACTIVATION_MODULES[name]()
+    return RegisteredActivation(spec.name, negative_slope)
 
 
 def _to_torch_activation(spec: tuple[str, float]) -> nn.Module:
     name, slope = spec
     if name == "leaky_relu":
         return nn.LeakyReLU(slope)
-    return next(cls for cls, n in _TORCH_ACTIVATIONS.items() if n == name)()
+    if name in _ACTIVATION_MODULES:
+        return next(cls for cls, n in _TORCH_ACTIVATIONS.items() if n == name)()
+    make = ACTIVATION_REGISTRY[name].torch_module
+    return make(slope) if make is not None else TorchActivation(name, slope)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,6 +435,36 @@ class CrossEntropyLoss(_Loss):
             except ValueError as e:
                 raise e from None
             raise
+
+
+class RegisteredLoss(_Loss):
+    """The module of a loss registered with :func:`manualbp.register_loss`: its Function, from the spec."""
+
+    def __init__(self, name: str, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        spec = LOSS_REGISTRY[name]
+        self.name = spec.name
+        self._function = LOSS_FUNCTIONS[spec.name]
+        if spec.targets == "classes":
+            self._check = C.check_classification_loss
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, reduction={self.reduction!r}"
+
+
+_LOSS_MODULES: dict[str, type[_Loss]] = {
+    "cross_entropy": CrossEntropyLoss,
+    "squared_error": SquaredErrorLoss,
+    "mse": MSELoss,
+}
+
+
+def make_loss(name: str, reduction: str = "mean") -> _Loss:
+    """The loss module called ``name``: one of the registry's (``manualbp.registry.loss_names()``)."""
+    spec = LOSS_REGISTRY[name]  # an unknown name: "loss must be one of ..."
+    if name in _LOSS_MODULES:
+        return _LOSS_MODULES[name](reduction)
+    return RegisteredLoss(spec.name, reduction)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,8 +628,8 @@ class MLP(nn.Module):
             native = _native_ext.load()
             if native is not None:
                 params = args[2:]
-                if _native_eligible(input, params):
-                    return native.mlp(input, args[0], args[1], params)
+                if _native_eligible(input, params) and all(ACTIVATION_REGISTRY[n].native for n, _ in args[0]):
+                    return native.mlp(input, args[0], args[1], params)  # C++ kernels: the built-in names only
         return _apply_autocast(MLPFunction, input, *args)
 
     def _layer_by_layer(self, input: Tensor) -> Sequence[Tensor]:
@@ -634,6 +701,8 @@ class MLP(nn.Module):
             else:
                 if isinstance(m, _Activation):
                     name, slope = m.spec
+                elif isinstance(m, TorchActivation):
+                    name, slope = m.name, m.negative_slope
                 elif type(m) in _TORCH_ACTIVATIONS:
                     name = _TORCH_ACTIVATIONS[type(m)]
                     slope = getattr(m, "negative_slope", 0.0)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as TF
+
+import manualbp
+from manualbp import registry
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -42,3 +48,44 @@ def fake_job(root, num: int, overrides: list, config: dict, metrics: dict, histo
     keys = list(history[0])
     rows = [",".join("" if h[k] is None else str(h[k]) for k in keys) + "\n" for h in history]
     (d / "history.csv").write_text(",".join(keys) + "\n" + "".join(rows))
+
+
+# --------------------------------------------------------------------------------------------------
+# Formulas registered from outside the package, as a user would (tests/test_registry.py, test_name_coverage.py)
+# --------------------------------------------------------------------------------------------------
+EXTRA_ACTIVATION = "softplus"
+EXTRA_LOSS = "log_cosh"
+
+
+def _log_cosh(input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    d = input - target
+    per_example = (d + TF.softplus(-2 * d) - math.log(2)).sum(-1)  # L_n = sum_k log cosh(o_k - y_k), stable
+    return {"mean": per_example.mean, "sum": per_example.sum, "none": lambda: per_example}[reduction]()
+
+
+def _log_cosh_backward(grad_output, input: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    scale = grad_output / input.shape[:-1].numel() if reduction == "mean" else grad_output
+    if reduction == "none":
+        scale = scale.unsqueeze(-1)
+    return torch.tanh(input - target) * scale  # dL/do_k = tanh(o_k - y_k), times the reduction's factor
+
+
+@contextlib.contextmanager
+def extra_formulas():
+    """softplus (a = log(1 + e^z), sigma' = 1 - e^{-a} from the output) and the log-cosh regression loss,
+    registered through the public API for the block and removed after."""
+    manualbp.register_activation(
+        EXTRA_ACTIVATION,
+        TF.softplus,
+        lambda g, a: g * -torch.expm1(-a),  # dL/dz = dL/da sigmoid(z) = dL/da (1 - e^{-a})
+        formula="a = log(1 + e^z)",
+        derivative="(1 - e^{-{a}})",
+    )
+    manualbp.register_loss(
+        EXTRA_LOSS, _log_cosh, _log_cosh_backward, formula="sum_k log cosh(o_k - y_k)", gradient="tanh(o - y)"
+    )
+    try:
+        yield
+    finally:
+        registry.ACTIVATION_REGISTRY.remove(EXTRA_ACTIVATION)
+        registry.LOSS_REGISTRY.remove(EXTRA_LOSS)

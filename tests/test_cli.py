@@ -75,11 +75,12 @@ def test_verify_exits_1_on_an_injected_bug(bug, capsys):
 
 def test_verify_core_function_catches_a_broken_module(monkeypatch):
     """Without the hook: a broken backward patched into the library is caught by the matrix and by FD."""
-    from manualbp import functional as F
+    from manualbp import registry
 
     monkeypatch.setenv("MANUALBP_NATIVE", "off")  # a patched formula runs on the Python Functions only
-    forward, _ = F.ACTIVATIONS["tanh"]
-    monkeypatch.setitem(F.ACTIVATIONS, "tanh", (forward, lambda g, a: g * (1 - a)))  # 1 - a instead of 1 - a^2
+    spec = registry.activation_spec("tanh")  # the registry's spec: 1 - a instead of 1 - a^2
+    broken = registry.replaced(spec, backward=lambda g, a, s: g * (1 - a), backward_=lambda g, a, s: g.mul_(1 - a))
+    monkeypatch.setitem(registry.ACTIVATION_REGISTRY, "tanh", broken)
     result = V.verify_matrix(["tanh"], ["cross_entropy"], [1], ["float64"])
     assert not result.ok
     config = result.results[0]

@@ -1,40 +1,57 @@
-"""Every registered activation and loss reaches every execution path, or the path says it does not.
+"""Registry x execution path: every registered activation and loss reaches every path, or its documented fallback.
 
-The names come from the formula tables of ``manualbp.functional`` (``ACTIVATIONS``; the fast paths' ``LOSSES``);
-each path is run with each name, so a path that forgets a name (a new activation added to ``functional`` but
-not to the C++ kernels, the fused tables or the config checks) fails here.
+The names come from ``manualbp.registry`` -- the built-in ones and one activation and one loss registered from
+outside the package (``helpers.extra_formulas``: softplus and log-cosh, which the compiled kernels do not have, so
+the C++ paths must fall back to Python for them). Each path is run with each name against a reference computed
+another way (autograd of ``to_torch()``, ``torch.optim.SGD`` on the module), so a path that forgets a name fails.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from helpers import EXTRA_ACTIVATION, EXTRA_LOSS, extra_formulas
 
 import manualbp
 from manualbp import autograd as A
 from manualbp import functional as F
-from manualbp import native
+from manualbp import native, registry
 from manualbp.fast import _losses as fast_losses
-from manualbp.fast import fused
 from manualbp.fast.fused import FusedTrainer
 from manualbp.fast.vectorized import VectorizedTrainer
 from manualbp.hessian import LOSS_MODULES
+from manualbp.init import initialize
+from manualbp.nn import make_loss
 from manualbp.train import resolve_config
-from manualbp.train.defaults import LOSSES as CONFIG_LOSSES
+from manualbp.train.defaults import loss_choices
 from manualbp.train.metrics import saturated
+from manualbp.verify import ACTIVATION_DERIVATIVES, LOSSES, compare, explain, trace
 from manualbp.verify.explanation import _SIGMA_PRIME
-from manualbp.verify.references import LOSSES as VERIFY_LOSSES
-from manualbp.verify.tracing import ACTIVATION_DERIVATIVES
 
-ACTS = list(F.ACTIVATIONS)
-LOSS_NAMES = list(fast_losses.LOSSES)
+ACTS = [*registry.activation_names(), EXTRA_ACTIVATION]
+LOSS_NAMES = [*registry.loss_names(), EXTRA_LOSS]
 
 
-def test_the_tables_name_the_same_activations_and_losses():
-    assert set(A.ACTIVATION_FUNCTIONS) == set(ACTS)
-    assert set(fused._FORWARD) == set(fused._BACKWARD) == set(ACTS)
-    assert set(ACTIVATION_DERIVATIVES) == set(_SIGMA_PRIME) == set(ACTS)
-    assert set(LOSS_MODULES) == set(VERIFY_LOSSES) == set(CONFIG_LOSSES) - {"auto"} == set(LOSS_NAMES)
+@pytest.fixture(autouse=True)
+def _extra():
+    with extra_formulas():
+        yield
+
+
+def test_every_table_is_the_registry():
+    assert list(registry.ACTIVATION_REGISTRY) == ACTS
+    assert list(registry.LOSS_REGISTRY) == LOSS_NAMES
+    for table in (F.ACTIVATIONS, A.ACTIVATION_FUNCTIONS, ACTIVATION_DERIVATIVES, _SIGMA_PRIME):
+        assert list(table) == ACTS
+    for table in (A.LOSS_FUNCTIONS, fast_losses.LOSSES, LOSS_MODULES, LOSSES):
+        assert list(table) == LOSS_NAMES
+    assert loss_choices() == ("auto", *LOSS_NAMES)
+    # the texts are the specs' (what trace and explain print)
+    assert ACTIVATION_DERIVATIVES["sigmoid"] == "a (1 - a)"
+    assert ACTIVATION_DERIVATIVES[EXTRA_ACTIVATION] == "(1 - e^{-a})"
+    assert _SIGMA_PRIME[EXTRA_ACTIVATION].format(a="a^1") == "(1 - e^{-a^1})"
 
 
 def _model(activation: str) -> manualbp.MLP:
@@ -44,24 +61,23 @@ def _model(activation: str) -> manualbp.MLP:
 
 def _target(loss: str, n: int = 6) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 2, (n,), generator=g) if loss == "cross_entropy" else torch.randn(n, 2, generator=g, dtype=torch.float64)
+    if registry.loss_spec(loss).targets == "classes":
+        return torch.randint(0, 2, (n,), generator=g)
+    return torch.randn(n, 2, generator=g, dtype=torch.float64)
 
 
 def _same_step(stepped: manualbp.MLP, fresh: manualbp.MLP, loss: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One SGD step of the fused and of the vectorized trainer from ``fresh``'s weights equals ``stepped``'s."""
-    fused_model = _clone(fresh)
-    FusedTrainer(fused_model, loss, lr=0.1).step(x, y)
-    vectorized = VectorizedTrainer([_clone(fresh)], loss, lr=0.1)
+    """One SGD step of the fused trainer (its Python step and its epoch call, in C++ where the extension has
+    the formulas, else its Python loop) and of the vectorized trainer equals ``stepped``'s."""
+    fused_step, fused_epoch = copy.deepcopy(fresh), copy.deepcopy(fresh)
+    FusedTrainer(fused_step, loss, lr=0.1).step(x, y)
+    trainer = FusedTrainer(fused_epoch, loss, lr=0.1)
+    trainer.step_many(*trainer.prepare(x, y), batch_size=len(x))
+    vectorized = VectorizedTrainer([copy.deepcopy(fresh)], loss, lr=0.1)
     vectorized.step(x.unsqueeze(0), y.unsqueeze(0))
-    for name, model in (("fused", fused_model), ("vectorized", vectorized.model(0))):
+    for name, model in (("fused", fused_step), ("fused-epoch", fused_epoch), ("vectorized", vectorized.model(0))):
         for a, b in zip(model.parameters(), stepped.parameters()):
             assert torch.allclose(a, b, atol=1e-12), (name, loss)
-
-
-def _clone(model: manualbp.MLP) -> manualbp.MLP:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -70,24 +86,32 @@ def test_every_activation_on_every_path(activation):
     model = _model(activation)
     reference = model.to_torch()(x)
     specs, params = model.activation_specs, list(model.parameters())
-    # the whole-network Function, the per-layer Functions (hooks route through them), the C++ node
+    # the whole-network Function, the per-layer Functions (hooks route through them), the module's own call
+    # (the C++ node where the kernels have the activation, else its documented fallback, the Python Function)
     assert torch.allclose(A.MLPFunction.apply(x, specs, True, *params)[0], reference, atol=1e-12)
     hooked = _model(activation)
     hooked[0].register_forward_hook(lambda m, i, o: None)
     assert torch.allclose(hooked(x), reference, atol=1e-12)
+    assert torch.allclose(model(x), reference, atol=1e-12)
     ext = native.load()
-    if ext is not None:
+    if ext is not None and registry.activation_spec(activation).native:
         assert torch.allclose(ext.mlp(x, specs, True, params)[0], reference, atol=1e-12)
-    # the fused and vectorized trainers: one SGD step each, equal to the manual module's step
+    # gradients against autograd of the torch twin, per parameter and per intermediate
     y = _target("cross_entropy")
+    assert compare(_model(activation), x, y, loss="cross_entropy").ok
+    assert trace(_model(activation), x, y, loss="cross_entropy").ok
+    # the fused and vectorized trainers: one SGD step each, equal to the manual module's step
     manual = _model(activation)
     opt = torch.optim.SGD(manual.parameters(), lr=0.1)
     manualbp.CrossEntropyLoss()(manual(x), y).backward()
     opt.step()
     _same_step(manual, _model(activation), "cross_entropy", x, y)
-    # the config checks and the saturation rule know it
+    # the config checks, the init gains and the saturation rule know it
     assert resolve_config({"model": {"activation": activation}})["model"]["activation"] == activation
+    initialize(_model(activation), {"name": "xavier_uniform", "gain": "auto"})
+    initialize(_model(activation), "kaiming_normal")
     saturated(activation, torch.rand(3, dtype=torch.float64))
+    assert explain([2, 2, 2], activation=activation).ok
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
@@ -96,9 +120,12 @@ def test_every_loss_on_every_path(loss):
     y = _target(loss)
     manual = _model("tanh")
     opt = torch.optim.SGD(manual.parameters(), lr=0.1)
-    LOSS_MODULES[loss]()(manual(x), y).backward()
+    make_loss(loss)(manual(x), y).backward()
     opt.step()
     _same_step(manual, _model("tanh"), loss, x, y)
-    task = "classification" if loss == "cross_entropy" else "regression"
+    assert compare(_model("tanh"), x, y, loss=loss).ok
+    assert trace(_model("tanh"), x, y, loss=loss).ok
+    LOSS_MODULES[loss]()(_model("tanh")(x), y)
+    task = "classification" if registry.loss_spec(loss).targets == "classes" else "regression"
     data = {"name": "iris"} if task == "classification" else {"name": "diabetes"}
     assert resolve_config({"data": data, "loss": loss})["loss"] == loss

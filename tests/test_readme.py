@@ -33,3 +33,18 @@ def test_readme_fused_example_runs(capsys):
     exec(compile(block.group(1), "README.md", "exec"), {})
     accuracy = float(capsys.readouterr().out.split("train accuracy")[1])
     assert accuracy > 0.9  # it trained (chance is 0.1)
+
+
+def test_readme_registry_example_runs(capsys):
+    from manualbp import registry
+
+    text = README.read_text()
+    block = re.search(r"<!-- readme-registry -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its registry example"
+    try:
+        exec(compile(block.group(1), "README.md", "exec"), {})
+    finally:
+        for table, name in ((registry.ACTIVATION_REGISTRY, "softplus"), (registry.LOSS_REGISTRY, "log_cosh")):
+            if name in table:
+                table.remove(name)
+    assert float(capsys.readouterr().out.split("test r2")[1]) > 0.2  # it learned (0 is the mean's score)

@@ -545,13 +545,15 @@ def test_inject_bug_restores_every_patched_copy_and_leaves_the_native_switch_alo
     from manualbp.fast import _losses, fused, vectorized
 
     monkeypatch.delenv("MANUALBP_NATIVE", raising=False)
-    tables = [dict(manualbp.functional.ACTIVATIONS), dict(fused._BACKWARD), dict(_losses.LOSSES)]
+    from manualbp import registry
+
+    tables = [dict(registry.ACTIVATION_REGISTRY), dict(registry.LOSS_REGISTRY), dict(_losses.LOSSES)]
     functions = [manualbp.functional.linear_backward, fused.loss_scales, fused.block_grad_into]
     methods = [fused.FusedTrainer._momentum_update, vectorized.VectorizedTrainer._nesterov_ahead]
     for name in V.CATALOGUE:
         with V.inject_bug(name):
             assert "MANUALBP_NATIVE" not in __import__("os").environ
-    assert tables == [dict(manualbp.functional.ACTIVATIONS), dict(fused._BACKWARD), dict(_losses.LOSSES)]
+    assert tables == [dict(registry.ACTIVATION_REGISTRY), dict(registry.LOSS_REGISTRY), dict(_losses.LOSSES)]
     assert functions == [manualbp.functional.linear_backward, fused.loss_scales, fused.block_grad_into]
     assert methods == [fused.FusedTrainer._momentum_update, vectorized.VectorizedTrainer._nesterov_ahead]
 

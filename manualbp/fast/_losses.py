@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Mapping, Union
 
 from torch import Tensor, nn
 
-from .. import functional as F
 from .. import nn as mnn
+from ..registry import LOSS_REGISTRY, View
 
 __all__ = ["LOSSES", "resolve_loss"]
 
-#: name -> (forward, backward) from ``manualbp.functional``; backward returns (dL/do, dL/dy).
-LOSSES: dict[str, tuple[Callable[..., Tensor], Callable[..., tuple]]] = {
-    "cross_entropy": (F.cross_entropy, F.cross_entropy_backward),
-    "mse": (F.mse_loss, F.mse_loss_backward),
-    "squared_error": (F.squared_error_loss, F.squared_error_loss_backward),
-}
+#: name -> (forward, backward) of every registered loss (a live view of ``manualbp.registry``); backward
+#: returns (dL/do, dL/dy).
+LOSSES: Mapping[str, tuple[Callable[..., Tensor], Callable[..., tuple]]] = View(
+    LOSS_REGISTRY, lambda spec: (spec.forward, spec.backward)
+)
 
 _MODULES = {
     mnn.CrossEntropyLoss: "cross_entropy",
@@ -35,15 +34,15 @@ def resolve_loss(loss: Union[str, nn.Module], reduction: str = "mean") -> tuple[
     """
     if isinstance(loss, str):
         name = {"ce": "cross_entropy", "cross_entropy": "cross_entropy", "mse": "mse"}.get(loss, loss)
-    elif type(loss) in _MODULES:
-        name = _MODULES[type(loss)]
+    elif type(loss) in _MODULES or isinstance(loss, mnn.RegisteredLoss):
+        name = loss.name if isinstance(loss, mnn.RegisteredLoss) else _MODULES[type(loss)]
         reduction = loss.reduction
         if isinstance(loss, nn.CrossEntropyLoss) and (loss.weight is not None or loss.label_smoothing != 0):
             raise ValueError("loss: the fast trainers support CrossEntropyLoss without weight or label_smoothing")
     else:
-        raise TypeError(f"loss must be one of {sorted(LOSSES)} or a matching loss module, got {type(loss).__name__}")
+        raise TypeError(f"loss must be one of {list(LOSSES)} or a matching loss module, got {type(loss).__name__}")
     if name not in LOSSES:
-        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {name!r}")
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {name!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"loss reduction must be 'mean' or 'sum' for training, got {reduction!r}")
     return name, reduction

@@ -33,28 +33,12 @@ from .. import functional as F
 from ..autograd import join_params
 from ..native import load as native_kernels
 from ..nn import MLP
+from ..registry import ACTIVATION_REGISTRY, LOSS_REGISTRY
 from ._losses import resolve_loss
 
 __all__ = ["FusedTrainer", "step_flops"]
 
 _aten = torch.ops.aten
-
-#: a = sigma(z) written into ``out`` (the activations of ``manualbp.functional``, one kernel each)
-_FORWARD: dict[str, Callable[[Tensor, Tensor, float], Any]] = {
-    "sigmoid": lambda z, out, s: torch.sigmoid(z, out=out),  # a = 1 / (1 + exp(-z))
-    "tanh": lambda z, out, s: torch.tanh(z, out=out),  # a = tanh(z)
-    "relu": lambda z, out, s: torch.clamp_min(z, 0, out=out),  # a = max(z, 0)
-    "leaky_relu": lambda z, out, s: torch._C._nn.leaky_relu(z, s, out=out),  # a = z or slope z
-    "identity": lambda z, out, s: out.copy_(z),  # a = z
-}
-#: g <- g * sigma'(z), in place, from the saved output a: the kernels of ``functional.*_backward``
-_BACKWARD: dict[str, Optional[Callable[[Tensor, Tensor, float], Any]]] = {
-    "sigmoid": lambda g, a, s: _aten.sigmoid_backward.grad_input(g, a, grad_input=g),  # g a (1 - a)
-    "tanh": lambda g, a, s: _aten.tanh_backward.grad_input(g, a, grad_input=g),  # g (1 - a^2)
-    "relu": lambda g, a, s: _aten.threshold_backward.grad_input(g, a, 0, grad_input=g),  # g [a > 0]
-    "leaky_relu": lambda g, a, s: _aten.leaky_relu_backward.grad_input(g, a, s, True, grad_input=g),
-    "identity": None,  # g 1
-}
 
 def output_grad_into(loss_name: str, out: Tensor, target: Tensor, grad: Tensor, dim: int) -> None:
     """dL/do up to the step's ``scale`` (:func:`loss_scales`) into ``grad``: for cross-entropy ``out`` holds
@@ -64,6 +48,14 @@ def output_grad_into(loss_name: str, out: Tensor, target: Tensor, grad: Tensor, 
         torch._log_softmax_backward_data(target, out, dim, out.dtype, out=grad)  # y - softmax(o) sum_k y_k
     else:
         torch.sub(out, target, out=grad)  # o - y
+
+
+def spec_loss_into(loss_name: str, reduction: str, out: Tensor, target: Tensor, grad: Tensor) -> Tensor:
+    """A loss without fused kernels (``Loss.native`` False: a registered one), from its registry spec: returns L
+    and writes dL/do (its backward, the reduction's factor included; :func:`loss_scales` is then (1, 1))."""
+    spec = LOSS_REGISTRY[loss_name]
+    grad.copy_(spec.backward(out.new_ones(()), out, target, reduction)[0])  # dL/do, (n, out)
+    return spec.forward(out, target, reduction).detach()
 
 
 def block_grad_into(dest: Tensor, grad_t: Tensor, below: Tensor, alpha: float, beta: float, bias: bool) -> None:
@@ -82,7 +74,7 @@ def forward_into(matmul: Callable[..., Tensor], h: Tensor, blocks_t: list[Tensor
     ``matmul`` is ``torch.mm`` for one model, ``torch.bmm`` for K stacked ones."""
     for k, (name, slope) in enumerate(activations):
         matmul(h, blocks_t[k], out=buf.z[k])
-        _FORWARD[name](buf.z[k], buf.a[k], slope)
+        ACTIVATION_REGISTRY[name].forward_into(buf.z[k], buf.a[k], slope)  # a^l = sigma(z^l), the registry's
         h = buf.act[k]
     matmul(h, blocks_t[-1], out=buf.out)
 
@@ -92,9 +84,7 @@ def backprop_into(matmul: Callable[..., Tensor], buf: Any, k: int, weights: list
     dL/dz^{l-1} = dL/da^{l-1} sigma' in place, from the saved a^{l-1}."""
     matmul(buf.grad[k], weights[k], out=buf.grad[k - 1])
     name, slope = activations[k - 1]
-    backward = _BACKWARD[name]
-    if backward is not None:
-        backward(buf.grad[k - 1], buf.a[k - 1], slope)
+    ACTIVATION_REGISTRY[name].backward_(buf.grad[k - 1], buf.a[k - 1], slope)  # g sigma'(z), the registry's
 
 
 def loss_scales(loss_name: str, reduction: str, n: int, classes: int) -> tuple[float, float]:
@@ -105,13 +95,17 @@ def loss_scales(loss_name: str, reduction: str, n: int, classes: int) -> tuple[f
       backward kernel on y), so both scales are -1;
     - squared errors: dot = |o - y|^2, buffer = o - y: the notes' 1/2 sum_k (0.5, 1), mse (1, 2);
 
-    over the reduction: "mean" divides by the rows (mse: by the elements)."""
+    over the reduction: "mean" divides by the rows (mse: by the elements, the spec's ``mean_over``). A loss
+    without fused kernels (:func:`spec_loss_into`) has (1, 1)."""
+    spec = LOSS_REGISTRY[loss_name]
+    if not spec.native:
+        return 1.0, 1.0
     if loss_name == "cross_entropy":
         loss_scale, scale = -1.0, -1.0
     else:
         loss_scale, scale = (0.5, 1.0) if loss_name == "squared_error" else (1.0, 2.0)
     if reduction == "mean":
-        count = n if loss_name != "mse" else n * classes
+        count = n if spec.mean_over == "examples" else n * classes
         loss_scale, scale = loss_scale / count, scale / count
     return loss_scale, scale
 
@@ -284,7 +278,7 @@ class FusedTrainer:
         last = self._buffers_for(n - (batches - 1) * batch_size) if n % batch_size else full
         native = native_kernels()
         with self._threads(full.flops):
-            if native is not None:  # the loop below, called from C++: same kernels, same order (manualbp.native)
+            if native is not None and self._compiled():  # the loop below, called from C++: same kernels, same order (manualbp.native)
                 losses, buffers = native.fused_step_many(
                     self.blocks, self.weights, self.activations, self.loss_name, self.lr, self.momentum,
                     self.dampening, self.weight_decay, self.nesterov, self.momentum_buffers or [],
@@ -323,6 +317,15 @@ class FusedTrainer:
         finally:
             torch.set_num_threads(threads)
 
+    def _compiled(self) -> bool:
+        """May the C++ loop run this model? Only for the formulas it has (the registry's ``native`` specs);
+        anything else (a registered activation or loss) runs the Python loop, the documented fallback."""
+        return self._native_loss and all(ACTIVATION_REGISTRY[n].native for n, _ in self.activations)
+
+    @property
+    def _native_loss(self) -> bool:
+        return LOSS_REGISTRY[self.loss_name].native
+
     @property
     def _plain(self) -> bool:
         """Plain SGD: the step updates [W | b] in its gradient's matmul and never materialises dL/d[W | b]."""
@@ -351,9 +354,11 @@ class FusedTrainer:
             loss = torch.dot(buf.out_flat, target_flat)
             # y - softmax(o) sum_k y_k = -dL/do (torch's log-softmax backward kernel, on dL/d log softmax = y)
             output_grad_into(self.loss_name, buf.out, target, buf.grad[-1], 1)
-        else:  # squared errors: dL/do = o - y (notes: 1/2 sum_k) or 2 (o - y) (mse), over the reduction
+        elif self._native_loss:  # squared errors: dL/do = o - y (notes: 1/2 sum_k) or 2 (o - y) (mse), over the reduction
             output_grad_into(self.loss_name, buf.out, target, buf.grad[-1], 1)
             loss = torch.dot(buf.go_flat, buf.go_flat)
+        else:  # a registered loss: its spec's forward and backward
+            loss = spec_loss_into(self.loss_name, self.reduction, buf.out, target, buf.grad[-1])
         scale = buf.scale
         # backward, top layer first (block k is layer l = k + 1): dL/da^{l-1} = dL/dz^l W^l, dL/dz^{l-1} = dL/da^{l-1} sigma'
         plain = self._plain

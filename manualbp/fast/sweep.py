@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from ..registry import LOSS_REGISTRY
 from ..train import loop as _loop
 from ..train import sinks as _sinks
 from ..train.config import resolve_config
@@ -78,9 +78,7 @@ def _group_key(cfg: dict) -> str:
 
 def _eval_model(out: Tensor, y: Tensor, loss: str, task: str) -> tuple[Tensor, Tensor]:
     """Per-model (loss, score) for outputs (K, N, C) against targets y (K, N[, C]): two (K,) tensors."""
-    per_item = {"cross_entropy": F.cross_entropy, "squared_error": F.squared_error_loss, "mse": F.mse_loss}[loss](
-        out, y, "none"
-    )
+    per_item = LOSS_REGISTRY[loss].forward(out, y, "none")  # (K, N) or (K, N, C): what "mean" averages
     losses = per_item.flatten(1).mean(1).to(torch.float64)
     if task == "classification":
         score = (out.argmax(-1) == y).to(torch.float64).mean(-1)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..autograd import join_params
 from ..nn import MLP
+from ..registry import LOSS_REGISTRY
 from . import fused as _fused
 from ._losses import LOSSES, resolve_loss
 from .fused import forward_into
@@ -157,12 +158,15 @@ class VectorizedTrainer:
 
     def _reduction_factor(self, out: Tensor) -> float:
         """d(reduced loss)/d(summed loss) of one model: 1/count for "mean" (rows, or elements for mse), 1 for "sum"."""
-        count = out.shape[1] * (out.shape[2] if self.loss_name == "mse" else 1)
+        count = out.shape[1] * (out.shape[2] if LOSS_REGISTRY[self.loss_name].mean_over == "elements" else 1)
         return 1.0 / count if self.reduction == "mean" else 1.0
 
     def step(self, input: Tensor, target: Tensor) -> Tensor:
-        """One SGD step of every active model; returns the per-model batch losses (K,) before the update."""
-        if not (self._any_momentum or self._has_weight_decay):
+        """One SGD step of every active model; returns the per-model batch losses (K,) before the update.
+
+        Plain SGD on a loss with fused kernels takes the fused step; anything else (momentum, weight decay, a
+        registered loss) takes :meth:`gradients` (functional's sweep batched over K) and :meth:`_update`."""
+        if not (self._any_momentum or self._has_weight_decay) and LOSS_REGISTRY[self.loss_name].native:
             with torch.no_grad():
                 return self._fused_step(input, target)
         losses, grads = self.gradients(input, target)

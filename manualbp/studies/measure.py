@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ __all__ = ["LOSSES", "InitialState", "initial_state", "initial_grad_norms", "sat
 
 
 #: loss name -> the hand-derived loss module (manualbp.hessian's table, the one the Hessian is taken of)
-LOSSES: dict[str, Callable[[], torch.nn.Module]] = LOSS_MODULES
+LOSSES: Mapping[str, Callable[[], torch.nn.Module]] = LOSS_MODULES
 
 
 @dataclass
@@ -87,7 +87,7 @@ def saturation(model: MLP, input: Tensor) -> list[float]:
 
     with torch.no_grad():
         _, hidden = model.forward_with_hidden(input)
-    return [float(saturated(name, a).to(torch.float64).mean()) for a, (name, *_rest) in zip(hidden, model.activation_specs)]
+    return [float(saturated(name, a, slope).to(torch.float64).mean()) for a, (name, slope) in zip(hidden, model.activation_specs)]
 
 
 @dataclass

@@ -33,11 +33,11 @@ import inspect
 from typing import Any, Callable, Mapping, Union
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from ..autograd import CrossEntropyFunction, MSELossFunction, SquaredErrorLossFunction
+from ..autograd import LOSS_FUNCTIONS
 from ..nn import MLP
+from ..registry import LOSS_REGISTRY
 from .defaults import DEFAULTS, is_number
 from .distributed import wrap as wrap_distributed
 
@@ -179,20 +179,16 @@ def build_optimizer(params: list[Tensor], optim_cfg: Mapping[str, Any]) -> torch
 # Losses
 # --------------------------------------------------------------------------------------------------
 def manual_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The hand-derived loss Function (targets are validated once, when the data set is loaded)."""
-    fn = {"cross_entropy": CrossEntropyFunction, "squared_error": SquaredErrorLossFunction, "mse": MSELossFunction}[
-        name
-    ]
+    """The hand-derived loss Function of the registered loss ``name`` (targets are validated once, when the
+    data set is loaded)."""
+    fn = LOSS_FUNCTIONS[name]
     return lambda output, target: fn.apply(output, target, "mean")
 
 
 def native_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The same loss written with PyTorch's own ops (the autograd twin's)."""
-    if name == "cross_entropy":
-        return TF.cross_entropy
-    if name == "mse":
-        return TF.mse_loss
-    return lambda output, target: 0.5 * (output - target).pow(2).sum(-1).mean()  # notes' 1/2 sum_k (o_k - y_k)^2
+    """The same loss written with PyTorch's own ops (the autograd twin's): the registry's reference."""
+    reference = LOSS_REGISTRY[name].torch_reference()
+    return lambda output, target: reference(output, target, "mean")
 
 
 def rel_diff(a: list[Tensor], b: list[Tensor]) -> Tensor:

@@ -20,9 +20,9 @@ import copy
 from typing import Any, Mapping
 
 from .. import init as _init
-from ..functional import ACTIVATIONS
+from ..registry import activation_names
 from . import backends, data, metrics, schedules, sinks, stopping
-from .defaults import DEFAULTS, DTYPES, LOSSES, is_number
+from .defaults import DEFAULTS, DTYPES, is_number, loss_choices
 from .defaults import positive_int as _positive_int
 
 __all__ = ["DEFAULTS", "resolve_config", "deep_merge", "to_plain", "validate", "is_number"]
@@ -111,8 +111,8 @@ def validate(cfg: dict[str, Any]) -> None:
         )
     if cfg["output_dir"] is not None and not isinstance(cfg["output_dir"], str):
         raise TypeError(f"output_dir must be a path string or null, got {type(cfg['output_dir']).__name__}")
-    if cfg["loss"] not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}")
+    if cfg["loss"] not in loss_choices():  # auto, or a name of the loss registry
+        raise ValueError(f"loss must be one of {', '.join(loss_choices())}, got {cfg['loss']!r}")
 
     model = cfg["model"]
     if not isinstance(model, Mapping):
@@ -126,7 +126,7 @@ def validate(cfg: dict[str, Any]) -> None:
     for k, width in enumerate(hidden):
         _positive_int(width, f"model.hidden[{k}]")
     act = model["activation"]
-    names = tuple(ACTIVATIONS)  # the formula table of manualbp.functional: one list of names
+    names = activation_names()  # the activation registry's names: the one list
     acts = [act] * len(hidden) if isinstance(act, str) else act
     if not isinstance(acts, (list, tuple)):
         raise TypeError(f"model.activation must be a name or a list of names, got {type(act).__name__}")

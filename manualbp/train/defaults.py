@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["DEFAULTS", "DTYPES", "LOSSES", "is_number", "positive_int"]
+from ..registry import loss_names
+
+__all__ = ["DEFAULTS", "DTYPES", "is_number", "loss_choices", "positive_int"]
 
 #: The whole configuration tree with its defaults. ``run({})`` trains this.
 DEFAULTS: dict[str, Any] = {
@@ -41,7 +43,13 @@ DEFAULTS: dict[str, Any] = {
     "metrics": {"sharpness": None, "activations": None},
 }
 
-LOSSES = ("auto", "cross_entropy", "squared_error", "mse")
+
+
+def loss_choices() -> tuple[str, ...]:
+    """What ``loss:`` may be: ``auto`` (by the data set's task) or any registered loss (``manualbp.registry``)."""
+    return ("auto", *loss_names())
+
+
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 

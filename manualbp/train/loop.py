@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import functional as F
 from ..init import initialize
 from ..nn import MLP
+from ..registry import LOSS_REGISTRY
 from . import distributed as _dist
 from . import sinks as _sinks
 from .backends import BACKENDS
@@ -92,25 +92,29 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_loss(name: str, data: Dataset) -> str:
     """The loss a run trains with: ``auto`` is cross_entropy for classification, squared_error for regression;
-    a loss that does not fit the data set's task is an error naming both."""
+    a loss whose targets (the registry's ``Loss.targets``) do not fit the data set's task is an error naming both."""
     if name == "auto":
         return "cross_entropy" if data.task == "classification" else "squared_error"
-    if data.task == "classification" and name != "cross_entropy":
+    spec = LOSS_REGISTRY[name]
+    if data.task == "classification" and spec.targets != "classes":
         raise ValueError(
             f"loss {name!r} needs regression targets; data set {data.name!r} is a classification set "
-            "(use loss: cross_entropy or auto)"
+            f"(use loss: auto or one taking class labels: {', '.join(_losses_for('classes'))})"
         )
-    if data.task == "regression" and name == "cross_entropy":
+    if data.task == "regression" and spec.targets == "classes":
         raise ValueError(
-            f"loss 'cross_entropy' needs class labels; data set {data.name!r} is a regression set "
-            "(use loss: squared_error, mse or auto)"
+            f"loss {name!r} needs class labels; data set {data.name!r} is a regression set "
+            f"(use loss: auto or one of {', '.join(_losses_for('values'))})"
         )
     return name
 
 
+def _losses_for(targets: str) -> list[str]:
+    return [n for n, spec in LOSS_REGISTRY.items() if spec.targets == targets]
+
+
 def _loss_value(loss: str, output: Tensor, target: Tensor) -> Tensor:
-    fn = {"cross_entropy": F.cross_entropy, "squared_error": F.squared_error_loss, "mse": F.mse_loss}[loss]
-    return fn(output, target, "mean")
+    return LOSS_REGISTRY[loss].forward(output, target, "mean")
 
 
 def _score(task: str, output: Tensor, target: Tensor) -> Tensor:

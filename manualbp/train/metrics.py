@@ -26,11 +26,13 @@ run's metrics get the same at initialization as ``*_init``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from ..registry import ACTIVATION_REGISTRY
 from .defaults import is_number
 from .defaults import positive_int as _positive_int
 
@@ -91,17 +93,20 @@ def check_metrics_cfg(cfg: object) -> dict[str, Any]:
     return out
 
 
-def saturated(activation: str, a: Tensor) -> Tensor:
-    """Where a unit is saturated: its activation derivative, from its output, is below 1% of the derivative's
-    peak (sigmoid: a (1 - a) < 0.0025, i.e. |z| > 6; tanh: 1 - a^2 < 0.01, |z| > 3); relu and leaky_relu:
-    a <= 0 (no gradient passes, or a leak only); identity never."""
-    if activation == "sigmoid":
-        return a * (1 - a) < 0.0025
-    if activation == "tanh":
-        return 1 - a * a < 0.01
-    if activation in ("relu", "leaky_relu"):
-        return a <= 0
-    return torch.zeros_like(a, dtype=torch.bool)
+def saturated(activation: str, a: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """Where a unit is saturated: its activation derivative sigma', from its output a (the registry's backward),
+    is at most 1% of the derivative's peak (sigmoid: a (1 - a) <= 0.0025, i.e. |z| >= 6; tanh: 1 - a^2 <= 0.01,
+    |z| >= 3; relu: a <= 0; leaky_relu with the default slope 0.01: a <= 0, the leak only); identity never."""
+    spec = ACTIVATION_REGISTRY[activation]
+    derivative = spec.backward(torch.ones_like(a), a, negative_slope)  # sigma'(z) read from a
+    return derivative <= 0.01 * _derivative_peak(spec, negative_slope)
+
+
+@functools.lru_cache(maxsize=64)
+def _derivative_peak(spec: Any, negative_slope: float) -> float:
+    """max over z in [-20, 20] of sigma'(z) (0.25 for sigmoid, 1 for tanh and relu), from the spec's formulas."""
+    z = torch.linspace(-20, 20, 4001, dtype=torch.float64)  # z = 0 is on the grid
+    return float(spec.backward(torch.ones_like(z), spec.forward(z, negative_slope), negative_slope).max())
 
 
 class ActivationTracker:
@@ -124,12 +129,12 @@ class ActivationTracker:
         record: dict[str, float] = {}
         with torch.no_grad():
             _, hidden = model.forward_with_hidden(self.x)
-        for layer, (a, (name, *_)) in enumerate(zip(hidden, model.activation_specs), 1):
+        for layer, (a, (name, slope)) in enumerate(zip(hidden, model.activation_specs), 1):
             a = a.to(torch.float64)
             record[f"act_mean_{layer}"] = float(a.mean())
             for p, v in zip(pct, torch.quantile(a.reshape(-1), q).tolist()):
                 record[f"act_p{p:g}_{layer}"] = v
-            record[f"saturated_{layer}"] = float(saturated(name, a).to(torch.float64).mean())
+            record[f"saturated_{layer}"] = float(saturated(name, a, slope).to(torch.float64).mean())
         self._keys = list(record)
         return record
 

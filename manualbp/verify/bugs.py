@@ -6,14 +6,15 @@ momentum, Nesterov, weight decay); :data:`BUGS` is its ``name -> description`` v
 breaks one formula inside a ``with`` block, on every Python path at once, and restores it on exit. It patches
 the formula where each path reads it:
 
-- ``manualbp.functional`` (``ACTIVATIONS``, ``linear_backward``, the losses' backward, ``softmax_backward``):
-  the module's Python Functions (``manualbp.autograd``: ``MLPFunction`` and the per-op Functions),
-  :func:`~manualbp.verify.trace`, and the vectorized trainer's momentum / weight-decay step;
-- the copies that hold a formula of their own: ``manualbp.fast._losses.LOSSES`` and
-  ``manualbp.verify.tracing._LOSS_BACKWARD`` (references to the squared errors' backward taken at import),
-  ``manualbp.fast.fused`` (``_BACKWARD``, ``output_grad_into``, ``loss_scales``, ``block_grad_into``,
-  ``backprop_into``, ``FusedTrainer``'s update methods: the fused trainer's Python path and the vectorized
-  trainer's plain-SGD step), ``VectorizedTrainer``'s update methods and ``_reduction_factor``.
+- the activation's spec in ``manualbp.registry`` (its backward and in-place form), which every path reads: the
+  module's Python Functions, :func:`~manualbp.verify.trace`, the fused and vectorized trainers;
+- ``manualbp.functional`` (``linear_backward``, the losses' backward, ``softmax_backward``): the module's Python
+  Functions (``manualbp.autograd``: ``MLPFunction`` and the per-op Functions), and, through the registry's loss
+  specs (which call them by name), trace and the vectorized trainer's general step;
+- the fast trainers' fused kernels: ``manualbp.fast.fused`` (``output_grad_into``, ``loss_scales``,
+  ``block_grad_into``, ``backprop_into``, ``FusedTrainer``'s update methods: the fused trainer's Python path
+  and the vectorized trainer's plain-SGD step), ``VectorizedTrainer``'s update methods and
+  ``_reduction_factor``.
 
 Not reached yet: the compiled paths, ``manualbp/csrc/module.cpp`` (the module's C++ nodes, which
 ``manualbp.nn`` uses where the extension is built and eligible) and ``manualbp/csrc/fused.cpp``
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from ..registry import ACTIVATION_REGISTRY, replaced
 
 __all__ = ["BUGS", "CATALOGUE", "PATHS", "Bug", "inject_bug", "python_paths"]
 
@@ -149,39 +151,44 @@ def inject_bug(name: Optional[str]) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 # The patches, one list per bug
 # --------------------------------------------------------------------------------------------------
-def _fast() -> tuple[Any, Any, Any, Any]:
-    from ..fast import _losses, fused, vectorized
-    from .tracing import _LOSS_BACKWARD
+def _fast() -> tuple[Any, Any]:
+    from ..fast import fused, vectorized
 
-    return fused, vectorized, _losses, _LOSS_BACKWARD
+    return fused, vectorized
 
 
 def _wrap_attr(owner: Any, attr: str, make: Callable[[Callable], Callable]) -> Any:
     return mock.patch.object(owner, attr, make(getattr(owner, attr)))
 
 
-def _activation_patches(name: str, broken: Callable[[Tensor, Tensor, float], Tensor]) -> list:
-    """``broken(dL/da, a, slope)`` -> the wrong dL/dz, in the registry (functional) and in the fused table."""
-    fused = _fast()[0]
-    forward, _ = F.ACTIVATIONS[name]
+@contextlib.contextmanager
+def _swapped(registry: Any, spec: Any) -> Iterator[None]:
+    """``spec`` in place of the registered spec of its name inside the block (the old one back on exit)."""
+    old = registry.swap(spec)
+    try:
+        yield
+    finally:
+        registry.swap(old)
 
-    def backward(grad_output: Tensor, output: Tensor, negative_slope: float = 0.01) -> Tensor:
+
+def _activation_patches(name: str, broken: Callable[[Tensor, Tensor, float], Tensor]) -> list:
+    """``broken(dL/da, a, slope)`` -> the wrong dL/dz, in the activation's registry spec: its backward and its
+    in-place form, which every path reads (the module's Functions, the fused and vectorized trainers)."""
+    spec = ACTIVATION_REGISTRY[name]
+
+    def backward(grad_output: Tensor, output: Tensor, negative_slope: float) -> Tensor:
         return broken(grad_output, output, negative_slope)
 
-    def backward_inplace(g: Tensor, a: Tensor, s: float) -> None:
+    def backward_(g: Tensor, a: Tensor, s: float) -> None:
         g.copy_(broken(g, a, s))
 
-    return [
-        mock.patch.dict(F.ACTIVATIONS, {name: (forward, backward)}),
-        mock.patch.dict(fused._BACKWARD, {name: backward_inplace}),
-    ]
+    return [_swapped(ACTIVATION_REGISTRY, replaced(spec, backward=backward, backward_=backward_))]
 
 
 def _loss_input_patches(names: tuple[str, ...], broken: Callable[[Tensor, Tensor, str, str], Tensor]) -> list:
     """``broken(dL/do, o, reduction, loss)`` -> the wrong dL/do, in the losses' backward of functional and in
-    the tables that hold references to them (the fast trainers' LOSSES, trace's _LOSS_BACKWARD). For
+    the tables that read them (the registry's loss specs, whose backward looks them up by name). For
     cross-entropy ``o`` is log softmax(o) (the formula's root, ``cross_entropy_backward_from_log_probs``)."""
-    losses, trace_losses = _fast()[2:]
     attrs = {
         "squared_error": "squared_error_loss_backward",
         "mse": "mse_loss_backward",
@@ -195,10 +202,8 @@ def _loss_input_patches(names: tuple[str, ...], broken: Callable[[Tensor, Tensor
             grad_input, grad_target = _original(grad_output, input, target, reduction, *rest)
             return broken(grad_input, input, reduction, _loss), grad_target
 
+        # the registry's specs call these by their global names, so every path reading the registry sees it
         patches.append(mock.patch.object(F, attrs[loss], wrapped))
-        if loss != "cross_entropy":  # cross_entropy_backward calls the patched root by its global name
-            patches.append(mock.patch.dict(losses.LOSSES, {loss: (losses.LOSSES[loss][0], wrapped)}))
-            patches.append(mock.patch.dict(trace_losses, {loss: wrapped}))
     return patches
 
 

@@ -16,19 +16,18 @@ from torch import Tensor
 
 from .. import functional as F
 from ..nn import MLP
+from ..registry import ACTIVATION_REGISTRY, View
 from .references import LOSSES
 from .reports import TraceReport
 from .tracing import trace
 
 __all__ = ["ExplainStep", "ExplainValue", "Explanation", "explain"]
 
-_SIGMA_PRIME = {
-    "sigmoid": "{a} (1 - {a})",
-    "tanh": "(1 - {a}^2)",
-    "relu": "[{a} > 0]",
-    "leaky_relu": "([{a} > 0] + s [{a} <= 0])",
-    "identity": "1",
-}
+#: sigma'(z) from the output, a ``str.format`` template with ``{a}`` (the registry's ``Activation.derivative``).
+_SIGMA_PRIME = View(
+    ACTIVATION_REGISTRY,
+    lambda spec: spec.sigma_prime("\0").replace("{", "{{").replace("}", "}}").replace("\0", "{a}"),
+)
 
 
 @dataclass

@@ -15,12 +15,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import functional as F
 from ..nn import MLP
+from ..registry import LOSS_REGISTRY, activation_names, loss_names
 from .bugs import inject_bug, python_paths
 from .comparison import compare
 from .finite_differences import FiniteDifferenceReport, finite_difference_check
-from .references import LOSSES
 from .reports import GradReport, Report, Row, TraceReport, fmt_err, format_table
 from .tracing import trace
 
@@ -172,7 +171,7 @@ class MatrixResult:
 
 
 def _make_target(loss: str, n: int, out_features: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> Tensor:
-    if loss == "cross_entropy":
+    if LOSS_REGISTRY[loss].targets == "classes":
         return torch.randint(0, out_features, (n,), generator=gen).to(device)
     return torch.randn(n, out_features, generator=gen, dtype=torch.float64).to(device, dtype)
 
@@ -262,8 +261,8 @@ def _full_precision_matmul() -> Iterator[None]:
 
 
 def verify_matrix(
-    activations: Sequence[str] = tuple(F.ACTIVATIONS),
-    losses: Sequence[str] = LOSSES,
+    activations: Optional[Sequence[str]] = None,
+    losses: Optional[Sequence[str]] = None,
     depths: Sequence[int] = (1, 2),
     dtypes: Sequence[str] = ("float64", "float32"),
     devices: Optional[Sequence[str]] = None,
@@ -286,8 +285,9 @@ def verify_matrix(
     then takes the module's Python paths, which the bug reaches, not its C++ nodes, which it does not yet);
     ``progress`` is called after each configuration.
     """
-    activations = _check_choices(activations, sorted(F.ACTIVATIONS), "activations")
-    losses = _check_choices(losses, LOSSES, "losses")
+    # None: every registered name (the registries, read now: a formula registered later is included)
+    activations = _check_choices(activation_names() if activations is None else activations, activation_names(), "activations")  # noqa: E501
+    losses = _check_choices(loss_names() if losses is None else losses, loss_names(), "losses")
     dtypes = _check_choices(dtypes, list(DTYPES), "dtypes")
     devices = available_devices() if devices is None else list(devices)
     for d in devices:

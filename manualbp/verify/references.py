@@ -7,17 +7,18 @@ from __future__ import annotations
 
 from typing import Callable, Union
 
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..nn import MLP, CrossEntropyLoss, MSELoss, SquaredErrorLoss
+from ..nn import MLP, make_loss
+from ..registry import LOSS_REGISTRY
 
 __all__ = ["LOSSES"]
 
-#: The named losses: "cross_entropy" (fused softmax + cross-entropy on logits), "squared_error"
-#: (the notes' 1/2 sum_k (o_k - y_k)^2 per example) and "mse" (PyTorch's mean squared error).
-LOSSES = ("cross_entropy", "squared_error", "mse")
+#: The named losses: every registered one (``manualbp.registry``, a live view: iterate it for the names), the
+#: built-in "cross_entropy" (fused softmax + cross-entropy on logits), "squared_error" (the notes'
+#: 1/2 sum_k (o_k - y_k)^2 per example) and "mse" (PyTorch's mean squared error) first.
+LOSSES = LOSS_REGISTRY
 
 
 LossArg = Union[str, Callable[[Tensor, Tensor], Tensor]]
@@ -30,11 +31,7 @@ def _native_squared_error(output: Tensor, target: Tensor, reduction: str) -> Ten
     return per_example.sum() if reduction == "sum" else per_example
 
 
-def _native_cross_entropy(output: Tensor, target: Tensor, reduction: str) -> Tensor:
-    logits = output.reshape(-1, output.shape[-1])
-    tgt = target.reshape(-1, output.shape[-1]) if target.is_floating_point() else target.reshape(-1)
-    loss = TF.cross_entropy(logits, tgt, reduction=reduction)
-    return loss.reshape(output.shape[:-1]) if reduction == "none" else loss
+_native_cross_entropy = F._torch_cross_entropy  # the registry's reference of "cross_entropy"
 
 
 def _check_loss(loss: object, reduction: object) -> None:
@@ -52,13 +49,8 @@ def _loss_pair(loss: LossArg, reduction: str) -> tuple[Callable, Callable]:
     _check_loss(loss, reduction)
     if callable(loss):
         return loss, loss
-    manual = {"cross_entropy": CrossEntropyLoss, "squared_error": SquaredErrorLoss, "mse": MSELoss}[loss](reduction)
-    native = {
-        "cross_entropy": lambda o, y: _native_cross_entropy(o, y, reduction),
-        "squared_error": lambda o, y: _native_squared_error(o, y, reduction),
-        "mse": lambda o, y: TF.mse_loss(o, y, reduction=reduction),
-    }[loss]
-    return manual, native
+    reference = LOSS_REGISTRY[loss].torch_reference()  # PyTorch's own ops (a registered loss: its forward)
+    return make_loss(loss, reduction), lambda o, y: reference(o, y, reduction)
 
 
 def _parameter_names(model: nn.Module) -> dict[str, str]:

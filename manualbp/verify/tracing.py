@@ -14,29 +14,17 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..nn import MLP
+from ..registry import ACTIVATION_REGISTRY, LOSS_REGISTRY, View
 from .references import LossArg, _loss_pair
 from .reports import Row, TraceReport, compare_tensors, default_tolerances
 
 __all__ = ["ACTIVATION_DERIVATIVES", "trace"]
 
-_LOSS_FORMULAS = {
-    "squared_error": ("1/2 sum_k (o_k - y_k)^2", "o - y"),
-    "mse": ("mean over all elements of (o - y)^2", "2 (o - y) / numel"),
-    "cross_entropy": ("-sum_k y_k log softmax(o)_k", "softmax(o) - y"),
-}
-_LOSS_BACKWARD = {
-    "squared_error": F.squared_error_loss_backward,
-    "mse": F.mse_loss_backward,
-    "cross_entropy": F.cross_entropy_backward,
-}
-#: sigma'(z) written from the saved output a, as functional.py computes it.
-ACTIVATION_DERIVATIVES = {
-    "sigmoid": "a (1 - a)",
-    "tanh": "(1 - a^2)",
-    "relu": "[a > 0]",
-    "leaky_relu": "([a > 0] + s [a <= 0])",
-    "identity": "1",
-}
+#: The registry's texts and formulas (live views of ``manualbp.registry``): L and dL/do per loss, the loss's
+#: backward, and sigma'(z) written from the saved output a, as functional.py computes it.
+_LOSS_FORMULAS = View(LOSS_REGISTRY, lambda spec: (spec.formula, spec.gradient))
+_LOSS_BACKWARD = View(LOSS_REGISTRY, lambda spec: spec.backward)
+ACTIVATION_DERIVATIVES = View(ACTIVATION_REGISTRY, lambda spec: spec.sigma_prime("a"))
 
 
 def _prev(layer: int) -> str:
