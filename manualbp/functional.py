@@ -727,6 +727,21 @@ def needs_below(
     return below
 
 
+def _needs(
+    n_layers: int,
+    needs_input_grad: bool,
+    needs_weight_grad: Optional[Sequence[bool]],
+    needs_bias_grad: Optional[Sequence[bool]],
+) -> tuple[Sequence[bool], Sequence[bool], list[bool]]:
+    """(needs_weight_grad, needs_bias_grad, below) per layer, None meaning every layer; ``below[l]``: does
+    anything under layer l need dL/da^{l-1} (:func:`needs_below`)."""
+    if needs_weight_grad is None:  # every weight needs its gradient: only layer 0 may keep dL/dx to itself
+        below = [needs_input_grad] + [True] * (n_layers - 1)
+        return [True] * n_layers, needs_bias_grad or [True] * n_layers, below
+    needs_bias_grad = needs_bias_grad or [True] * n_layers
+    return needs_weight_grad, needs_bias_grad, needs_below(needs_input_grad, needs_weight_grad, needs_bias_grad)
+
+
 def mlp_backward(
     grad_output: Tensor,
     input: Tensor,
@@ -748,13 +763,7 @@ def mlp_backward(
     a hidden activation (used for double backward; None entries mean zero).
     """
     n_layers = len(weights)
-    all_weights = needs_weight_grad is None
-    needs_weight_grad = needs_weight_grad or [True] * n_layers
-    needs_bias_grad = needs_bias_grad or [True] * n_layers
-    if all_weights:  # every weight needs its gradient: only layer 0 may keep dL/da^0 = dL/dx to itself
-        below = [needs_input_grad] + [True] * (n_layers - 1)
-    else:
-        below = needs_below(needs_input_grad, needs_weight_grad, needs_bias_grad)
+    needs_weight_grad, needs_bias_grad, below = _needs(n_layers, needs_input_grad, needs_weight_grad, needs_bias_grad)
     grad_weights: list[Optional[Tensor]] = [None] * n_layers
     grad_biases: list[Optional[Tensor]] = [None] * n_layers
     grad_hidden_out: list[Tensor] = [None] * (n_layers - 1)  # type: ignore[list-item]

@@ -365,6 +365,25 @@ def _to_torch_activation(spec: tuple[str, float]) -> nn.Module:
     return make(slope) if make is not None else TorchActivation(name, slope)
 
 
+def _sequential_activation(k: int, m: nn.Module) -> tuple[str, float]:
+    """``(name, negative_slope)`` of module ``k`` of an ``nn.Sequential`` given to :meth:`MLP.from_torch`."""
+    if isinstance(m, _Activation):
+        name, slope = m.spec
+    elif isinstance(m, TorchActivation):
+        name, slope = m.name, m.negative_slope
+    elif type(m) in _TORCH_ACTIVATIONS:
+        name = _TORCH_ACTIVATIONS[type(m)]
+        slope = getattr(m, "negative_slope", 0.0)
+    else:
+        raise ValueError(
+            f"sequential[{k}]: expected one of nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, "
+            f"nn.Identity, got {type(m).__name__}"
+        )
+    if name == "leaky_relu":
+        C.check_negative_slope(slope, f"sequential[{k}].negative_slope")
+    return name, slope
+
+
 # --------------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------------
@@ -699,20 +718,7 @@ class MLP(nn.Module):
                     raise ValueError(f"sequential[{k}]: expected nn.Linear, got {type(m).__name__}")
                 linears.append(m)
             else:
-                if isinstance(m, _Activation):
-                    name, slope = m.spec
-                elif isinstance(m, TorchActivation):
-                    name, slope = m.name, m.negative_slope
-                elif type(m) in _TORCH_ACTIVATIONS:
-                    name = _TORCH_ACTIVATIONS[type(m)]
-                    slope = getattr(m, "negative_slope", 0.0)
-                else:
-                    raise ValueError(
-                        f"sequential[{k}]: expected one of nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, "
-                        f"nn.Identity, got {type(m).__name__}"
-                    )
-                if name == "leaky_relu":
-                    C.check_negative_slope(slope, f"sequential[{k}].negative_slope")
+                name, slope = _sequential_activation(k, m)
                 names.append(name)
                 slopes.append(slope)
         for k in range(1, len(linears)):

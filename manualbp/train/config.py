@@ -94,6 +94,22 @@ def resolve_config(config: object = None) -> dict[str, Any]:
 
 def validate(cfg: dict[str, Any]) -> None:
     """Check a merged config; raises ``ValueError``/``TypeError`` naming the first bad key."""
+    _check_run_keys(cfg)
+    check_model_cfg(cfg["model"])
+    if not isinstance(cfg["backend"], str) or cfg["backend"] not in backends.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, got {cfg['backend']!r}")
+
+    data.check_data_cfg(cfg["data"])
+    _init.check_init_cfg(cfg["init"], "init")
+    backends.check_optim_cfg(cfg["optim"])
+    schedules.check_schedule_cfg(cfg["lr_schedule"])
+    stopping.check_stopping_cfg(cfg["stopping"])
+    sinks.check_logger_cfg(cfg["logger"])
+    metrics.check_metrics_cfg(cfg["metrics"])
+
+
+def _check_run_keys(cfg: dict[str, Any]) -> None:
+    """The top-level keys: seed, device, dtype, progress, checkpoint_every_s, output_dir, loss."""
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
         raise ValueError(f"seed must be an integer >= 0, got {cfg['seed']!r}")
     device = cfg["device"]
@@ -114,7 +130,9 @@ def validate(cfg: dict[str, Any]) -> None:
     if cfg["loss"] not in loss_choices():  # auto, or a name of the loss registry
         raise ValueError(f"loss must be one of {', '.join(loss_choices())}, got {cfg['loss']!r}")
 
-    model = cfg["model"]
+
+def check_model_cfg(model: object) -> None:
+    """The ``model`` group: hidden widths, one registered activation per hidden layer, bias, negative_slope."""
     if not isinstance(model, Mapping):
         raise TypeError(f"model must be a mapping, got {type(model).__name__}")
     _check_keys(model, {"hidden": 0, "activation": 0, "bias": 0, "negative_slope": 0}, "model")
@@ -143,14 +161,3 @@ def validate(cfg: dict[str, Any]) -> None:
     slope = model.get("negative_slope", 0.01)
     if not (is_number(slope) and slope >= 0):
         raise ValueError(f"model.negative_slope must be a number >= 0, got {slope!r}")
-
-    if not isinstance(cfg["backend"], str) or cfg["backend"] not in backends.BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, got {cfg['backend']!r}")
-
-    data.check_data_cfg(cfg["data"])
-    _init.check_init_cfg(cfg["init"], "init")
-    backends.check_optim_cfg(cfg["optim"])
-    schedules.check_schedule_cfg(cfg["lr_schedule"])
-    stopping.check_stopping_cfg(cfg["stopping"])
-    sinks.check_logger_cfg(cfg["logger"])
-    metrics.check_metrics_cfg(cfg["metrics"])
