@@ -130,6 +130,79 @@ def _check_restore_best(out: Mapping[str, Any]) -> None:
         )
 
 
+def _rule_params(rule: str, value: object, defaults: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """A rule's config entry (true, a bare number, or a mapping) as its parameters with defaults, or None when
+    it is off (``enabled: false``); an unknown parameter is an error naming it."""
+    if value is True:
+        value = {}
+    if rule in _SCALAR_KEY and is_number(value):
+        value = {_SCALAR_KEY[rule]: value}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"stopping.{rule} must be a mapping of its parameters or null, got {value!r}")
+    if value.get("enabled", True) is False:
+        return None
+    params = dict(defaults)
+    for key, v in value.items():
+        if key == "enabled":
+            continue
+        if key not in defaults:
+            raise ValueError(f"unknown config key 'stopping.{rule}.{key}'; {rule} takes {', '.join(defaults)}")
+        params[key] = v
+    return params
+
+
+def _check_early_stopping(params: Mapping[str, Any]) -> None:
+    """patience a positive integer, min_delta >= 0, mode auto/min/max."""
+    p = params["patience"]
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise _err("early_stopping.patience", "a positive integer", p)
+    if not (is_number(params["min_delta"]) and params["min_delta"] >= 0):
+        raise _err("early_stopping.min_delta", "a number >= 0", params["min_delta"])
+    if params["mode"] not in ("auto", "min", "max"):
+        raise _err("early_stopping.mode", "'auto', 'min' or 'max'", params["mode"])
+
+
+def _check_relative_improvement(params: Mapping[str, Any]) -> None:
+    """n_iter_no_change a positive integer, tol >= 0."""
+    n = params["n_iter_no_change"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise _err("relative_improvement.n_iter_no_change", "a positive integer", n)
+    if not (is_number(params["tol"]) and params["tol"] >= 0):
+        raise _err("relative_improvement.tol", "a number >= 0", params["tol"])
+
+
+def _check_divergence(params: Mapping[str, Any]) -> None:
+    """factor > 1 or null, check_every a positive integer or 'auto'."""
+    f = params["factor"]
+    if f is not None and not (is_number(f) and f > 1):
+        raise _err("divergence.factor", "a number > 1 or null (non-finite losses only)", f)
+    ce = params["check_every"]
+    if ce != "auto" and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
+        raise _err("divergence.check_every", "a positive integer or 'auto'", ce)
+
+
+def _check_rule(rule: str, params: Mapping[str, Any]) -> None:
+    """The parameters of one rule that is on: its threshold, its monitor, then its own parameters."""
+    where = f"{rule}."
+    if rule in ("loss_below", "grad_norm_below"):
+        if not (is_number(params["value"]) and params["value"] > 0):
+            raise _err(where + "value", "a positive number", params["value"])
+    if rule == "time_budget" and not (is_number(params["seconds"]) and params["seconds"] > 0):
+        raise _err(where + "seconds", "a positive number", params["seconds"])
+    if "monitor" in params:
+        allowed = ("train_loss", "val_loss") if rule in ("loss_below", "relative_improvement") else MONITORS
+        if params["monitor"] not in allowed:
+            raise _err(where + "monitor", f"one of {', '.join(allowed)}", params["monitor"])
+    if rule == "early_stopping":
+        _check_early_stopping(params)
+    if rule in PRECHELT:
+        _check_prechelt(rule, params)
+    if rule == "relative_improvement":
+        _check_relative_improvement(params)
+    if rule == "divergence":
+        _check_divergence(params)
+
+
 def check_stopping_cfg(cfg: object) -> dict[str, Any]:
     """Validate a ``stopping`` config; returns {rule: params} for the rules that are on (with defaults)."""
     if not isinstance(cfg, Mapping):
@@ -151,54 +224,10 @@ def check_stopping_cfg(cfg: object) -> dict[str, Any]:
                 raise _err("max_steps", "a positive integer or null", value)
             out[rule] = value
             continue
-        if value is True:
-            value = {}
-        if rule in _SCALAR_KEY and is_number(value):
-            value = {_SCALAR_KEY[rule]: value}
-        if not isinstance(value, Mapping):
-            raise TypeError(f"stopping.{rule} must be a mapping of its parameters or null, got {value!r}")
-        if value.get("enabled", True) is False:
+        params = _rule_params(rule, value, defaults)
+        if params is None:
             continue
-        params = dict(defaults)
-        for key, v in value.items():
-            if key == "enabled":
-                continue
-            if key not in defaults:
-                raise ValueError(f"unknown config key 'stopping.{rule}.{key}'; {rule} takes {', '.join(defaults)}")
-            params[key] = v
-        where = f"{rule}."
-        if rule in ("loss_below", "grad_norm_below"):
-            if not (is_number(params["value"]) and params["value"] > 0):
-                raise _err(where + "value", "a positive number", params["value"])
-        if rule == "time_budget" and not (is_number(params["seconds"]) and params["seconds"] > 0):
-            raise _err(where + "seconds", "a positive number", params["seconds"])
-        if "monitor" in params:
-            allowed = ("train_loss", "val_loss") if rule in ("loss_below", "relative_improvement") else MONITORS
-            if params["monitor"] not in allowed:
-                raise _err(where + "monitor", f"one of {', '.join(allowed)}", params["monitor"])
-        if rule == "early_stopping":
-            p = params["patience"]
-            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-                raise _err(where + "patience", "a positive integer", p)
-            if not (is_number(params["min_delta"]) and params["min_delta"] >= 0):
-                raise _err(where + "min_delta", "a number >= 0", params["min_delta"])
-            if params["mode"] not in ("auto", "min", "max"):
-                raise _err(where + "mode", "'auto', 'min' or 'max'", params["mode"])
-        if rule in PRECHELT:
-            _check_prechelt(rule, params)
-        if rule == "relative_improvement":
-            n = params["n_iter_no_change"]
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise _err(where + "n_iter_no_change", "a positive integer", n)
-            if not (is_number(params["tol"]) and params["tol"] >= 0):
-                raise _err(where + "tol", "a number >= 0", params["tol"])
-        if rule == "divergence":
-            f = params["factor"]
-            if f is not None and not (is_number(f) and f > 1):
-                raise _err(where + "factor", "a number > 1 or null (non-finite losses only)", f)
-            ce = params["check_every"]
-            if ce != "auto" and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
-                raise _err(where + "check_every", "a positive integer or 'auto'", ce)
+        _check_rule(rule, params)
         out[rule] = params
     _check_restore_best(out)
     out.setdefault("divergence", dict(_RULE_DEFAULTS["divergence"]))  # non-finite losses always end a run
