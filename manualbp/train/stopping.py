@@ -276,6 +276,8 @@ class StopContext:
 
 
 Decision = Optional[tuple[str, str]]
+#: a rule's verdict on an epoch before it is fired: (status, rule, message), or None
+_Stop = Optional[tuple[str, str, str]]
 
 
 class StoppingRules:
@@ -408,70 +410,98 @@ class StoppingRules:
 
     # -- per epoch ---------------------------------------------------------------------------------
     def check(self, record: Mapping[str, Any], context: StopContext) -> Decision:
-        """After each epoch, on its history record. Returns (status, stop_reason) or None."""
+        """After each epoch, on its history record. Returns (status, stop_reason) or None.
+
+        A non-finite loss ends the run at once. Otherwise every rule is asked (early stopping, gl, pq, up and
+        relative_improvement update their state on every epoch, so the best epoch is tracked even when another
+        rule fires); the first that fires, in the table's order, wins; then time_budget, max_steps, max_epochs.
+        """
         self.improved = False
-        new_best: set[str] = set()
         for key in ("train_loss", "val_loss"):
             value = record.get(key)
             if value is not None and not math.isfinite(value):
                 return self._fire("diverged", "divergence", f"non-finite {key} ({value}) after epoch {context.epoch}")
-        decision: Decision = None
-        lb = self.rules.get("loss_below")
-        if lb is not None and record[lb["monitor"]] < lb["value"]:
-            decision = decision or self._fire(
-                "stopped", "loss_below", f"{lb['monitor']} {record[lb['monitor']]:.4g} < {lb['value']}"
-            )
-        gn = self.rules.get("grad_norm_below")
-        if gn is not None and record["grad_norm"] < gn["value"]:
-            decision = decision or self._fire(
-                "stopped", "grad_norm_below", f"gradient norm {record['grad_norm']:.4g} < {gn['value']}"
-            )
-        es = self.rules.get("early_stopping")
-        if es is not None:  # always updated, so best_state tracks the best epoch even if another rule fires
-            value = record[es["monitor"]]
-            if self.es_mode == "min":
-                better = value < self.es_best - es["min_delta"]
-            else:
-                better = value > self.es_best + es["min_delta"]
-            if better:
-                self.es_best = value
-                self.es_wait = 0
-                self.es_best_epoch = context.epoch
-                new_best.add("early_stopping")
-            else:
-                self.es_wait += 1
-                if self.es_wait >= es["patience"]:
-                    decision = decision or self._fire(
-                        "stopped",
-                        "early_stopping",
-                        f"{es['monitor']} did not improve on {self.es_best:.6g} (epoch {self.es_best_epoch}) by more "
-                        f"than {es['min_delta']} for {es['patience']} epochs",
-                    )
-        for rule in self.prechelt:  # always updated, like early stopping
-            message = self._check_prechelt(rule, record, context.epoch, new_best)
-            if message and decision is None:
-                decision = self._fire("stopped", rule, message)
+        new_best: set[str] = set()
+        stops = [
+            *self._threshold_stops(record),
+            self._early_stopping_stop(record, context.epoch, new_best),
+            *(self._prechelt_stop(rule, record, context.epoch, new_best) for rule in self.prechelt),
+            self._relative_improvement_stop(record),
+        ]
         if self.best_rule in new_best:
             self.improved = True
             self.best_epoch = context.epoch
+        first = next((stop for stop in stops if stop is not None), None)
+        if first is not None:
+            return self._fire(*first)
+        return self._limit_stop(context)
+
+    def _threshold_stops(self, record: Mapping[str, Any]) -> list[_Stop]:
+        """loss_below and grad_norm_below on this epoch's record."""
+        stops: list[_Stop] = [None, None]
+        lb = self.rules.get("loss_below")
+        if lb is not None and record[lb["monitor"]] < lb["value"]:
+            stops[0] = ("stopped", "loss_below", f"{lb['monitor']} {record[lb['monitor']]:.4g} < {lb['value']}")
+        gn = self.rules.get("grad_norm_below")
+        if gn is not None and record["grad_norm"] < gn["value"]:
+            stops[1] = ("stopped", "grad_norm_below", f"gradient norm {record['grad_norm']:.4g} < {gn['value']}")
+        return stops
+
+    def _early_stopping_stop(self, record: Mapping[str, Any], epoch: int, new_best: set[str]) -> _Stop:
+        """Update early stopping's best value and patience count with this epoch (always, so that best_state
+        tracks the best epoch even if another rule fires); a stop once patience is used up."""
+        es = self.rules.get("early_stopping")
+        if es is None:
+            return None
+        value = record[es["monitor"]]
+        if self.es_mode == "min":
+            better = value < self.es_best - es["min_delta"]
+        else:
+            better = value > self.es_best + es["min_delta"]
+        if better:
+            self.es_best = value
+            self.es_wait = 0
+            self.es_best_epoch = epoch
+            new_best.add("early_stopping")
+            return None
+        self.es_wait += 1
+        if self.es_wait < es["patience"]:
+            return None
+        return (
+            "stopped",
+            "early_stopping",
+            f"{es['monitor']} did not improve on {self.es_best:.6g} (epoch {self.es_best_epoch}) by more "
+            f"than {es['min_delta']} for {es['patience']} epochs",
+        )
+
+    def _prechelt_stop(self, rule: str, record: Mapping[str, Any], epoch: int, new_best: set[str]) -> _Stop:
+        """gl, pq or up, updated with this epoch (always, like early stopping)."""
+        message = self._check_prechelt(rule, record, epoch, new_best)
+        return ("stopped", rule, message) if message else None
+
+    def _relative_improvement_stop(self, record: Mapping[str, Any]) -> _Stop:
+        """sklearn.neural_network.MLP*'s _update_no_improvement_count (without its early_stopping)."""
         ri = self.rules.get("relative_improvement")
-        if ri is not None:  # sklearn.neural_network.MLP*'s _update_no_improvement_count, without early_stopping
-            value = record[ri["monitor"]]
-            if value > self.ri_best - ri["tol"]:
-                self.ri_count += 1
-            else:
-                self.ri_count = 0
-            if value < self.ri_best:
-                self.ri_best = value
-            if self.ri_count > ri["n_iter_no_change"]:
-                decision = decision or self._fire(
-                    "stopped",
-                    "relative_improvement",
-                    f"{ri['monitor']} did not improve by more than tol={ri['tol']} for "
-                    f"{ri['n_iter_no_change']} consecutive epochs",
-                )
-        if decision is not None:
-            return decision
+        if ri is None:
+            return None
+        value = record[ri["monitor"]]
+        if value > self.ri_best - ri["tol"]:
+            self.ri_count += 1
+        else:
+            self.ri_count = 0
+        if value < self.ri_best:
+            self.ri_best = value
+        if self.ri_count <= ri["n_iter_no_change"]:
+            return None
+        return (
+            "stopped",
+            "relative_improvement",
+            f"{ri['monitor']} did not improve by more than tol={ri['tol']} for "
+            f"{ri['n_iter_no_change']} consecutive epochs",
+        )
+
+    def _limit_stop(self, context: StopContext) -> Decision:
+        """The end of an epoch that no rule stopped: time_budget, max_steps, max_epochs."""
         tb = self.rules.get("time_budget")
         if tb is not None and context.elapsed_s >= tb["seconds"]:
             return self._fire("stopped", "time_budget", f"time budget of {tb['seconds']} s used up")
