@@ -141,28 +141,31 @@ def hessian_lambda_max(
     gen = torch.Generator().manual_seed(seed)
     v = torch.cat([torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device).reshape(-1) for p in params])
     v0 = v / torch.linalg.vector_norm(v)
-
-    def power(shift: float) -> tuple[float, bool, int]:
-        """Dominant eigenvalue of H - shift I (shift 0: H itself), plus shift."""
-        v, estimate, converged, it = v0, math.nan, False, 0
-        for it in range(1, iters + 1):
-            hv = matvec(v)
-            if shift:
-                hv = hv - shift * v
-            new = float(torch.dot(hv, v))  # Rayleigh quotient v^T (H - shift) v, |v| = 1
-            if not math.isfinite(new):
-                break
-            if it > 1 and abs(new - estimate) <= tol * abs(new):
-                estimate, converged = new, True
-                break
-            estimate = new
-            v = hv.detach() / torch.linalg.vector_norm(hv)
-        return estimate + shift, converged, it
-
-    estimate, converged, it = power(0.0)
+    estimate, converged, it = _power_iteration(matvec, v0, 0.0, iters, tol)
     if math.isfinite(estimate) and estimate < 0:
         # the dominant eigenvalue is negative: H - estimate I is positive semi-definite with top eigenvalue
         # lambda_max - estimate, so a second, shifted iteration finds the largest (algebraic) eigenvalue
-        estimate, converged, more = power(estimate)
+        estimate, converged, more = _power_iteration(matvec, v0, estimate, iters, tol)
         it += more
     return LambdaMax(estimate, value, it, converged)
+
+
+def _power_iteration(
+    matvec: Callable[[Tensor], Tensor], v0: Tensor, shift: float, iters: int, tol: float
+) -> tuple[float, bool, int]:
+    """Dominant eigenvalue of H - shift I (shift 0: H itself), plus shift, from the unit vector ``v0``;
+    whether it converged, and the number of products taken."""
+    v, estimate, converged, it = v0, math.nan, False, 0
+    for it in range(1, iters + 1):
+        hv = matvec(v)
+        if shift:
+            hv = hv - shift * v
+        new = float(torch.dot(hv, v))  # Rayleigh quotient v^T (H - shift) v, |v| = 1
+        if not math.isfinite(new):
+            break
+        if it > 1 and abs(new - estimate) <= tol * abs(new):
+            estimate, converged = new, True
+            break
+        estimate = new
+        v = hv.detach() / torch.linalg.vector_norm(hv)
+    return estimate + shift, converged, it

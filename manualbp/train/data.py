@@ -410,33 +410,39 @@ def _split(n: int, y: np.ndarray, classification: bool, val: float, test: float,
     return train_idx, val_idx, test_idx
 
 
-def _prepare(cfg: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
-    """The split, standardized arrays of a checked data config (float64 features; what the cache holds)."""
+def _raw_arrays(cfg: Mapping[str, Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The features and targets of a checked data config, as its source gives them (before any checks)."""
     name = cfg["name"]
     rng = np.random.default_rng(seed)
     if name in ("digits", "iris", "wine", "breast_cancer", "diabetes"):
-        x, y = _sklearn(name)
-    elif name == "mnist1d":
-        x, y = _mnist1d()
-    elif name == "xor":
-        x, y = _xor(cfg["n_samples"], cfg["noise"], rng)
-    elif name == "moons":
+        return _sklearn(name)
+    if name == "mnist1d":
+        return _mnist1d()
+    if name == "xor":
+        return _xor(cfg["n_samples"], cfg["noise"], rng)
+    if name == "moons":
         from sklearn.datasets import make_moons
 
-        x, y = make_moons(cfg["n_samples"], noise=cfg["noise"], random_state=seed)
-    elif name == "spirals":
-        x, y = _spirals(cfg["n_samples"], cfg["noise"], cfg["n_classes"], rng)
-    elif name == "teacher":
-        x, y = _teacher(cfg, seed)
-    else:
-        x, y = _read_file(cfg)
+        return make_moons(cfg["n_samples"], noise=cfg["noise"], random_state=seed)
+    if name == "spirals":
+        return _spirals(cfg["n_samples"], cfg["noise"], cfg["n_classes"], rng)
+    if name == "teacher":
+        return _teacher(cfg, seed)
+    return _read_file(cfg)
 
-    if name == "file":
-        task = cfg.get("task", "auto")
-        if task == "auto":
-            task = "regression" if y.dtype.kind == "f" else "classification"
-    else:
-        task = "regression" if name in REGRESSION else "classification"
+
+def _task(cfg: Mapping[str, Any], y: np.ndarray) -> str:
+    """classification or regression: by the set's name, or for a file by ``task`` (auto: floating y is regression)."""
+    if cfg["name"] != "file":
+        return "regression" if cfg["name"] in REGRESSION else "classification"
+    task = cfg.get("task", "auto")
+    if task == "auto":
+        task = "regression" if y.dtype.kind == "f" else "classification"
+    return task
+
+
+def _checked_features(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The features as a float64 matrix, after checking they are non-empty, finite and one row per target."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"data: expected a non-empty 2-D feature matrix, got shape {x.shape}")
@@ -444,7 +450,11 @@ def _prepare(cfg: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
         raise ValueError(f"data: {len(x)} examples but {len(y)} targets")
     if not np.all(np.isfinite(x)):
         raise ValueError("data: the features hold NaN or infinite values")
+    return x
 
+
+def _checked_targets(y: np.ndarray, task: str) -> tuple[np.ndarray, int]:
+    """The targets and out_features: class indices 0..C-1 and C for classification, (N, K) float64 and K else."""
     if task == "classification":
         if y.ndim != 1:
             raise ValueError(f"data: classification targets must be one label per example, got shape {y.shape}")
@@ -453,13 +463,32 @@ def _prepare(cfg: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
         out_features = int(y.max()) + 1
         if out_features < 2:
             raise ValueError("data: a classification set needs at least 2 classes, got 1")
-    else:
-        y = np.asarray(y, dtype=np.float64)
-        y = y.reshape(len(y), -1)
-        if not np.all(np.isfinite(y)):
-            raise ValueError("data: the regression targets hold NaN or infinite values")
-        out_features = y.shape[1]
+        return y, out_features
+    y = np.asarray(y, dtype=np.float64)
+    y = y.reshape(len(y), -1)
+    if not np.all(np.isfinite(y)):
+        raise ValueError("data: the regression targets hold NaN or infinite values")
+    return y, y.shape[1]
 
+
+def _standardized(x: np.ndarray, y: np.ndarray, train: np.ndarray, task: str):
+    """Features (and regression targets) standardized with statistics of the training split only; returns
+    x, y and the feature mean and scale."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x[train])  # statistics of the training split only
+    x = scaler.transform(x)
+    if task == "regression":
+        y = StandardScaler().fit(y[train]).transform(y)
+    return x, y, scaler.mean_, scaler.scale_
+
+
+def _prepare(cfg: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """The split, standardized arrays of a checked data config (float64 features; what the cache holds)."""
+    x, y = _raw_arrays(cfg, seed)
+    task = _task(cfg, y)
+    x = _checked_features(x, y)
+    y, out_features = _checked_targets(y, task)
     tr, va, te = _split(len(x), y, task == "classification", cfg["val_fraction"], cfg["test_fraction"], seed)
     noise = cfg.get("label_noise", 0.0)
     if noise and task != "classification":
@@ -468,14 +497,7 @@ def _prepare(cfg: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
         )
     mean = scale = None
     if cfg.get("standardize", True):
-        from sklearn.preprocessing import StandardScaler
-
-        scaler = StandardScaler().fit(x[tr])  # statistics of the training split only
-        x = scaler.transform(x)
-        mean, scale = scaler.mean_, scaler.scale_
-        if task == "regression":
-            y = StandardScaler().fit(y[tr]).transform(y)
-
+        x, y, mean, scale = _standardized(x, y, tr, task)
     arrays = {"task": np.array(task), "out_features": np.array(out_features)}
     for split, ids in (("train", tr), ("val", va), ("test", te)):
         arrays[f"x_{split}"], arrays[f"y_{split}"] = x[ids], y[ids]

@@ -130,6 +130,79 @@ def _check_restore_best(out: Mapping[str, Any]) -> None:
         )
 
 
+def _rule_params(rule: str, value: object, defaults: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """A rule's config entry (true, a bare number, or a mapping) as its parameters with defaults, or None when
+    it is off (``enabled: false``); an unknown parameter is an error naming it."""
+    if value is True:
+        value = {}
+    if rule in _SCALAR_KEY and is_number(value):
+        value = {_SCALAR_KEY[rule]: value}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"stopping.{rule} must be a mapping of its parameters or null, got {value!r}")
+    if value.get("enabled", True) is False:
+        return None
+    params = dict(defaults)
+    for key, v in value.items():
+        if key == "enabled":
+            continue
+        if key not in defaults:
+            raise ValueError(f"unknown config key 'stopping.{rule}.{key}'; {rule} takes {', '.join(defaults)}")
+        params[key] = v
+    return params
+
+
+def _check_early_stopping(params: Mapping[str, Any]) -> None:
+    """patience a positive integer, min_delta >= 0, mode auto/min/max."""
+    p = params["patience"]
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise _err("early_stopping.patience", "a positive integer", p)
+    if not (is_number(params["min_delta"]) and params["min_delta"] >= 0):
+        raise _err("early_stopping.min_delta", "a number >= 0", params["min_delta"])
+    if params["mode"] not in ("auto", "min", "max"):
+        raise _err("early_stopping.mode", "'auto', 'min' or 'max'", params["mode"])
+
+
+def _check_relative_improvement(params: Mapping[str, Any]) -> None:
+    """n_iter_no_change a positive integer, tol >= 0."""
+    n = params["n_iter_no_change"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise _err("relative_improvement.n_iter_no_change", "a positive integer", n)
+    if not (is_number(params["tol"]) and params["tol"] >= 0):
+        raise _err("relative_improvement.tol", "a number >= 0", params["tol"])
+
+
+def _check_divergence(params: Mapping[str, Any]) -> None:
+    """factor > 1 or null, check_every a positive integer or 'auto'."""
+    f = params["factor"]
+    if f is not None and not (is_number(f) and f > 1):
+        raise _err("divergence.factor", "a number > 1 or null (non-finite losses only)", f)
+    ce = params["check_every"]
+    if ce != "auto" and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
+        raise _err("divergence.check_every", "a positive integer or 'auto'", ce)
+
+
+def _check_rule(rule: str, params: Mapping[str, Any]) -> None:
+    """The parameters of one rule that is on: its threshold, its monitor, then its own parameters."""
+    where = f"{rule}."
+    if rule in ("loss_below", "grad_norm_below"):
+        if not (is_number(params["value"]) and params["value"] > 0):
+            raise _err(where + "value", "a positive number", params["value"])
+    if rule == "time_budget" and not (is_number(params["seconds"]) and params["seconds"] > 0):
+        raise _err(where + "seconds", "a positive number", params["seconds"])
+    if "monitor" in params:
+        allowed = ("train_loss", "val_loss") if rule in ("loss_below", "relative_improvement") else MONITORS
+        if params["monitor"] not in allowed:
+            raise _err(where + "monitor", f"one of {', '.join(allowed)}", params["monitor"])
+    if rule == "early_stopping":
+        _check_early_stopping(params)
+    if rule in PRECHELT:
+        _check_prechelt(rule, params)
+    if rule == "relative_improvement":
+        _check_relative_improvement(params)
+    if rule == "divergence":
+        _check_divergence(params)
+
+
 def check_stopping_cfg(cfg: object) -> dict[str, Any]:
     """Validate a ``stopping`` config; returns {rule: params} for the rules that are on (with defaults)."""
     if not isinstance(cfg, Mapping):
@@ -151,54 +224,10 @@ def check_stopping_cfg(cfg: object) -> dict[str, Any]:
                 raise _err("max_steps", "a positive integer or null", value)
             out[rule] = value
             continue
-        if value is True:
-            value = {}
-        if rule in _SCALAR_KEY and is_number(value):
-            value = {_SCALAR_KEY[rule]: value}
-        if not isinstance(value, Mapping):
-            raise TypeError(f"stopping.{rule} must be a mapping of its parameters or null, got {value!r}")
-        if value.get("enabled", True) is False:
+        params = _rule_params(rule, value, defaults)
+        if params is None:
             continue
-        params = dict(defaults)
-        for key, v in value.items():
-            if key == "enabled":
-                continue
-            if key not in defaults:
-                raise ValueError(f"unknown config key 'stopping.{rule}.{key}'; {rule} takes {', '.join(defaults)}")
-            params[key] = v
-        where = f"{rule}."
-        if rule in ("loss_below", "grad_norm_below"):
-            if not (is_number(params["value"]) and params["value"] > 0):
-                raise _err(where + "value", "a positive number", params["value"])
-        if rule == "time_budget" and not (is_number(params["seconds"]) and params["seconds"] > 0):
-            raise _err(where + "seconds", "a positive number", params["seconds"])
-        if "monitor" in params:
-            allowed = ("train_loss", "val_loss") if rule in ("loss_below", "relative_improvement") else MONITORS
-            if params["monitor"] not in allowed:
-                raise _err(where + "monitor", f"one of {', '.join(allowed)}", params["monitor"])
-        if rule == "early_stopping":
-            p = params["patience"]
-            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-                raise _err(where + "patience", "a positive integer", p)
-            if not (is_number(params["min_delta"]) and params["min_delta"] >= 0):
-                raise _err(where + "min_delta", "a number >= 0", params["min_delta"])
-            if params["mode"] not in ("auto", "min", "max"):
-                raise _err(where + "mode", "'auto', 'min' or 'max'", params["mode"])
-        if rule in PRECHELT:
-            _check_prechelt(rule, params)
-        if rule == "relative_improvement":
-            n = params["n_iter_no_change"]
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise _err(where + "n_iter_no_change", "a positive integer", n)
-            if not (is_number(params["tol"]) and params["tol"] >= 0):
-                raise _err(where + "tol", "a number >= 0", params["tol"])
-        if rule == "divergence":
-            f = params["factor"]
-            if f is not None and not (is_number(f) and f > 1):
-                raise _err(where + "factor", "a number > 1 or null (non-finite losses only)", f)
-            ce = params["check_every"]
-            if ce != "auto" and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
-                raise _err(where + "check_every", "a positive integer or 'auto'", ce)
+        _check_rule(rule, params)
         out[rule] = params
     _check_restore_best(out)
     out.setdefault("divergence", dict(_RULE_DEFAULTS["divergence"]))  # non-finite losses always end a run
@@ -247,6 +276,8 @@ class StopContext:
 
 
 Decision = Optional[tuple[str, str]]
+#: a rule's verdict on an epoch before it is fired: (status, rule, message), or None
+_Stop = Optional[tuple[str, str, str]]
 
 
 class StoppingRules:
@@ -379,70 +410,98 @@ class StoppingRules:
 
     # -- per epoch ---------------------------------------------------------------------------------
     def check(self, record: Mapping[str, Any], context: StopContext) -> Decision:
-        """After each epoch, on its history record. Returns (status, stop_reason) or None."""
+        """After each epoch, on its history record. Returns (status, stop_reason) or None.
+
+        A non-finite loss ends the run at once. Otherwise every rule is asked (early stopping, gl, pq, up and
+        relative_improvement update their state on every epoch, so the best epoch is tracked even when another
+        rule fires); the first that fires, in the table's order, wins; then time_budget, max_steps, max_epochs.
+        """
         self.improved = False
-        new_best: set[str] = set()
         for key in ("train_loss", "val_loss"):
             value = record.get(key)
             if value is not None and not math.isfinite(value):
                 return self._fire("diverged", "divergence", f"non-finite {key} ({value}) after epoch {context.epoch}")
-        decision: Decision = None
-        lb = self.rules.get("loss_below")
-        if lb is not None and record[lb["monitor"]] < lb["value"]:
-            decision = decision or self._fire(
-                "stopped", "loss_below", f"{lb['monitor']} {record[lb['monitor']]:.4g} < {lb['value']}"
-            )
-        gn = self.rules.get("grad_norm_below")
-        if gn is not None and record["grad_norm"] < gn["value"]:
-            decision = decision or self._fire(
-                "stopped", "grad_norm_below", f"gradient norm {record['grad_norm']:.4g} < {gn['value']}"
-            )
-        es = self.rules.get("early_stopping")
-        if es is not None:  # always updated, so best_state tracks the best epoch even if another rule fires
-            value = record[es["monitor"]]
-            if self.es_mode == "min":
-                better = value < self.es_best - es["min_delta"]
-            else:
-                better = value > self.es_best + es["min_delta"]
-            if better:
-                self.es_best = value
-                self.es_wait = 0
-                self.es_best_epoch = context.epoch
-                new_best.add("early_stopping")
-            else:
-                self.es_wait += 1
-                if self.es_wait >= es["patience"]:
-                    decision = decision or self._fire(
-                        "stopped",
-                        "early_stopping",
-                        f"{es['monitor']} did not improve on {self.es_best:.6g} (epoch {self.es_best_epoch}) by more "
-                        f"than {es['min_delta']} for {es['patience']} epochs",
-                    )
-        for rule in self.prechelt:  # always updated, like early stopping
-            message = self._check_prechelt(rule, record, context.epoch, new_best)
-            if message and decision is None:
-                decision = self._fire("stopped", rule, message)
+        new_best: set[str] = set()
+        stops = [
+            *self._threshold_stops(record),
+            self._early_stopping_stop(record, context.epoch, new_best),
+            *(self._prechelt_stop(rule, record, context.epoch, new_best) for rule in self.prechelt),
+            self._relative_improvement_stop(record),
+        ]
         if self.best_rule in new_best:
             self.improved = True
             self.best_epoch = context.epoch
+        first = next((stop for stop in stops if stop is not None), None)
+        if first is not None:
+            return self._fire(*first)
+        return self._limit_stop(context)
+
+    def _threshold_stops(self, record: Mapping[str, Any]) -> list[_Stop]:
+        """loss_below and grad_norm_below on this epoch's record."""
+        stops: list[_Stop] = [None, None]
+        lb = self.rules.get("loss_below")
+        if lb is not None and record[lb["monitor"]] < lb["value"]:
+            stops[0] = ("stopped", "loss_below", f"{lb['monitor']} {record[lb['monitor']]:.4g} < {lb['value']}")
+        gn = self.rules.get("grad_norm_below")
+        if gn is not None and record["grad_norm"] < gn["value"]:
+            stops[1] = ("stopped", "grad_norm_below", f"gradient norm {record['grad_norm']:.4g} < {gn['value']}")
+        return stops
+
+    def _early_stopping_stop(self, record: Mapping[str, Any], epoch: int, new_best: set[str]) -> _Stop:
+        """Update early stopping's best value and patience count with this epoch (always, so that best_state
+        tracks the best epoch even if another rule fires); a stop once patience is used up."""
+        es = self.rules.get("early_stopping")
+        if es is None:
+            return None
+        value = record[es["monitor"]]
+        if self.es_mode == "min":
+            better = value < self.es_best - es["min_delta"]
+        else:
+            better = value > self.es_best + es["min_delta"]
+        if better:
+            self.es_best = value
+            self.es_wait = 0
+            self.es_best_epoch = epoch
+            new_best.add("early_stopping")
+            return None
+        self.es_wait += 1
+        if self.es_wait < es["patience"]:
+            return None
+        return (
+            "stopped",
+            "early_stopping",
+            f"{es['monitor']} did not improve on {self.es_best:.6g} (epoch {self.es_best_epoch}) by more "
+            f"than {es['min_delta']} for {es['patience']} epochs",
+        )
+
+    def _prechelt_stop(self, rule: str, record: Mapping[str, Any], epoch: int, new_best: set[str]) -> _Stop:
+        """gl, pq or up, updated with this epoch (always, like early stopping)."""
+        message = self._check_prechelt(rule, record, epoch, new_best)
+        return ("stopped", rule, message) if message else None
+
+    def _relative_improvement_stop(self, record: Mapping[str, Any]) -> _Stop:
+        """sklearn.neural_network.MLP*'s _update_no_improvement_count (without its early_stopping)."""
         ri = self.rules.get("relative_improvement")
-        if ri is not None:  # sklearn.neural_network.MLP*'s _update_no_improvement_count, without early_stopping
-            value = record[ri["monitor"]]
-            if value > self.ri_best - ri["tol"]:
-                self.ri_count += 1
-            else:
-                self.ri_count = 0
-            if value < self.ri_best:
-                self.ri_best = value
-            if self.ri_count > ri["n_iter_no_change"]:
-                decision = decision or self._fire(
-                    "stopped",
-                    "relative_improvement",
-                    f"{ri['monitor']} did not improve by more than tol={ri['tol']} for "
-                    f"{ri['n_iter_no_change']} consecutive epochs",
-                )
-        if decision is not None:
-            return decision
+        if ri is None:
+            return None
+        value = record[ri["monitor"]]
+        if value > self.ri_best - ri["tol"]:
+            self.ri_count += 1
+        else:
+            self.ri_count = 0
+        if value < self.ri_best:
+            self.ri_best = value
+        if self.ri_count <= ri["n_iter_no_change"]:
+            return None
+        return (
+            "stopped",
+            "relative_improvement",
+            f"{ri['monitor']} did not improve by more than tol={ri['tol']} for "
+            f"{ri['n_iter_no_change']} consecutive epochs",
+        )
+
+    def _limit_stop(self, context: StopContext) -> Decision:
+        """The end of an epoch that no rule stopped: time_budget, max_steps, max_epochs."""
         tb = self.rules.get("time_budget")
         if tb is not None and context.elapsed_s >= tb["seconds"]:
             return self._fire("stopped", "time_budget", f"time budget of {tb['seconds']} s used up")

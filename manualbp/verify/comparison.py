@@ -45,6 +45,24 @@ def _run(module: nn.Module, params: Sequence[Tensor], loss_fn: Callable, input: 
     return loss.detach(), output.detach(), grad_input, list(grads[1:] if x.requires_grad else grads)
 
 
+def _checked_reference(model: object, input: object, target: object, reference: Optional[nn.Module]) -> nn.Module:
+    """The module :func:`compare` runs against (default ``model.to_torch()``), after checking every argument's type."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if reference is None:
+        if not hasattr(model, "to_torch"):
+            raise TypeError(
+                f"reference: {type(model).__name__} has no to_torch(); pass the module to compare with as reference="
+            )
+        reference = model.to_torch()
+    elif not isinstance(reference, nn.Module):
+        raise TypeError(f"reference must be an nn.Module, got {type(reference).__name__}")
+    for value, name in ((input, "input"), (target, "target")):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return reference
+
+
 def compare(
     model: nn.Module,
     input: Tensor,
@@ -80,46 +98,25 @@ def compare(
         >>> compare(model, torch.randn(6, 4), torch.randint(0, 3, (6,))).ok
         True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if reference is None:
-        if not hasattr(model, "to_torch"):
-            raise TypeError(
-                f"reference: {type(model).__name__} has no to_torch(); pass the module to compare with as reference="
-            )
-        reference = model.to_torch()
-    elif not isinstance(reference, nn.Module):
-        raise TypeError(f"reference must be an nn.Module, got {type(reference).__name__}")
-    for value, name in ((input, "input"), (target, "target")):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    reference = _checked_reference(model, input, target, reference)
     manual_loss, native_loss = _loss_pair(loss, reduction)
     pairs = [pair for pair in _match_parameters(model, reference) if pair[1].requires_grad]  # frozen: no gradient
     display = _parameter_names(model)
     m_loss, m_out, m_gx, m_grads = _run(model, [p for _, p, _ in pairs], manual_loss, input, target)
     r_loss, r_out, r_gx, r_grads = _run(reference, [q for _, _, q in pairs], native_loss, input, target)
-    rows = [
-        compare_tensors("L", m_loss, r_loss, rtol, atol, relative_to_max=relative_to_max),
-        compare_tensors("o", m_out, r_out, rtol, atol, relative_to_max=relative_to_max),
-    ]
-    for (name, _, _), gm, gr in zip(pairs, m_grads, r_grads):
-        rows.append(compare_tensors(f"dL/d{display[name]}", gm, gr, rtol, atol, relative_to_max=relative_to_max))
+
+    def cmp(name: str, actual: Optional[Tensor], expected: Optional[Tensor]) -> Row:
+        return compare_tensors(name, actual, expected, rtol, atol, relative_to_max=relative_to_max)
+
+    rows = [cmp("L", m_loss, r_loss), cmp("o", m_out, r_out)]
+    rows += [cmp(f"dL/d{display[name]}", gm, gr) for (name, _, _), gm, gr in zip(pairs, m_grads, r_grads)]
     if m_gx is not None or r_gx is not None:
-        rows.append(compare_tensors("dL/dx", m_gx, r_gx, rtol, atol, relative_to_max=relative_to_max))
+        rows.append(cmp("dL/dx", m_gx, r_gx))
     d_rtol, d_atol = default_tolerances(m_out.dtype, r_out.dtype)
-    meta = {
-        "loss": loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__),
-        "reduction": reduction,
-        "dtype": m_out.dtype,
-        "device": m_out.device,
-    }
-    return GradReport(
-        f"{type(model).__name__} vs {type(reference).__name__}",
-        rows,
-        d_rtol if rtol is None else rtol,
-        d_atol if atol is None else atol,
-        meta,
-    )
+    meta = {"loss": _callable_name(loss) if not isinstance(loss, str) else loss, "reduction": reduction}
+    meta.update(dtype=m_out.dtype, device=m_out.device)
+    title = f"{type(model).__name__} vs {type(reference).__name__}"
+    return GradReport(title, rows, d_rtol if rtol is None else rtol, d_atol if atol is None else atol, meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,11 +292,7 @@ def compare_callables(
             a tuple/list of tensors.
         ValueError: no input requires grad, or ``order`` is not 1 or 2.
     """
-    for what, f in (("fn", fn), ("reference_fn", reference_fn)):
-        if not callable(f):
-            raise TypeError(f"{what} must be callable, got {type(f).__name__}")
-    if order not in (1, 2):
-        raise ValueError(f"order: expected 1 (gradients) or 2 (and second order), got {order!r}")
+    _check_callables(fn, reference_fn, order)
     leaves, spec = tree_flatten((tuple(inputs), kwargs))
     names = _leaf_names(fn, inputs, kwargs)
     wrt = [i for i, t in enumerate(leaves) if _differentiable(t)]
@@ -310,15 +303,36 @@ def compare_callables(
     outs_b = _call(reference_fn, theirs, spec, "reference_fn")
     rows = [_count_row(len(outs_a), len(outs_b))] if len(outs_a) != len(outs_b) else []
     if not rows:
-        single = len(outs_a) == 1
-        for k, (a, b) in enumerate(zip(outs_a, outs_b)):
-            rows.append(compare_tensors("output" if single else f"output[{k}]", a.detach(), b.detach(), rtol, atol))
+        rows = _output_rows(outs_a, outs_b, rtol, atol)
         leaves_a, leaves_b = [cast(Tensor, mine[i]) for i in wrt], [cast(Tensor, theirs[i]) for i in wrt]
         rows += _gradient_rows(outs_a, outs_b, leaves_a, leaves_b, [names[i] for i in wrt], order, seed, rtol, atol)
     dtypes = [_real_dtype(t.dtype) for t in outs_b if t.is_floating_point() or t.is_complex()] or [torch.float64]
     d_rtol, d_atol = default_tolerances(*dtypes)
-    title = f"{getattr(fn, '__name__', type(fn).__name__)} vs {getattr(reference_fn, '__name__', type(reference_fn).__name__)}"
+    title = f"{_callable_name(fn)} vs {_callable_name(reference_fn)}"
     return GradReport(title, rows, d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
+
+
+def _check_callables(fn: object, reference_fn: object, order: object) -> None:
+    """TypeError when ``fn`` or ``reference_fn`` is not callable, ValueError when ``order`` is not 1 or 2."""
+    for what, f in (("fn", fn), ("reference_fn", reference_fn)):
+        if not callable(f):
+            raise TypeError(f"{what} must be callable, got {type(f).__name__}")
+    if order not in (1, 2):
+        raise ValueError(f"order: expected 1 (gradients) or 2 (and second order), got {order!r}")
+
+
+def _callable_name(f: Callable[..., Any]) -> str:
+    """The name a report title gives a callable: its ``__name__``, else its type's."""
+    return getattr(f, "__name__", type(f).__name__)
+
+
+def _output_rows(outs_a: list[Tensor], outs_b: list[Tensor], rtol: Optional[float], atol: Optional[float]) -> list[Row]:
+    """One row per output pair: ``output`` for a single output, ``output[k]`` for several."""
+    single = len(outs_a) == 1
+    return [
+        compare_tensors("output" if single else f"output[{k}]", a.detach(), b.detach(), rtol, atol)
+        for k, (a, b) in enumerate(zip(outs_a, outs_b))
+    ]
 
 
 def _call(f: Callable[..., Any], leaves: list[object], spec: Any, what: str) -> list[Tensor]:

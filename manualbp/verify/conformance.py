@@ -885,6 +885,29 @@ def _batched(args: Sequence[Any], batched: Optional[Sequence[int]]) -> list[int]
     return [i for i in tensors if args[i].dim() > 0 and args[i].shape[0] == n]
 
 
+def _property_rows(subject: _Subject, checks: Optional[Sequence[str]], skip: Union[Sequence[str], dict[str, str]]) -> list[PropertyRow]:
+    """One row per selected property: a skip row for one left out (with the caller's reason) or after a failed
+    sample call, else the check's own row (a check that raises is a failed row with its error)."""
+    rows: list[PropertyRow] = []
+    reasons = dict(zip(property_names(list(skip), "skip"), skip.values())) if isinstance(skip, dict) else {}
+    left_out = set(property_names(list(skip), "skip"))
+    for prop in _selected(checks, list(skip)):
+        if prop in left_out:
+            reason = reasons.get(prop, "skipped by the caller (skip=...)")
+            rows.append(PropertyRow(prop, SKIP, None, reason))
+            continue
+        if rows and rows[0].status == FAIL:
+            rows.append(PropertyRow(prop, SKIP, None, "the sample call failed"))
+            continue
+        try:
+            row = CHECKS[prop](subject)
+        except Exception as e:  # noqa: BLE001 - a check that errors is a failed property, reported with its error
+            row = PropertyRow("", FAIL, None, f"{type(e).__name__}: {_first_line(e)}")
+        row.name = prop
+        rows.append(row)
+    return rows
+
+
 def check_function(
     fn: Union[type, Callable[..., Any]],
     *sample_inputs: Any,
@@ -930,23 +953,7 @@ def check_function(
     names = _input_names(classes[0].forward if classes else call, len(args))
     options = {"reference": reference, "compile_backend": compile_backend, "max_jacobian_numel": max_jacobian_numel}
     subject = _Subject(call, name, args, wrt, names, _batched(args, batched), classes, seed, options)
-    rows = []
-    reasons = dict(zip(property_names(list(skip), "skip"), skip.values())) if isinstance(skip, dict) else {}
-    left_out = set(property_names(list(skip), "skip"))
-    for prop in _selected(checks, list(skip)):
-        if prop in left_out:
-            reason = reasons.get(prop, "skipped by the caller (skip=...)")
-            rows.append(PropertyRow(prop, SKIP, None, reason))
-            continue
-        if rows and rows[0].status == FAIL:
-            rows.append(PropertyRow(prop, SKIP, None, "the sample call failed"))
-            continue
-        try:
-            row = CHECKS[prop](subject)
-        except Exception as e:  # noqa: BLE001 - a check that errors is a failed property, reported with its error
-            row = PropertyRow("", FAIL, None, f"{type(e).__name__}: {_first_line(e)}")
-        row.name = prop
-        rows.append(row)
+    rows = _property_rows(subject, checks, skip)
     shapes = ", ".join(f"{names[i]}: {'x'.join(map(str, a.shape)) or 'scalar'}" for i, a in enumerate(args) if isinstance(a, Tensor))
     meta = {"function": name, "inputs": shapes, "seed": seed}
     return ConformanceReport(f"check_function({name}) on {shapes}", rows, meta)
@@ -956,73 +963,117 @@ def check_function(
 # --------------------------------------------------------------------------------------------------
 # manualbp's own Functions, as the test suite and `manualbp check --builtin` run them
 # --------------------------------------------------------------------------------------------------
+_BuiltinSubject = tuple[str, Callable[..., Any], tuple, dict[str, Any]]
+#: the activations of the builtin MLPFunction subject (two hidden layers)
+_MLP_ACTIVATIONS = (("tanh", 0.01), ("sigmoid", 0.01))
+
+
+class _Draws:
+    """Seeded float64 sample inputs, drawn in turn from one generator: the order of the draws fixes every subject's
+    inputs, so the helpers of :func:`builtin_subjects` draw in the order the list is built."""
+
+    def __init__(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, *shape: int, grad: bool = True) -> Tensor:
+        return torch.randn(*shape, generator=self.gen, dtype=torch.float64).requires_grad_(grad)
+
+
+def _via(function: type) -> Callable[..., Any]:
+    """``function`` applied through ``apply_function``, as the modules apply it, named after the Function."""
+    from .. import autograd as A
+
+    def call(*args: Any) -> Any:
+        return A.apply_function(function, *args)
+
+    call.__name__ = function.__name__
+    return call
+
+
+def _functional(module: torch.nn.Module) -> Callable[..., Tensor]:
+    """``module`` as a function of its input and its parameters (``torch.func.functional_call``)."""
+    names = [n for n, _ in module.named_parameters()]
+
+    def call(i: Tensor, *params: Tensor) -> Tensor:
+        return torch.func.functional_call(module, dict(zip(names, params)), (i,))
+
+    return call
+
+
+def _native_mlp(i: Tensor, *params: Tensor) -> Tensor:
+    """The reference of the builtin MLPFunction subject: tanh then sigmoid hidden layers, PyTorch's ops."""
+    import torch.nn.functional as TF
+
+    for k in range(0, len(params) - 2, 2):
+        i = (torch.tanh, torch.sigmoid)[k // 2](TF.linear(i, params[k], params[k + 1]))
+    return TF.linear(i, params[-2], params[-1])
+
+
+def _op_subjects(x: _Draws) -> list[_BuiltinSubject]:
+    """LinearFunction and every activation Function, against PyTorch's op."""
+    import torch.nn.functional as TF
+
+    from .. import autograd as A
+
+    native_acts = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "leaky_relu": TF.leaky_relu, "identity": lambda z: z * 1}
+    subjects = [("LinearFunction", _via(A.LinearFunction), (x(6, 4), x(3, 4), x(3)), {"reference": TF.linear})]
+    for name, function in A.ACTIVATION_FUNCTIONS.items():
+        inputs = (x(6, 4), 0.1) if name == "leaky_relu" else (x(6, 4),)
+        subjects.append((function.__name__, _via(function), inputs, {"reference": native_acts[name]}))
+    return subjects
+
+
+def _loss_subjects(x: _Draws, labels: Tensor, soft: Tensor, probs: Tensor) -> list[_BuiltinSubject]:
+    """The loss Functions and SoftmaxFunction, against PyTorch's losses."""
+    import torch.nn.functional as TF
+
+    from .. import autograd as A
+    from .references import _native_cross_entropy, _native_squared_error
+
+    return [
+        ("SquaredErrorLossFunction", _via(A.SquaredErrorLossFunction), (x(6, 3), x(6, 3, grad=False), "mean"), {"reference": _native_squared_error}),
+        ("MSELossFunction", _via(A.MSELossFunction), (x(6, 3), x(6, 3, grad=False), "mean"), {"reference": lambda o, t, r: TF.mse_loss(o, t, reduction=r)}),
+        ("CrossEntropyFunction (class indices)", _via(A.CrossEntropyFunction), (x(6, 3), labels, "mean"), {"reference": _native_cross_entropy}),
+        ("CrossEntropyFunction (probabilities)", _via(A.CrossEntropyFunction), (x(6, 3), soft, "sum"), {"reference": _native_cross_entropy}),
+        ("SoftmaxFunction", _via(A.SoftmaxFunction), (x(6, 3),), {"reference": lambda z: torch.softmax(z, -1)}),
+        ("CrossEntropyOnProbabilitiesFunction", _via(A.CrossEntropyOnProbabilitiesFunction), (probs, labels, "mean"), {"reference": lambda p, t, r: TF.nll_loss(torch.log(p), t, reduction=r)}),
+    ]
+
+
+def _native_subjects(ext: Any, x: _Draws, labels: Tensor, mlp_params: Callable[[], tuple]) -> list[_BuiltinSubject]:
+    """The compiled (C++) twins, eager-only (torch.compile is skipped, with the reason)."""
+    import torch.nn.functional as TF
+
+    acts = _MLP_ACTIVATIONS
+    eager_only = {"torch.compile": "a C++ node is eager-only: under torch.compile the modules apply the Python Function"}
+    return [
+        ("native.mlp (C++ node)", lambda i, *p: ext.mlp(i, acts, True, list(p))[0], (x(6, 4), *mlp_params()), {"batched": [0], "skip": eager_only, "reference": _native_mlp}),
+        ("native.cross_entropy (C++ node)", lambda o, t: ext.cross_entropy(o, t, "mean"), (x(6, 3), labels), {"skip": eager_only, "reference": lambda o, t: TF.cross_entropy(o, t)}),
+    ]
+
+
 def builtin_subjects(seed: int = 0) -> list[tuple[str, Callable[..., Any], tuple, dict[str, Any]]]:
     """``(name, fn, sample_inputs, check_function keywords)`` for every Function of manualbp: the per-op
     Functions, the losses, the whole-network MLPFunction, the compiled (C++) twins where the extension is
     built, and ``MLP`` itself, each with PyTorch's own ops as ``reference``. The Functions are called
     through ``apply_function``, as the modules call them (under torch.compile it applies the twin without jvp)."""
-    import torch.nn.functional as TF
-
     from .. import autograd as A
     from .. import native
     from ..nn import MLP
-    from .references import _native_cross_entropy, _native_squared_error
 
-    gen = torch.Generator().manual_seed(seed)
-
-    def x(*shape: int, grad: bool = True) -> Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
-
-    def via(function: type) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            return A.apply_function(function, *args)
-
-        call.__name__ = function.__name__
-        return call
-
-    labels = torch.randint(0, 3, (6,), generator=gen)
-    soft = torch.softmax(torch.randn(6, 3, generator=gen, dtype=torch.float64), -1)
+    x = _Draws(seed)
+    labels = torch.randint(0, 3, (6,), generator=x.gen)
+    soft = torch.softmax(torch.randn(6, 3, generator=x.gen, dtype=torch.float64), -1)
     probs = torch.softmax(x(6, 3, grad=False), -1).requires_grad_(True)
-    acts = (("tanh", 0.01), ("sigmoid", 0.01))
     model = MLP(4, [5, 4], 3, activation="tanh").double()
-    twin = model.to_torch()
     mlp_params = lambda: tuple(x(*p.shape) for p in model.parameters())  # noqa: E731
-
-    def functional(module: torch.nn.Module) -> Callable[..., Tensor]:
-        names = [n for n, _ in module.named_parameters()]
-
-        def call(i: Tensor, *params: Tensor) -> Tensor:
-            return torch.func.functional_call(module, dict(zip(names, params)), (i,))
-
-        return call
-
-    def native_mlp(i: Tensor, *params: Tensor) -> Tensor:  # the reference of MLPFunction's two activations
-        for k in range(0, len(params) - 2, 2):
-            i = (torch.tanh, torch.sigmoid)[k // 2](TF.linear(i, params[k], params[k + 1]))
-        return TF.linear(i, params[-2], params[-1])
-
-    native_acts = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "leaky_relu": TF.leaky_relu, "identity": lambda z: z * 1}
-    subjects = [("LinearFunction", via(A.LinearFunction), (x(6, 4), x(3, 4), x(3)), {"reference": TF.linear})]
-    for name, function in A.ACTIVATION_FUNCTIONS.items():
-        inputs = (x(6, 4), 0.1) if name == "leaky_relu" else (x(6, 4),)
-        subjects.append((function.__name__, via(function), inputs, {"reference": native_acts[name]}))
-    subjects += [
-        ("SquaredErrorLossFunction", via(A.SquaredErrorLossFunction), (x(6, 3), x(6, 3, grad=False), "mean"), {"reference": _native_squared_error}),
-        ("MSELossFunction", via(A.MSELossFunction), (x(6, 3), x(6, 3, grad=False), "mean"), {"reference": lambda o, t, r: TF.mse_loss(o, t, reduction=r)}),
-        ("CrossEntropyFunction (class indices)", via(A.CrossEntropyFunction), (x(6, 3), labels, "mean"), {"reference": _native_cross_entropy}),
-        ("CrossEntropyFunction (probabilities)", via(A.CrossEntropyFunction), (x(6, 3), soft, "sum"), {"reference": _native_cross_entropy}),
-        ("SoftmaxFunction", via(A.SoftmaxFunction), (x(6, 3),), {"reference": lambda z: torch.softmax(z, -1)}),
-        ("CrossEntropyOnProbabilitiesFunction", via(A.CrossEntropyOnProbabilitiesFunction), (probs, labels, "mean"), {"reference": lambda p, t, r: TF.nll_loss(torch.log(p), t, reduction=r)}),
-        ("MLPFunction", lambda i, *p: via(A.MLPFunction)(i, acts, True, *p)[0], (x(6, 4), *mlp_params()), {"batched": [0], "reference": native_mlp}),
-    ]
+    subjects = _op_subjects(x) + _loss_subjects(x, labels, soft, probs)
+    mlp_function = lambda i, *p: _via(A.MLPFunction)(i, _MLP_ACTIVATIONS, True, *p)[0]  # noqa: E731
+    subjects.append(("MLPFunction", mlp_function, (x(6, 4), *mlp_params()), {"batched": [0], "reference": _native_mlp}))
     ext = native.load()
     if ext is not None:
-        eager_only = {"torch.compile": "a C++ node is eager-only: under torch.compile the modules apply the Python Function"}
-        subjects += [
-            ("native.mlp (C++ node)", lambda i, *p: ext.mlp(i, acts, True, list(p))[0], (x(6, 4), *mlp_params()), {"batched": [0], "skip": eager_only, "reference": native_mlp}),
-            ("native.cross_entropy (C++ node)", lambda o, t: ext.cross_entropy(o, t, "mean"), (x(6, 3), labels), {"skip": eager_only, "reference": lambda o, t: TF.cross_entropy(o, t)}),
-        ]
-    subjects.append(("MLP (the module)", functional(model), (x(6, 4), *mlp_params()), {"batched": [0], "reference": functional(twin)}))
+        subjects += _native_subjects(ext, x, labels, mlp_params)
+    subjects.append(("MLP (the module)", _functional(model), (x(6, 4), *mlp_params()), {"batched": [0], "reference": _functional(model.to_torch())}))
     return subjects
 
 

@@ -176,20 +176,8 @@ def _sub(indices: Sequence[int]) -> str:
     return ("," if any(i > 9 for i in indices) else "").join(str(i) for i in indices)
 
 
-def explain(
-    widths: Sequence[int] = (2, 3, 2),
-    activation: str = "sigmoid",
-    loss: str = "squared_error",
-    seed: int = 0,
-) -> Explanation:
-    """One forward and backward pass of a tiny network, every scalar of the notes' worked example.
-
-    ``widths`` are the layer sizes (input, hidden..., output); with one hidden layer the names are the notes'
-    (z_i, a_i, o_k, w1_ij, w2_ki, b1_i, b2_k), deeper networks use superscripts (z^l_i, a^l_i, w^l_ij).
-    Inputs, targets and weights are drawn with ``seed`` and rounded to two decimals so that a student can
-    redo the arithmetic. Each value comes from :func:`trace` (manualbp.functional's formulas) and carries
-    its check against native autograd.
-    """
+def _check_explain_args(widths: Sequence[int], activation: str, loss: str) -> list[int]:
+    """The layer sizes as a list, after checking ``widths``, ``activation`` and ``loss`` (each error names its argument)."""
     widths = list(widths) if isinstance(widths, (list, tuple)) else widths
     if (
         not isinstance(widths, list)
@@ -201,6 +189,14 @@ def explain(
         raise ValueError(f"activation must be one of {', '.join(sorted(F.ACTIVATIONS))}, got {activation!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    return widths
+
+
+def _rounded_example(widths: list[int], activation: str, loss: str, seed: int) -> tuple[MLP, Tensor, Tensor, Tensor]:
+    """The float64 network, input x, target y and target vector y_k of the example, all rounded to two decimals.
+
+    ``y`` is what the loss takes (class indices for cross-entropy), ``y_vec`` the notes' y_k (one-hot there).
+    """
     torch.manual_seed(seed)
     model = MLP(widths[0], widths[1:-1], widths[-1], activation, dtype=torch.float64)
     with torch.no_grad():
@@ -214,29 +210,48 @@ def explain(
     else:
         y = torch.round(torch.randn(1, widths[-1], generator=gen, dtype=torch.float64) * 100) / 100
         y_vec = y
-    report = trace(model, x, y, loss)
-    n_layers = len(widths) - 1
-    notes_style = n_layers == 2
+    return model, x, y, y_vec
 
-    def unit(lyr: int) -> str:  # the index letter of a layer's units
-        return "k" if lyr == n_layers else "i"
 
-    def prev(lyr: int) -> str:  # the index letter of a layer's inputs
-        return "j" if lyr == 1 or lyr < n_layers else "i"
+@dataclass
+class _Names:
+    """The notes' symbols for a network of ``n_layers`` layers: with one hidden layer (two layers) the notes'
+    own (z_i, a_i, o_k, w1_ij, w2_ki), deeper networks with superscripts (z^l_i, a^l_i, w^l_ij)."""
 
-    def w(lyr: int) -> str:
-        return f"w{lyr}" if notes_style else f"w^{lyr}"
+    n_layers: int
 
-    def b(lyr: int) -> str:
-        return f"b{lyr}" if notes_style else f"b^{lyr}"
+    @property
+    def notes_style(self) -> bool:
+        return self.n_layers == 2
 
-    def z(lyr: int) -> str:
-        return "o" if lyr == n_layers else ("z" if notes_style else f"z^{lyr}")
+    def unit(self, lyr: int) -> str:
+        """The index letter of a layer's units."""
+        return "k" if lyr == self.n_layers else "i"
 
-    def a(lyr: int) -> str:
-        return "x" if lyr == 0 else ("a" if notes_style else f"a^{lyr}")
+    def prev(self, lyr: int) -> str:
+        """The index letter of a layer's inputs."""
+        return "j" if lyr == 1 or lyr < self.n_layers else "i"
 
-    def elements(base: str, t: Tensor, checked: Optional[Tensor] = None) -> list[ExplainValue]:
+    def w(self, lyr: int) -> str:
+        return f"w{lyr}" if self.notes_style else f"w^{lyr}"
+
+    def b(self, lyr: int) -> str:
+        return f"b{lyr}" if self.notes_style else f"b^{lyr}"
+
+    def z(self, lyr: int) -> str:
+        return "o" if lyr == self.n_layers else ("z" if self.notes_style else f"z^{lyr}")
+
+    def a(self, lyr: int) -> str:
+        return "x" if lyr == 0 else ("a" if self.notes_style else f"a^{lyr}")
+
+
+@dataclass
+class _Values:
+    """The scalars of a quantity: from a tensor, or from a row of the trace with autograd's value beside it."""
+
+    report: TraceReport
+
+    def elements(self, base: str, t: Tensor, checked: Optional[Tensor] = None) -> list[ExplainValue]:
         """One value per element; a (1, n) per-example tensor (the batch of one) is indexed by n only."""
         t = t.detach()
         if t.dim() == 2 and t.shape[0] == 1 and not base.startswith(("w", "dL/dw")):
@@ -253,93 +268,128 @@ def explain(
                 out.append(ExplainValue(name, index, value))
             else:
                 r = float(ref.reshape(-1)[k])
-                ok = abs(value - r) <= report.atol + report.rtol * abs(r)
+                ok = abs(value - r) <= self.report.atol + self.report.rtol * abs(r)
                 out.append(ExplainValue(name, index, value, r, ok))
         return out
 
-    def row(name: str) -> tuple[Tensor, Tensor]:
-        rw = report[name]
+    def row(self, name: str) -> tuple[Tensor, Tensor]:
+        """The manual value and autograd's of the trace row ``name``."""
+        rw = self.report[name]
         assert rw.value is not None and rw.reference is not None
         return rw.value, rw.reference
 
-    steps: list[ExplainStep] = []
-    steps.append(ExplainStep("given", "x_j", "", elements("x", x)))
+    def traced(self, base: str, name: str) -> list[ExplainValue]:
+        """The elements of the trace row ``name``, each checked against autograd."""
+        return self.elements(base, *self.row(name))
+
+
+def _given_steps(
+    model: MLP, x: Tensor, y: Tensor, y_vec: Tensor, loss: str, n: _Names, v: _Values
+) -> list[ExplainStep]:
+    """The example (x_j, y_k) and every weight and bias."""
+    out_features = y_vec.shape[-1]
     target_note = (
-        f"class {int(y[0]) + 1} of {widths[-1]}: y_k = 1 for k = {int(y[0]) + 1}" if loss == "cross_entropy" else ""
+        f"class {int(y[0]) + 1} of {out_features}: y_k = 1 for k = {int(y[0]) + 1}" if loss == "cross_entropy" else ""
     )
-    steps.append(ExplainStep("given", "y_k", target_note, elements("y", y_vec)))
+    steps = [
+        ExplainStep("given", "x_j", "", v.elements("x", x)),
+        ExplainStep("given", "y_k", target_note, v.elements("y", y_vec)),
+    ]
     for lyr, lin in enumerate(model.linears, start=1):
-        steps.append(ExplainStep("given", f"{w(lyr)}_{unit(lyr)}{prev(lyr)}", "", elements(w(lyr), lin.weight)))
-        steps.append(ExplainStep("given", f"{b(lyr)}_{unit(lyr)}", "", elements(b(lyr), lin.bias)))
-    # forward
-    for lyr in range(1, n_layers + 1):
-        u, p = unit(lyr), prev(lyr)
-        formula = f"sum_{p} {w(lyr)}_{u}{p} {a(lyr - 1)}_{p} + {b(lyr)}_{u}"
-        tr_name = "o" if lyr == n_layers else f"z^{lyr}"
-        steps.append(ExplainStep("forward", f"{z(lyr)}_{u}", formula, elements(z(lyr), *row(tr_name))))
-        if lyr < n_layers:
-            steps.append(
-                ExplainStep(
-                    "forward",
-                    f"{a(lyr)}_{u}",
-                    f"sigma({z(lyr)}_{u}),  sigma = {activation}",
-                    elements(a(lyr), *row(f"a^{lyr}")),
-                )
-            )
-    K = widths[-1]
+        steps.append(
+            ExplainStep("given", f"{n.w(lyr)}_{n.unit(lyr)}{n.prev(lyr)}", "", v.elements(n.w(lyr), lin.weight))
+        )
+        steps.append(ExplainStep("given", f"{n.b(lyr)}_{n.unit(lyr)}", "", v.elements(n.b(lyr), lin.bias)))
+    return steps
+
+
+def _forward_steps(activation: str, loss: str, out_features: int, n: _Names, v: _Values) -> list[ExplainStep]:
+    """The forward pass: z (and a) of every layer, o, yhat for cross-entropy, and L."""
+    steps = []
+    for lyr in range(1, n.n_layers + 1):
+        u, p = n.unit(lyr), n.prev(lyr)
+        formula = f"sum_{p} {n.w(lyr)}_{u}{p} {n.a(lyr - 1)}_{p} + {n.b(lyr)}_{u}"
+        tr_name = "o" if lyr == n.n_layers else f"z^{lyr}"
+        steps.append(ExplainStep("forward", f"{n.z(lyr)}_{u}", formula, v.traced(n.z(lyr), tr_name)))
+        if lyr < n.n_layers:
+            formula = f"sigma({n.z(lyr)}_{u}),  sigma = {activation}"
+            steps.append(ExplainStep("forward", f"{n.a(lyr)}_{u}", formula, v.traced(n.a(lyr), f"a^{lyr}")))
     loss_formula = {
         "squared_error": "1/2 sum_k (o_k - y_k)^2",
-        "mse": f"1/K sum_k (o_k - y_k)^2,  K = {K}",
+        "mse": f"1/K sum_k (o_k - y_k)^2,  K = {out_features}",
         "cross_entropy": "sum_k -y_k log yhat_k,  yhat_k = e^(o_k) / sum_j e^(o_j)",
     }[loss]
     if loss == "cross_entropy":  # the notes' predicted distribution, softmax of the logits
-        o_manual, o_native = row("o")
-        yhat = ExplainStep(
-            "forward",
-            "yhat_k",
-            "e^(o_k) / sum_j e^(o_j)",
-            elements("yhat", F.softmax(o_manual), torch.softmax(o_native, dim=-1)),
-        )
-        steps.append(yhat)
+        o_manual, o_native = v.row("o")
+        yhat = v.elements("yhat", F.softmax(o_manual), torch.softmax(o_native, dim=-1))
+        steps.append(ExplainStep("forward", "yhat_k", "e^(o_k) / sum_j e^(o_j)", yhat))
         loss_formula = "sum_k -y_k log yhat_k"
-    steps.append(ExplainStep("forward", "L", loss_formula, elements("L", *row("L"))))
-    # backward
-    steps.append(ExplainStep("backward", "dL/dL", "1  (base case)", elements("dL/dL", *row("dL/dL"))))
+    steps.append(ExplainStep("forward", "L", loss_formula, v.traced("L", "L")))
+    return steps
+
+
+def _backward_steps(activation: str, loss: str, n: _Names, v: _Values) -> list[ExplainStep]:
+    """The backward pass: dL/dL, dL/do, then from the last layer down the weight, bias, a and z gradients."""
     grad_o = {"squared_error": "o_k - y_k", "mse": "2 (o_k - y_k) / K", "cross_entropy": "yhat_k - y_k"}[loss]
-    steps.append(ExplainStep("backward", "dL/do_k", f"dL/dL * ({grad_o})", elements("dL/do", *row("dL/do"))))
-    for lyr in range(n_layers, 0, -1):
-        u, p = unit(lyr), prev(lyr)
-        g = f"dL/d{z(lyr)}_{u}"
-        steps.append(
-            ExplainStep(
-                "backward",
-                f"dL/d{w(lyr)}_{u}{p}",
-                f"{g} * {a(lyr - 1)}_{p}",
-                elements(f"dL/d{w(lyr)}", *row(f"dL/dW^{lyr}")),
-            )
-        )
-        steps.append(ExplainStep("backward", f"dL/d{b(lyr)}_{u}", g, elements(f"dL/d{b(lyr)}", *row(f"dL/db^{lyr}"))))
+    steps = [
+        ExplainStep("backward", "dL/dL", "1  (base case)", v.traced("dL/dL", "dL/dL")),
+        ExplainStep("backward", "dL/do_k", f"dL/dL * ({grad_o})", v.traced("dL/do", "dL/do")),
+    ]
+    for lyr in range(n.n_layers, 0, -1):
+        u, p = n.unit(lyr), n.prev(lyr)
+        g = f"dL/d{n.z(lyr)}_{u}"
+        w_grad = v.traced(f"dL/d{n.w(lyr)}", f"dL/dW^{lyr}")
+        steps.append(ExplainStep("backward", f"dL/d{n.w(lyr)}_{u}{p}", f"{g} * {n.a(lyr - 1)}_{p}", w_grad))
+        steps.append(ExplainStep("backward", f"dL/d{n.b(lyr)}_{u}", g, v.traced(f"dL/d{n.b(lyr)}", f"dL/db^{lyr}")))
         if lyr > 1:
-            lower = lyr - 1
-            steps.append(
-                ExplainStep(
-                    "backward",
-                    f"dL/d{a(lower)}_{p}",
-                    f"sum_{u} {g} * {w(lyr)}_{u}{p}",
-                    elements(f"dL/d{a(lower)}", *row(f"dL/da^{lower}")),
-                )
-            )
-            a_sym = f"{a(lower)}_{p}"
-            deriv = _SIGMA_PRIME[activation].format(a=f"({a_sym})" if "^" in a_sym else a_sym)
-            zl = "z" if notes_style else f"z^{lower}"
-            steps.append(
-                ExplainStep(
-                    "backward",
-                    f"dL/d{zl}_{p}",
-                    f"dL/d{a(lower)}_{p} * sigma'({zl}_{p}) = dL/d{a(lower)}_{p} * {deriv}",
-                    elements(f"dL/d{zl}", *row(f"dL/dz^{lower}")),
-                )
-            )
+            steps += _hidden_backward_steps(activation, lyr, n, v)
+    return steps
+
+
+def _hidden_backward_steps(activation: str, lyr: int, n: _Names, v: _Values) -> list[ExplainStep]:
+    """dL/da and dL/dz of the hidden layer below layer ``lyr``: the sum over ``lyr``'s units, then sigma'."""
+    u, p, lower = n.unit(lyr), n.prev(lyr), lyr - 1
+    g = f"dL/d{n.z(lyr)}_{u}"
+    a_sym = f"{n.a(lower)}_{p}"
+    deriv = _SIGMA_PRIME[activation].format(a=f"({a_sym})" if "^" in a_sym else a_sym)
+    zl = "z" if n.notes_style else f"z^{lower}"
+    return [
+        ExplainStep(
+            "backward",
+            f"dL/d{n.a(lower)}_{p}",
+            f"sum_{u} {g} * {n.w(lyr)}_{u}{p}",
+            v.traced(f"dL/d{n.a(lower)}", f"dL/da^{lower}"),
+        ),
+        ExplainStep(
+            "backward",
+            f"dL/d{zl}_{p}",
+            f"dL/d{n.a(lower)}_{p} * sigma'({zl}_{p}) = dL/d{n.a(lower)}_{p} * {deriv}",
+            v.traced(f"dL/d{zl}", f"dL/dz^{lower}"),
+        ),
+    ]
+
+
+def explain(
+    widths: Sequence[int] = (2, 3, 2),
+    activation: str = "sigmoid",
+    loss: str = "squared_error",
+    seed: int = 0,
+) -> Explanation:
+    """One forward and backward pass of a tiny network, every scalar of the notes' worked example.
+
+    ``widths`` are the layer sizes (input, hidden..., output); with one hidden layer the names are the notes'
+    (z_i, a_i, o_k, w1_ij, w2_ki, b1_i, b2_k), deeper networks use superscripts (z^l_i, a^l_i, w^l_ij).
+    Inputs, targets and weights are drawn with ``seed`` and rounded to two decimals so that a student can
+    redo the arithmetic. Each value comes from :func:`trace` (manualbp.functional's formulas) and carries
+    its check against native autograd.
+    """
+    widths = _check_explain_args(widths, activation, loss)
+    model, x, y, y_vec = _rounded_example(widths, activation, loss, seed)
+    report = trace(model, x, y, loss)
+    names, values = _Names(len(widths) - 1), _Values(report)
+    steps = _given_steps(model, x, y, y_vec, loss, names, values)
+    steps += _forward_steps(activation, loss, widths[-1], names, values)
+    steps += _backward_steps(activation, loss, names, values)
     return Explanation(widths, activation, loss, seed, steps, report)
 
 

@@ -24,6 +24,7 @@ from .reports import _json_float, fmt_err, format_table
 
 __all__ = ["FiniteDifferenceReport", "FiniteDifferenceRow", "finite_difference_check"]
 
+
 @dataclass
 class FiniteDifferenceRow:
     """One input: the largest |numerical - analytical| Jacobian entry, first and second order."""
@@ -175,6 +176,118 @@ def _diff(numerical: Tensor, analytical: Tensor, atol: float, rtol: float) -> tu
     return max_abs, rel, ok
 
 
+_Subject = tuple[Callable[..., Any], list[Any], list[str]]  # the function checked, its float64 arguments, their names
+
+
+def _module_subject(
+    fn: nn.Module, inputs: tuple[Any, ...], target: Optional[Tensor], loss: Optional[LossArg], reduction: str
+) -> _Subject:
+    """A float64 copy of the module as a function of its input and every parameter (then of the loss, if any)."""
+    if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+        raise ValueError(f"inputs: a module is checked on one input tensor, got {len(inputs)} inputs")
+    if not inputs[0].is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {inputs[0].dtype}")
+    module = copy.deepcopy(fn).to(torch.float64)
+    named = list(module.named_parameters())
+    keys = [n for n, _ in named]
+    display = _parameter_names(fn)
+    loss_fn = None
+    if loss is not None:
+        if target is None:
+            raise ValueError("target: a loss needs a target, got None")
+        loss_fn = _loss_pair(loss, reduction)[0]
+        target = target.to(torch.float64) if target.is_floating_point() else target
+
+    def f(x: Tensor, *params: Tensor) -> Tensor:
+        if isinstance(module, MLP):  # the same Function the module calls, minus the per-call checks
+            out = MLPFunction.apply(x, module.activation_specs, module.bias, *params)[0]
+        else:
+            out = torch.func.functional_call(module, dict(zip(keys, params)), (x,))
+        return loss_fn(out, target) if loss_fn is not None else out
+
+    args: list[Any] = [inputs[0].detach().to(torch.float64).requires_grad_(True)]
+    args += [p.detach().clone().requires_grad_(True) for _, p in named]
+    return f, args, ["x", *(display[n] for n in keys)]
+
+
+def _function_subject(fn: Callable[..., Any], inputs: tuple[Any, ...]) -> _Subject:
+    """The function itself, its floating inputs cast to float64 (keeping their requires_grad)."""
+    if not callable(fn):
+        raise TypeError(f"fn must be an nn.Module or a callable, got {type(fn).__name__}")
+    args = [
+        t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+        if isinstance(t, Tensor) and t.is_floating_point()
+        else t
+        for t in inputs
+    ]
+    return fn, args, _input_names(fn, len(inputs))
+
+
+def _torch_verdicts(
+    func: Callable[..., Any], args: list[Any], grad_grad: bool, **options: Any
+) -> tuple[bool, Optional[bool]]:
+    """``torch.autograd.gradcheck``'s verdict and ``gradgradcheck``'s (None when ``grad_grad`` is off)."""
+    passed = torch.autograd.gradcheck(func, tuple(args), raise_exception=False, **options)
+    passed_gg: Optional[bool] = None
+    if grad_grad:
+        passed_gg = torch.autograd.gradgradcheck(func, tuple(args), raise_exception=False, **options)
+    return bool(passed), None if passed_gg is None else bool(passed_gg)
+
+
+def _second_order_diffs(
+    flat_f: Callable[..., Tensor], args: list[Any], idx: list[int], eps: float, atol: float, rtol: float, seed: int
+) -> list[tuple[float, float, bool]]:
+    """Per checked input, the differences of the Jacobian of a seeded vector-Jacobian product v^T J (the double
+    backward) between central differences and the analytical one."""
+    gen = torch.Generator().manual_seed(_COTANGENT_SEED + seed)
+    cotangent = torch.randn(flat_f(*args).shape, generator=gen, dtype=torch.float64)
+
+    def vjp(*a: Any) -> Tensor:  # v^T J, through the backward under test; its Jacobian needs double backward
+        with torch.enable_grad():
+            out = flat_f(*a)
+            leaves = [a[i] for i in idx]
+            gs = torch.autograd.grad(out, leaves, cotangent.to(out.device), create_graph=True, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1) for g, t in zip(gs, leaves)])
+
+    numerical2 = [_numerical_jacobian(vjp, args, i, eps, True) for i in idx]
+    analytical2 = _analytical_jacobians(vjp, args, idx)
+    return [_diff(n, a, atol, rtol) for n, a in zip(numerical2, analytical2)]
+
+
+def _difference_rows(
+    func: Callable[..., Any],
+    subject: _Subject,
+    idx: list[int],
+    grad_grad: bool,
+    eps: float,
+    atol: float,
+    rtol: float,
+    seed: int,
+) -> list[FiniteDifferenceRow]:
+    """One row per checked input: first-order differences, and second-order ones when ``grad_grad``."""
+    _, args, names = subject
+
+    def flat_f(*a: Any) -> Tensor:
+        return _flat(func(*a))
+
+    with torch.no_grad():
+        numerical = [_numerical_jacobian(flat_f, args, i, eps, False) for i in idx]
+    analytical = _analytical_jacobians(flat_f, args, idx)
+    second: list[Optional[tuple[float, float, bool]]] = [None] * len(idx)
+    if grad_grad:
+        second = list(_second_order_diffs(flat_f, args, idx, eps, atol, rtol, seed))
+    rows = []
+    for k, i in enumerate(idx):
+        max_abs, rel, ok = _diff(numerical[k], analytical[k], atol, rtol)
+        s = second[k]
+        rows.append(
+            FiniteDifferenceRow(
+                names[i], tuple(args[i].shape), max_abs, rel, None if s is None else s[0], ok and (s is None or s[2])
+            )
+        )
+    return rows
+
+
 def finite_difference_check(
     fn: Union[nn.Module, Callable[..., Any]],
     *inputs: Any,
@@ -207,84 +320,14 @@ def finite_difference_check(
         A :class:`FiniteDifferenceReport`: the verdicts and, per input, the largest difference.
     """
     if isinstance(fn, nn.Module):
-        if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
-            raise ValueError(f"inputs: a module is checked on one input tensor, got {len(inputs)} inputs")
-        if not inputs[0].is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor, got {inputs[0].dtype}")
-        module = copy.deepcopy(fn).to(torch.float64)
-        named = list(module.named_parameters())
-        keys = [n for n, _ in named]
-        display = _parameter_names(fn)
-        loss_fn = None
-        if loss is not None:
-            if target is None:
-                raise ValueError("target: a loss needs a target, got None")
-            loss_fn = _loss_pair(loss, reduction)[0]
-            target = target.to(torch.float64) if target.is_floating_point() else target
-
-        def f(x: Tensor, *params: Tensor) -> Tensor:
-            if isinstance(module, MLP):  # the same Function the module calls, minus the per-call checks
-                out = MLPFunction.apply(x, module.activation_specs, module.bias, *params)[0]
-            else:
-                out = torch.func.functional_call(module, dict(zip(keys, params)), (x,))
-            return loss_fn(out, target) if loss_fn is not None else out
-
-        args: list[Any] = [inputs[0].detach().to(torch.float64).requires_grad_(True)]
-        args += [p.detach().clone().requires_grad_(True) for _, p in named]
-        names = ["x", *(display[n] for n in keys)]
-        func: Callable[..., Any] = f
+        subject = _module_subject(fn, inputs, target, loss, reduction)
     else:
-        if not callable(fn):
-            raise TypeError(f"fn must be an nn.Module or a callable, got {type(fn).__name__}")
-        args = [
-            t.detach().to(torch.float64).requires_grad_(t.requires_grad)
-            if isinstance(t, Tensor) and t.is_floating_point()
-            else t
-            for t in inputs
-        ]
-        names = _input_names(fn, len(inputs))
-        func = fn
+        subject = _function_subject(fn, inputs)
+    func, args, _ = subject
     idx = [i for i, t in enumerate(args) if isinstance(t, Tensor) and t.requires_grad]
     if not idx:
         raise ValueError("inputs: no floating-point input requires grad, so there is no gradient to check")
-
-    passed = torch.autograd.gradcheck(
-        func, tuple(args), eps=eps, atol=atol, rtol=rtol, raise_exception=False, fast_mode=fast_mode
-    )
-    passed_gg: Optional[bool] = None
-    if grad_grad:
-        passed_gg = torch.autograd.gradgradcheck(
-            func, tuple(args), eps=eps, atol=atol, rtol=rtol, raise_exception=False, fast_mode=fast_mode
-        )
-
-    def flat_f(*a: Any) -> Tensor:
-        return _flat(func(*a))
-
-    with torch.no_grad():
-        numerical = [_numerical_jacobian(flat_f, args, i, eps, False) for i in idx]
-    analytical = _analytical_jacobians(flat_f, args, idx)
-    second: list[Optional[tuple[float, float, bool]]] = [None] * len(idx)
-    if grad_grad:
-        gen = torch.Generator().manual_seed(_COTANGENT_SEED + seed)
-        cotangent = torch.randn(flat_f(*args).shape, generator=gen, dtype=torch.float64)
-
-        def vjp(*a: Any) -> Tensor:  # v^T J, through the backward under test; its Jacobian needs double backward
-            with torch.enable_grad():
-                out = flat_f(*a)
-                leaves = [a[i] for i in idx]
-                gs = torch.autograd.grad(out, leaves, cotangent.to(out.device), create_graph=True, allow_unused=True)
-            return torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1) for g, t in zip(gs, leaves)])
-
-        numerical2 = [_numerical_jacobian(vjp, args, i, eps, True) for i in idx]
-        analytical2 = _analytical_jacobians(vjp, args, idx)
-        second = [_diff(n, a, atol, rtol) for n, a in zip(numerical2, analytical2)]
-    rows = []
-    for k, i in enumerate(idx):
-        max_abs, rel, ok = _diff(numerical[k], analytical[k], atol, rtol)
-        s = second[k]
-        rows.append(
-            FiniteDifferenceRow(
-                names[i], tuple(args[i].shape), max_abs, rel, None if s is None else s[0], ok and (s is None or s[2])
-            )
-        )
-    return FiniteDifferenceReport(rows, bool(passed), None if passed_gg is None else bool(passed_gg), eps, atol, rtol)
+    options = {"eps": eps, "atol": atol, "rtol": rtol, "fast_mode": fast_mode}
+    passed, passed_gg = _torch_verdicts(func, args, grad_grad, **options)
+    rows = _difference_rows(func, subject, idx, grad_grad, eps, atol, rtol, seed)
+    return FiniteDifferenceReport(rows, passed, passed_gg, eps, atol, rtol)

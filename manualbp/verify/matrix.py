@@ -9,6 +9,7 @@ float64 truth (:data:`LOW_PRECISION_FACTOR`). Results in :class:`ConfigResult` a
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -260,6 +261,52 @@ def _full_precision_matmul() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def _check_devices(devices: Optional[Sequence[str]]) -> list[str]:
+    """The devices to run on (default: every available one); each must be available here."""
+    devices = available_devices() if devices is None else list(devices)
+    for d in devices:
+        if d not in available_devices() and not (d.startswith("cuda:") and torch.cuda.is_available()):
+            raise ValueError(f"devices: {d!r} is not available here (available: {', '.join(available_devices())})")
+    if not devices:
+        raise ValueError(f"devices: expected at least one of {', '.join(available_devices())}, got none")
+    return devices
+
+
+def _check_sizes(depths: Sequence[int], sizes: dict[str, int]) -> None:
+    """``depths`` are integers >= 0 (hidden layers); every size is a positive integer (errors name the argument)."""
+    if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
+        raise ValueError(f"depths: expected integers >= 0 (hidden layers), got {list(depths)}")
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _run_one(
+    config: tuple[str, int, str, str, str],
+    kw: dict[str, int],
+    finite_differences: bool,
+    fd_cache: dict[tuple, FiniteDifferenceReport],
+) -> ConfigResult:
+    """One configuration (device, depth, activation, loss, dtype); an exception marks it as an error.
+
+    The finite-difference check of (activation, loss, depth, device) runs once, into ``fd_cache``.
+    """
+    device, depth, activation, loss, dtype_name = config
+    t0 = _now()
+    result = ConfigResult(activation, loss, depth, dtype_name, device)
+    try:
+        result.grad, result.trace = _run_config(activation, loss, depth, dtype_name, device, **kw)
+        key = (activation, loss, depth, device)
+        if finite_differences:
+            if key not in fd_cache:
+                fd_cache[key] = _run_fd(activation, loss, depth, device, **kw)
+            result.finite_differences = fd_cache[key]
+    except Exception as exc:  # one broken configuration must not hide the others
+        result.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    result.seconds = _now() - t0
+    return result
+
+
 def verify_matrix(
     activations: Optional[Sequence[str]] = None,
     losses: Optional[Sequence[str]] = None,
@@ -289,45 +336,18 @@ def verify_matrix(
     activations = _check_choices(activation_names() if activations is None else activations, activation_names(), "activations")  # noqa: E501
     losses = _check_choices(loss_names() if losses is None else losses, loss_names(), "losses")
     dtypes = _check_choices(dtypes, list(DTYPES), "dtypes")
-    devices = available_devices() if devices is None else list(devices)
-    for d in devices:
-        if d not in available_devices() and not (d.startswith("cuda:") and torch.cuda.is_available()):
-            raise ValueError(f"devices: {d!r} is not available here (available: {', '.join(available_devices())})")
-    if not devices:
-        raise ValueError(f"devices: expected at least one of {', '.join(available_devices())}, got none")
-    if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
-        raise ValueError(f"depths: expected integers >= 0 (hidden layers), got {list(depths)}")
+    devices = _check_devices(devices)
     sizes = {"in_features": in_features, "width": width, "out_features": out_features, "batch": batch}
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check_sizes(depths, sizes)
     kw = {**sizes, "seed": seed}
     fd_cache: dict[tuple, FiniteDifferenceReport] = {}
     results: list[ConfigResult] = []
     start = _now()
     with _full_precision_matmul(), inject_bug(bug), python_paths() if bug else contextlib.nullcontext():
-        for device in devices:
-            for depth in depths:
-                for activation in activations:
-                    for loss in losses:
-                        for dtype_name in dtypes:
-                            t0 = _now()
-                            result = ConfigResult(activation, loss, depth, dtype_name, device)
-                            try:
-                                result.grad, result.trace = _run_config(
-                                    activation, loss, depth, dtype_name, device, **kw
-                                )
-                                key = (activation, loss, depth, device)
-                                if finite_differences:
-                                    if key not in fd_cache:
-                                        fd_cache[key] = _run_fd(activation, loss, depth, device, **kw)
-                                    result.finite_differences = fd_cache[key]
-                            except Exception as exc:  # one broken configuration must not hide the others
-                                result.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                            result.seconds = _now() - t0
-                            results.append(result)
-                            if progress is not None:
-                                progress(result)
+        for config in itertools.product(devices, depths, activations, losses, dtypes):
+            results.append(_run_one(config, kw, finite_differences, fd_cache))
+            if progress is not None:
+                progress(results[-1])
     settings = {
         "activations": activations,
         "losses": losses,
