@@ -17,10 +17,8 @@ LIMIT = 60
 PENDING = "pending: being split in the registry/optimizer work"
 #: "path/in/manualbp.py::Qualified.name" -> why it may be longer than LIMIT
 ALLOWED = {
-    "functional.py::mlp_backward": PENDING,
     "verify/bugs.py::_patches_for": PENDING,
     "fast/vectorized.py::VectorizedTrainer.__init__": PENDING,
-    "train/config.py::validate": PENDING,
 }
 REASONS = (PENDING, "a table of data")
 
