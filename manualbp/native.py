@@ -16,6 +16,9 @@ Environment:
     MANUALBP_NATIVE: ``auto`` (default: build or load, fall back to Python with a warning), ``off``
         (never build; Python paths only), ``require`` (raise if the extension cannot be built).
     MANUALBP_NATIVE_DIR: where the build lives (default ``~/.cache/manualbp/native/<torch>-py<X.Y>``).
+
+The kernels carry the mutation catalogue's runtime switch (``manualbp.verify.inject_bug`` sets it through
+:func:`set_bug`): one integer that each formula site compares with its bug's code (:func:`bug_codes`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["load", "available", "mode", "build_directory", "sources", "sources_hash", "NAME"]
+__all__ = ["load", "available", "mode", "build_directory", "sources", "sources_hash", "NAME", "bug_codes", "set_bug"]
 
 NAME = "manualbp_native"
 MODES = ("auto", "off", "require")
@@ -121,9 +124,43 @@ _warned: list[bool] = []
 def _built() -> tuple[Optional[ModuleType], Optional[Exception]]:
     """The extension or the reason it could not be built (a missing compiler, headers, a failed build)."""
     try:
-        return _build(verbose=False), None
+        module = _build(verbose=False)
     except Exception as error:
         return None, error
+    _loaded[0] = module
+    _switch(module)  # a bug set before the build
+    return module, None
+
+
+_loaded: list[Optional[ModuleType]] = [None]  # the extension, once this process has built or loaded it
+_bug: list[Optional[str]] = [None]  # the catalogue bug the kernels compute (set_bug), None: none
+
+
+def bug_codes() -> dict[str, int]:
+    """The mutation catalogue's bugs that have a formula site in the kernels: name -> the switch's code.
+
+    One list in ``csrc/native.h`` (``MANUALBP_BUGS``) is the source, so the names and the codes cannot drift.
+    Builds the extension if needed (whatever ``MANUALBP_NATIVE`` says); empty where it cannot be built.
+    """
+    module = _built()[0]
+    return dict(module.bug_codes()) if module is not None else {}
+
+
+def set_bug(name: Optional[str]) -> Optional[str]:
+    """Break the kernels' copy of one catalogue formula (``None``: every formula right again); returns the name
+    set before, for the caller to restore. A testing hook: :func:`manualbp.verify.inject_bug` calls it.
+
+    Applied at once where the extension is loaded, else by its build later in this process (never builds it);
+    a name without a kernel site (not in :func:`bug_codes`) leaves the kernels right.
+    """
+    previous, _bug[0] = _bug[0], name
+    if _loaded[0] is not None:
+        _switch(_loaded[0])
+    return previous
+
+
+def _switch(module: ModuleType) -> None:
+    module.set_bug(module.bug_codes().get(_bug[0], 0) if _bug[0] is not None else 0)
 
 
 def available() -> bool:

@@ -256,6 +256,8 @@ def test_verify_bugs_prints_the_mutation_matrix(capsys):
         assert path in lines
     reached = sum(V.CATALOGUE[b].reach("module") is None for b in V.CATALOGUE)
     assert f"{reached} of {reached}" in lines["module"]
-    assert "0 of 0" in lines["module-native"] and "not reached" in lines["module-native"]
-    assert "C++ paths not reached yet" in out
+    from manualbp.verify import mutation as M
+
+    native = M._native_not_run() is None  # the compiled paths are checked where the extension is built
+    assert (f"{reached} of {reached}" if native else "0 of 0") in lines["module-native"]
     assert out.rstrip().splitlines()[-1].startswith("PASS")

@@ -510,6 +510,11 @@ from manualbp.verify import mutation as M  # noqa: E402
 _MODULE_BUGS = [name for name, bug in V.CATALOGUE.items() if bug.reach("module") is None]
 
 
+def _native() -> bool:
+    """Whether the compiled paths can be checked here (the extension builds and MANUALBP_NATIVE is not off)."""
+    return M._native_not_run() is None
+
+
 def test_the_catalogue_covers_every_formula():
     assert len(V.CATALOGUE) >= 20 and set(V.BUGS) == set(V.CATALOGUE)
     settings = [bug.setting for bug in V.CATALOGUE.values()]
@@ -518,8 +523,9 @@ def test_the_catalogue_covers_every_formula():
     assert {"momentum", "nesterov", "weight_decay"} <= {s["optim"] for s in settings if "optim" in s}
     for bug in V.CATALOGUE.values():
         assert bug.formula and bug.description
-        for path in ("module-native", "fused-native"):
-            assert bug.reach(path).startswith("not reached")
+        # a compiled path runs the formulas of its Python twin: n/a on one exactly where n/a on the other
+        assert bug.reach("module-native") == bug.reach("module")
+        assert bug.reach("fused-native") == bug.reach("fused")
 
 
 @pytest.mark.parametrize("name", _MODULE_BUGS)
@@ -553,6 +559,8 @@ def test_inject_bug_restores_every_patched_copy_and_leaves_the_native_switch_alo
     for name in V.CATALOGUE:
         with V.inject_bug(name):
             assert "MANUALBP_NATIVE" not in __import__("os").environ
+            assert manualbp.native._bug[0] == name  # the extension's switch (tests/test_native_bugs.py)
+    assert manualbp.native._bug[0] is None
     assert tables == [dict(registry.ACTIVATION_REGISTRY), dict(registry.LOSS_REGISTRY), dict(_losses.LOSSES)]
     assert functions == [manualbp.functional.linear_backward, fused.loss_scales, fused.block_grad_into]
     assert methods == [fused.FusedTrainer._momentum_update, vectorized.VectorizedTrainer._nesterov_ahead]
@@ -564,13 +572,30 @@ def test_mutation_matrix_on_a_subset_and_its_errors():
     assert result.cells[("tanh_derivative_plus", "module")] == "caught"
     assert result.cells[("momentum_not_decayed", "module")].startswith("n/a")
     assert result.cells[("momentum_not_decayed", "fused")] == "caught"
-    assert result.cells[("tanh_derivative_plus", "fused-native")].startswith("not reached")
+    native_cell = result.cells[("tanh_derivative_plus", "fused-native")]
+    assert native_cell == "caught" if _native() else native_cell.startswith("not run")
     text = str(result)
-    assert "2 of 2" in text and "C++ paths not reached yet" in text and text.endswith("every path")
+    assert "2 of 2" in text and text.endswith("every path")
     with pytest.raises(ValueError, match="not in the catalogue"):
         V.mutation_matrix(["nope"])
     with pytest.raises(ValueError, match="paths"):
         V.mutation_matrix(paths=["gpu"])
+
+
+def test_mutation_matrix_says_not_run_where_the_extension_cannot_be_built(monkeypatch):
+    monkeypatch.setattr(manualbp.native, "_built", lambda: (None, OSError("no compiler here")))
+    monkeypatch.setattr(manualbp.native, "_last", [object(), None])  # forget the answers remembered per setting
+    result = V.mutation_matrix(["tanh_derivative_plus"], ["module", "module-native", "fused-native"])
+    assert result.ok and result.reached("module") == ["tanh_derivative_plus"]
+    for path in ("module-native", "fused-native"):
+        assert result.reached(path) == []
+        assert result.cells[("tanh_derivative_plus", path)].startswith("not run: the C++ extension could not be built")
+    assert "no compiler here" in str(result)
+    monkeypatch.setenv("MANUALBP_NATIVE", "off")
+    result = V.mutation_matrix(["tanh_derivative_plus"], ["fused-native"])
+    assert result.cells[("tanh_derivative_plus", "fused-native")] == (
+        "not run: MANUALBP_NATIVE=off (the compiled paths were switched off)"
+    )
 
 
 def test_mutation_matrix_reports_a_missed_bug(monkeypatch):
@@ -593,4 +618,7 @@ def test_the_mutation_matrix_catches_every_reached_bug_on_every_path():
     for path in ("module", "fused", "vectorized", "vectorized-sgd"):
         assert result.reached(path)
         assert result.caught(path) == result.reached(path)
-    assert not result.reached("module-native") and not result.reached("fused-native")  # C++: not reached yet
+    for path in ("module-native", "fused-native"):  # the compiled paths, where the extension is built
+        assert result.caught(path) == result.reached(path)
+        twin = path.removesuffix("-native")
+        assert result.reached(path) == (result.reached(twin) if _native() else []), str(result)

@@ -36,18 +36,64 @@ struct SGD {
 // FusedTrainer._sgd_update
 void sgd_update(const Tensors& params, SGD& sgd) {
   Tensors grads = sgd.grad_blocks;
-  if (sgd.weight_decay != 0) grads = at::_foreach_add(grads, params, sgd.weight_decay);
+  if (sgd.weight_decay != 0) {  // g + wd p (the catalogue's weight_decay_sign: g - wd p)
+    grads = at::_foreach_add(grads, params, active_bug() == kWeightDecaySign ? -sgd.weight_decay : sgd.weight_decay);
+  }
   Tensors direction = grads;
   if (sgd.momentum != 0) {
     if (sgd.momentum_buffers.empty()) {
       for (const auto& g : grads) sgd.momentum_buffers.push_back(g.clone());
     } else {
-      at::_foreach_mul_(sgd.momentum_buffers, sgd.momentum);
+      if (active_bug() != kMomentumNotDecayed) at::_foreach_mul_(sgd.momentum_buffers, sgd.momentum);  // m buf
       at::_foreach_add_(sgd.momentum_buffers, grads, 1 - sgd.dampening);
     }
-    direction = sgd.nesterov ? at::_foreach_add(grads, sgd.momentum_buffers, sgd.momentum) : sgd.momentum_buffers;
+    const double ahead = active_bug() == kNesterovMissingMomentumFactor ? 1.0 : sgd.momentum;  // bug: g + buf
+    direction = sgd.nesterov ? at::_foreach_add(grads, sgd.momentum_buffers, ahead) : sgd.momentum_buffers;  // g + m buf
   }
   at::_foreach_add_(params, direction, -sgd.lr);
+}
+
+// fused.py's output_grad_into for cross-entropy: y - softmax(o) sum_k y_k = -dL/do / |scale| into ``grad``, from
+// ``log_probs`` = log softmax(o), with the catalogue's cross-entropy bugs (bugs.py's _output_grad_patch).
+void cross_entropy_grad_into(at::Tensor& grad, const at::Tensor& target, const at::Tensor& log_probs) {
+  if (active_bug() == kNoBug) {
+    at::_log_softmax_backward_data_out(grad, target, log_probs, 1, log_probs.scalar_type());
+    return;
+  }
+  const at::Tensor& normalized = active_bug() == kSoftmaxOverBatch ? at::log_softmax(log_probs, 0) : log_probs;
+  at::_log_softmax_backward_data_out(grad, target, normalized, 1, log_probs.scalar_type());  // bug: over the batch
+  if (active_bug() == kCrossEntropyGradSign) grad.neg_();                // bug: dL/do = y - softmax(o)
+  if (active_bug() == kCrossEntropyMissingSoftmax) grad.copy_(target);   // bug: dL/do = -y
+}
+
+// fused.py's block_grad_into under the catalogue's dL/d[W | b] bugs: dest = beta dest + alpha delta, with
+// delta = dL/d[W | b] / scale broken as bugs.py's _linear_patches break it (W transposed, b not summed or mean).
+void broken_block_grad_(const at::Tensor& dest, const at::Tensor& grad_t, const at::Tensor& below, double beta,
+                        double alpha, bool has_bias) {
+  const at::Tensor before = beta != 0 ? dest.clone() : at::zeros_like(dest);
+  dest.addmm_(grad_t, below, beta, alpha);
+  at::Tensor delta = dest - before;  // alpha dL/d[W | b]
+  const int64_t in = delta.size(1) - (has_bias ? 1 : 0);
+  if (active_bug() == kWeightGradTransposed) {
+    at::Tensor w = delta.narrow(1, 0, in);
+    w.copy_(w.clone().t().reshape(w.sizes()));  // bug: dL/dW transposed, forced into (out, in)
+  }
+  if (has_bias && active_bug() == kBiasGradNotSummed) {
+    delta.select(1, in).copy_((grad_t * alpha).t().select(0, 0));  // bug: dL/db = dL/dz_1
+  }
+  if (has_bias && active_bug() == kBiasGradMean) delta.select(1, in).div_(grad_t.size(1));  // bug: 1/N sum_n
+  dest.copy_(before + delta);
+}
+
+// dest = beta dest + alpha grad_t [a_prev | 1] (fused.py's block_grad_into): dL/dW = (dL/dz)^T a_prev and
+// dL/db = sum_n dL/dz in one kernel.
+void block_grad_(const at::Tensor& dest, const at::Tensor& grad_t, const at::Tensor& below, double beta, double alpha,
+                 bool has_bias) {
+  const int64_t bug = active_bug();
+  if (bug != kNoBug && (bug == kWeightGradTransposed || bug == kBiasGradNotSummed || bug == kBiasGradMean)) {
+    return broken_block_grad_(dest, grad_t, below, beta, alpha, has_bias);
+  }
+  dest.addmm_(grad_t, below, beta, alpha);  // beta dest + alpha (dL/dz)^T [a_prev | 1]
 }
 
 // One step (FusedTrainer._step); returns the loss / loss_scale.
@@ -69,7 +115,7 @@ at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
   if (cross_entropy) {
     at::log_softmax_out(buf.out, buf.out, 1);
     dot = at::dot(buf.out_flat, target_flat);
-    at::_log_softmax_backward_data_out(buf.grad.back(), target, buf.out, 1, buf.out.scalar_type());
+    cross_entropy_grad_into(buf.grad.back(), target, buf.out);  // y - softmax(o) sum_k y_k
   } else {
     at::sub_out(buf.grad.back(), buf.out, target);
     dot = at::dot(buf.go_flat, buf.go_flat);
@@ -80,13 +126,18 @@ at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
   for (size_t k = layers; k-- > 0;) {
     const at::Tensor& below = k ? buf.act[k - 1] : input;
     if (k) {  // backprop_into
-      at::mm_out(buf.grad[k - 1], buf.grad[k], weights[k]);
+      if (active_bug() != kNoBug) {  // the catalogue's input-gradient bugs: the W it reads
+        at::mm_out(buf.grad[k - 1], buf.grad[k], broken_input_weight(weights[k]));
+      } else {
+        at::mm_out(buf.grad[k - 1], buf.grad[k], weights[k]);  // dL/da^{l-1} = dL/dz^l W^l
+      }
       activation_backward_(codes[k - 1], slopes[k - 1], buf.grad[k - 1], buf.a[k - 1]);
     }
-    if (plain) {
-      blocks[k].addmm_(buf.grad_t[k], below, 1, alpha);
-    } else {
-      sgd.grad_blocks[k].addmm_(buf.grad_t[k], below, 0, buf.scale);
+    const bool has_bias = blocks[k].size(1) != weights[k].size(1);
+    if (plain) {  // [W | b] -= lr scale grad^T [a^{l-1} | 1]
+      block_grad_(blocks[k], buf.grad_t[k], below, 1, alpha, has_bias);
+    } else {      // dL/d[W | b] = scale grad^T [a^{l-1} | 1]
+      block_grad_(sgd.grad_blocks[k], buf.grad_t[k], below, 0, buf.scale, has_bias);
     }
   }
   if (!plain) sgd_update(blocks, sgd);

@@ -46,12 +46,35 @@ Tensor activation_(int64_t code, double slope, Tensor& z) {
 
 // functional.activation_backward: dL/dz from dL/da and the saved output a.
 Tensor activation_backward(int64_t code, double slope, const Tensor& grad, const Tensor& a) {
+  if (active_bug() != kNoBug) {
+    if (auto broken = broken_activation_backward(code, grad, a)) return *broken;  // the catalogue's bug
+  }
   switch (code) {
     case kSigmoid: return at::sigmoid_backward(grad, a);
     case kTanh: return at::tanh_backward(grad, a);
     case kReLU: return at::threshold_backward(grad, a, 0);
     case kLeakyReLU: return at::leaky_relu_backward(grad, a, slope, true);
     default: return grad;  // identity
+  }
+}
+
+// functional.linear_backward's three products on rows, each with its catalogue bugs (bugs.py's _linear_patches).
+Tensor input_grad(const Tensor& g, const Tensor& weight) {
+  if (active_bug() != kNoBug) return g.mm(broken_input_weight(weight));  // the bug's W
+  return g.mm(weight);                                                    // dL/da_j = sum_i dL/dz_i w_ij
+}
+
+Tensor weight_grad(const Tensor& g, const Tensor& a_prev) {
+  Tensor grad = g.t().mm(a_prev);                                                       // dL/dw_ij = dL/dz_i a_j
+  if (active_bug() == kWeightGradTransposed) return grad.t().reshape(grad.sizes());  // bug: forced into (out, in)
+  return grad;
+}
+
+Tensor bias_grad(const Tensor& g) {
+  switch (active_bug()) {
+    case kBiasGradNotSummed: return g.select(0, 0).clone();  // bug: dL/db = dL/dz_1
+    case kBiasGradMean: return g.sum(0) / g.size(0);         // bug: dL/db = 1/N sum_n dL/dz_n
+    default: return g.sum(0);                                // dL/db_i = dL/dz_i, summed
   }
 }
 
@@ -179,9 +202,9 @@ struct MLPNode : public torch::autograd::Function<MLPNode> {
       const Tensor& a_prev = layer > 0 ? saved[layers + layer] : input;
       const Tensor& weight = saved[1 + layer];
       // functional.linear_backward on rows
-      Tensor grad_a = below[layer] ? g.mm(weight) : Tensor();                       // dL/da_j = sum_i dL/dz_i w_ij
-      if (needs_w[layer]) result[1 + step * layer] = g.t().mm(a_prev);               // dL/dw_ij = dL/dz_i a_j
-      if (needs_b[layer]) result[2 + step * layer] = g.sum(0);                       // dL/db_i = dL/dz_i, summed
+      Tensor grad_a = below[layer] ? input_grad(g, weight) : Tensor();              // dL/da_j = sum_i dL/dz_i w_ij
+      if (needs_w[layer]) result[1 + step * layer] = weight_grad(g, a_prev);         // dL/dw_ij = dL/dz_i a_j
+      if (needs_b[layer]) result[2 + step * layer] = bias_grad(g);                   // dL/db_i = dL/dz_i, summed
       if (layer == 0 || !below[layer]) {
         if (layer == 0) result[0] = std::move(grad_a);
         break;
@@ -195,9 +218,21 @@ struct MLPNode : public torch::autograd::Function<MLPNode> {
   }
 };
 
+// dL/do = yhat - y as rows (N, K), under the catalogue's sign and reduction bugs (bugs.py: -g, x N, / N).
+Tensor broken_cross_entropy_grad(Tensor grad, int64_t reduction) {
+  const int64_t rows = grad.size(0);
+  switch (active_bug()) {
+    case kCrossEntropyGradSign: return -grad;                                             // bug: y - yhat
+    case kMeanReductionMissing1OverN: return reduction == kMean ? grad * rows : grad;     // bug: mean as a sum
+    case kSumReductionDividedByN: return reduction == kSum ? grad / rows : grad;          // bug: sum as a mean
+    default: return grad;
+  }
+}
+
 // functional.cross_entropy_backward_from_log_probs for class indices: dL/do as rows (N, K).
 Tensor cross_entropy_backward_from_log_probs(Tensor grad_output, Tensor log_probs, const Tensor& target,
                                              int64_t reduction, Tensor count) {
+  if (active_bug() == kSoftmaxOverBatch) log_probs = at::log_softmax(log_probs, -2);  // bug: over the batch
   Tensor index = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
   if (log_probs.dim() != 2) log_probs = log_probs.reshape({-1, log_probs.size(-1)});  // (N, K)
   if (index.dim() != 1) index = index.reshape(-1);                                    // (N,)
@@ -205,7 +240,10 @@ Tensor cross_entropy_backward_from_log_probs(Tensor grad_output, Tensor log_prob
   if (reduction == kNone && grad_output.dim() != 1) grad_output = grad_output.reshape(-1);
   // dL/dlog yhat_k = -y_k * scale, then yhat - y
   Tensor g = at::nll_loss_backward(grad_output, log_probs, index, {}, reduction, kIgnoreIndex, count);
-  return at::_log_softmax_backward_data(g, log_probs, -1, log_probs.scalar_type());
+  if (active_bug() == kCrossEntropyMissingSoftmax) return g;  // bug: dL/do = -y scale, softmax's term missing
+  Tensor grad = at::_log_softmax_backward_data(g, log_probs, -1, log_probs.scalar_type());
+  if (active_bug() != kNoBug) return broken_cross_entropy_grad(std::move(grad), reduction);
+  return grad;
 }
 
 // autograd.CrossEntropyFunction for class indices: apply(input, target, reduction) -> loss.

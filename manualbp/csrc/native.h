@@ -4,7 +4,9 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <atomic>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -36,6 +38,78 @@ inline std::pair<std::vector<int64_t>, std::vector<double>> activation_codes(con
   return out;
 }
 
+// The mutation catalogue's runtime switch (manualbp/verify/bugs.py: inject_bug sets it, through manualbp.native).
+// One code per catalogue bug whose formula has a site in these sources, 0 = none; each site asks
+// active_bug() (one relaxed load and one integer compare: nothing measurable when no bug is set) and, for its
+// bug, computes the same wrong value as the bug's Python patch. X(enum name, catalogue name), in code order:
+// the binding's bug_codes() dict is built from this list, the only place the names meet the codes.
+#define MANUALBP_BUGS(X)                                                          \
+  X(kSigmoidMissingDerivative, "sigmoid_missing_derivative")                      \
+  X(kTanhDerivativePlus, "tanh_derivative_plus")                                  \
+  X(kReLUDerivativeOnes, "relu_derivative_ones")                                  \
+  X(kLeakyReLUSlopeMissing, "leaky_relu_slope_missing")                           \
+  X(kIdentityDerivativeMasked, "identity_derivative_masked")                      \
+  X(kCrossEntropyGradSign, "cross_entropy_grad_sign")                             \
+  X(kCrossEntropyMissingSoftmax, "cross_entropy_missing_softmax")                 \
+  X(kSoftmaxOverBatch, "softmax_over_batch")                                      \
+  X(kMeanReductionMissing1OverN, "mean_reduction_missing_1_over_n")               \
+  X(kSumReductionDividedByN, "sum_reduction_divided_by_n")                        \
+  X(kWeightGradTransposed, "weight_grad_transposed")                              \
+  X(kBiasGradNotSummed, "bias_grad_not_summed")                                   \
+  X(kBiasGradMean, "bias_grad_mean")                                              \
+  X(kInputGradMissing, "input_grad_missing")                                      \
+  X(kInputGradWeightTransposed, "input_grad_weight_transposed")                   \
+  X(kWeightDecaySign, "weight_decay_sign")                                        \
+  X(kMomentumNotDecayed, "momentum_not_decayed")                                  \
+  X(kNesterovMissingMomentumFactor, "nesterov_missing_momentum_factor")
+
+#define MANUALBP_BUG_CODE(code, name) code,
+enum Bug : int64_t { kNoBug = 0, MANUALBP_BUGS(MANUALBP_BUG_CODE) kBugEnd };
+#undef MANUALBP_BUG_CODE
+
+inline std::atomic<int64_t>& bug_switch() {
+  static std::atomic<int64_t> bug{kNoBug};  // one per process: an inline function's static is shared by every source
+  return bug;
+}
+inline int64_t active_bug() { return bug_switch().load(std::memory_order_relaxed); }
+inline void set_bug(int64_t code) {
+  TORCH_CHECK_VALUE(code >= kNoBug && code < kBugEnd, "set_bug: code must be in [0, ", kBugEnd - 1, "], got ", code);
+  bug_switch().store(code, std::memory_order_relaxed);
+}
+
+// The catalogue's broken sigma' for activation ``code``, from dL/da ``g`` and the saved output a (bugs.py's
+// _activation_patches); nullopt where the active bug is not this activation's (the right formula runs).
+inline std::optional<at::Tensor> broken_activation_backward(int64_t code, const at::Tensor& g, const at::Tensor& a) {
+  switch (active_bug()) {
+    case kSigmoidMissingDerivative:
+      if (code == kSigmoid) return g.clone();  // bug: g, the a (1 - a) factor missing
+      break;
+    case kTanhDerivativePlus:
+      if (code == kTanh) return g * (a * a + 1);  // bug: g (1 + a^2)
+      break;
+    case kReLUDerivativeOnes:
+      if (code == kReLU) return g * a.ge(0).to(g.scalar_type());  // bug: g [a >= 0]
+      break;
+    case kLeakyReLUSlopeMissing:
+      if (code == kLeakyReLU) return g * a.gt(0).to(g.scalar_type());  // bug: g [a > 0], slope dropped
+      break;
+    case kIdentityDerivativeMasked:
+      if (code == kIdentity) return g * a.gt(0).to(g.scalar_type());  // bug: g [a > 0] on a linear layer
+      break;
+    default: break;
+  }
+  return std::nullopt;
+}
+
+// W as dL/da_prev = dL/dz W reads it, under the catalogue's input-gradient bugs (bugs.py's input_weight).
+inline at::Tensor broken_input_weight(const at::Tensor& weight) {
+  switch (active_bug()) {
+    case kInputGradMissing: return at::zeros_like(weight);                       // bug: dL/da_prev = 0
+    case kInputGradWeightTransposed: return weight.t().reshape(weight.sizes());  // bug: W^T forced into (out, in)
+    default: return weight;
+  }
+}
+
 // a = sigma(z) written into ``out``: the kernels of manualbp.functional.activation.
 inline void activation_into(int64_t code, double slope, const at::Tensor& z, at::Tensor& out) {
   switch (code) {
@@ -49,6 +123,9 @@ inline void activation_into(int64_t code, double slope, const at::Tensor& z, at:
 
 // g <- g * sigma'(z), in place, from the saved output a: the kernels of manualbp.functional.activation_backward.
 inline void activation_backward_(int64_t code, double slope, at::Tensor& g, const at::Tensor& a) {
+  if (active_bug() != kNoBug) {
+    if (auto broken = broken_activation_backward(code, g, a)) return void(g.copy_(*broken));  // the bug's g
+  }
   switch (code) {
     case kSigmoid: at::sigmoid_backward_out(g, g, a); break;                     // g a (1 - a)
     case kTanh: at::tanh_backward_out(g, g, a); break;                           // g (1 - a^2)

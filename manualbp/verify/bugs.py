@@ -16,11 +16,15 @@ the formula where each path reads it:
   and the vectorized trainer's plain-SGD step), ``VectorizedTrainer``'s update methods and
   ``_reduction_factor``.
 
-Not reached yet: the compiled paths, ``manualbp/csrc/module.cpp`` (the module's C++ nodes, which
-``manualbp.nn`` uses where the extension is built and eligible) and ``manualbp/csrc/fused.cpp``
-(``FusedTrainer.step_many``'s C++ loop) repeat the kernels and see no patched Python formula. Inside the
-block they stay on (nothing here sets ``MANUALBP_NATIVE``): a check that must see the bug on the module or
-the fused trainer runs their Python path explicitly (:func:`python_paths`, as :func:`mutation_matrix` does).
+The compiled paths, ``manualbp/csrc/module.cpp`` (the module's C++ nodes, which ``manualbp.nn`` uses where
+the extension is built and eligible) and ``manualbp/csrc/fused.cpp`` (``FusedTrainer.step_many``'s C++
+loop), repeat the kernels: inside the block they stay on (nothing here sets ``MANUALBP_NATIVE``) and
+``inject_bug`` sets the extension's runtime switch (:func:`manualbp.native.set_bug`; reset on exit, also on
+an exception), so each C++ formula site computes the same wrong value as the Python patch. The name -> code
+table is the extension's (:func:`manualbp.native.bug_codes`, from ``csrc/native.h``'s one list);
+:data:`KERNEL_FREE` names the bugs without a C++ site and where the compiled paths read that formula instead
+(the Python loss and softmax modules, ``loss_scales``): the Python patch reaches them there. To see a bug on
+the Python path of the module or the fused trainer, run it explicitly (:func:`python_paths`).
 No path implements Adam by hand (``torch.optim.Adam`` only), so the catalogue has no Adam bug.
 """
 
@@ -36,9 +40,10 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .. import native as _native
 from ..registry import ACTIVATION_REGISTRY, replaced
 
-__all__ = ["BUGS", "CATALOGUE", "PATHS", "Bug", "inject_bug", "python_paths"]
+__all__ = ["BUGS", "CATALOGUE", "KERNEL_FREE", "PATHS", "Bug", "inject_bug", "python_paths"]
 
 #: The execution paths, in the order the mutation matrix prints them: name -> what runs there.
 PATHS = {
@@ -49,9 +54,8 @@ PATHS = {
     "vectorized": "VectorizedTrainer, plain SGD (the fused step batched over K models)",
     "vectorized-sgd": "VectorizedTrainer with momentum/weight decay (functional's formulas batched over K)",
 }
-#: The paths the Python patches cannot reach (their formulas are compiled C++).
+#: The compiled paths: an injected bug reaches them through the extension's runtime switch.
 NATIVE_PATHS = ("module-native", "fused-native")
-_NOT_REACHED_NATIVE = "not reached: C++ kernels (no runtime switch in the extension yet)"
 _NO_OPTIMIZER = "n/a: the module has no hand-written optimizer (it trains with torch.optim)"
 _NO_SOFTMAX = "n/a: no separate softmax (cross-entropy's dL/do is fused)"
 _PLAIN_SGD = "n/a: plain SGD only (no momentum or weight decay on this path)"
@@ -72,12 +76,11 @@ class Bug:
 
     def reach(self, path: str) -> Optional[str]:
         """None where the bug reaches ``path``, else the reason it does not."""
-        if path in NATIVE_PATHS:
-            return _NOT_REACHED_NATIVE
         return self.na.get(path)
 
 
-_OPTIMIZER_NA = {"module": _NO_OPTIMIZER, "vectorized": _PLAIN_SGD}
+_OPTIMIZER_NA = {"module": _NO_OPTIMIZER, "module-native": _NO_OPTIMIZER, "vectorized": _PLAIN_SGD}
+_SOFTMAX_NA = {path: _NO_SOFTMAX for path in ("fused", "fused-native", "vectorized", "vectorized-sgd")}
 
 
 def _bug(name: str, formula: str, description: str, na: Optional[dict] = None, **setting: Any) -> Bug:
@@ -98,7 +101,7 @@ CATALOGUE: dict[str, Bug] = {
         _bug("cross_entropy_grad_sign", "dL/do = softmax(o) - y", "dL/do = y - softmax(o)", loss="cross_entropy"),
         _bug("cross_entropy_missing_softmax", "dL/do = softmax(o) - y", "dL/do = -y: the softmax term is missing", loss="cross_entropy"),  # noqa: E501
         _bug("softmax_over_batch", "dL/do = softmax(o) - y, softmax over the classes k", "softmax taken over the batch (each class normalized over the examples)", loss="cross_entropy"),  # noqa: E501
-        _bug("softmax_backward_missing_sum", "dL/do_k = yhat_k (dL/dyhat_k - sum_j dL/dyhat_j yhat_j)", "dL/do_k = yhat_k dL/dyhat_k: the softmax Jacobian's off-diagonal term is missing", {"fused": _NO_SOFTMAX, "vectorized": _NO_SOFTMAX, "vectorized-sgd": _NO_SOFTMAX}, loss="softmax"),  # noqa: E501
+        _bug("softmax_backward_missing_sum", "dL/do_k = yhat_k (dL/dyhat_k - sum_j dL/dyhat_j yhat_j)", "dL/do_k = yhat_k dL/dyhat_k: the softmax Jacobian's off-diagonal term is missing", _SOFTMAX_NA, loss="softmax"),  # noqa: E501
         _bug("squared_error_grad_doubled", "dL/do = o - y (L = 1/2 sum_k (o_k - y_k)^2)", "dL/do = 2 (o - y): mse's factor on the notes' loss", loss="squared_error"),  # noqa: E501
         _bug("mse_missing_factor_two", "dL/do = 2 (o - y) / numel", "dL/do = (o - y) / numel: the 2 is missing", loss="mse"),
         _bug("mse_mean_over_examples", "dL/do = 2 (o - y) / (N K) (mean over every element)", "dL/do = 2 (o - y) / N: mean over the examples only", loss="mse"),  # noqa: E501
@@ -117,6 +120,19 @@ CATALOGUE: dict[str, Bug] = {
     ]
 }
 
+#: The bugs whose formula has no site in the C++ kernels: name -> where the compiled paths read it instead (there
+#: the Python patch reaches them). Every other catalogue bug has a code in :func:`manualbp.native.bug_codes`.
+_SQUARED_ERRORS = (
+    "the C++ module has no squared-error node (manualbp.nn's loss module runs its Python Function), and the C++ "
+    "fused loop takes dL/do's factor from fast.fused.loss_scales"
+)
+KERNEL_FREE: dict[str, str] = {
+    "softmax_backward_missing_sum": "no C++ softmax: manualbp.nn.Softmax runs its Python Function on every path",
+    "squared_error_grad_doubled": _SQUARED_ERRORS,
+    "mse_missing_factor_two": _SQUARED_ERRORS,
+    "mse_mean_over_examples": _SQUARED_ERRORS,
+}
+
 #: name -> what the injected bug does to the hand-derived backward (the catalogue's descriptions).
 BUGS: dict[str, str] = {name: f"{bug.description} (right: {bug.formula})" for name, bug in CATALOGUE.items()}
 
@@ -131,11 +147,12 @@ def python_paths() -> Iterator[None]:
 
 @contextlib.contextmanager
 def inject_bug(name: Optional[str]) -> Iterator[None]:
-    """Temporarily break one formula on every Python path (a testing hook; ``None`` does nothing).
+    """Temporarily break one formula on every path (a testing hook; ``None`` does nothing).
 
     Inside the ``with`` block every Python copy of the formula is broken (see the module docstring for the
-    list); everything is restored on exit. The compiled paths stay on and are not reached: run a path's Python
-    form explicitly (:func:`python_paths`) to see the bug there. Names: see :data:`CATALOGUE`.
+    list) and the compiled kernels compute the same wrong value (the extension's switch, set where it is loaded
+    or built in the block); everything is restored on exit, also on an exception. In nested blocks the kernels
+    see the innermost bug. Names: see :data:`CATALOGUE`.
     """
     if name is None:
         yield
@@ -145,6 +162,8 @@ def inject_bug(name: Optional[str]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for patch in _PATCHES[name]():
             stack.enter_context(patch)
+        previous = _native.set_bug(name)  # the C++ sites (manualbp/csrc), one switch
+        stack.callback(_native.set_bug, previous)
         yield
 
 

@@ -13,7 +13,16 @@ the path's check; a check that still passes missed the bug, a hole in the suite.
   bug's optimizer settings and, for a bug outside the optimizer, also plain SGD (its one-kernel update) and
   momentum with weight decay (its gradient blocks). The vectorized trainer trains K = 2 models: plain SGD
   (``vectorized``, its fused step) or with momentum and weight decay (``vectorized-sgd``).
-- ``module-native``, ``fused-native``: not reached (the C++ kernels see no patched Python formula).
+- ``module-native``: ``compare`` of the MLP on its C++ autograd nodes (``manualbp/csrc/module.cpp``; the
+  class-index cross-entropy on its C++ node too) against native autograd, ``MANUALBP_NATIVE=require``; the
+  check counts the calls into the extension and raises if the C++ nodes did not run. (``trace`` and the
+  per-op Functions are Python on every path: they belong to ``module``.)
+- ``fused-native``: the fused check with ``step_many``'s C++ loop (``manualbp/csrc/fused.cpp``,
+  ``MANUALBP_NATIVE=require``), which must run (counted likewise).
+
+The bug reaches the C++ sites through the extension's runtime switch (:func:`~manualbp.verify.inject_bug`
+sets it). Where the extension cannot be built, or ``MANUALBP_NATIVE=off`` asks for no compiled code, the two
+native paths are "not run" (with the reason), not counted as reached.
 
 Each bug's check uses the setting where its formula matters (its activation, loss, reduction, optimizer;
 batch > 1, two hidden layers, random weights, class indices or random targets). A baseline run of every
@@ -22,22 +31,27 @@ check without a bug must pass first: otherwise the matrix means nothing, and it 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
 
+from .. import native as _native
 from .. import nn as mnn
 from ..nn import MLP
-from .bugs import CATALOGUE, PATHS, Bug, inject_bug, python_paths
+from .bugs import CATALOGUE, NATIVE_PATHS, PATHS, Bug, inject_bug, python_paths
 from .comparison import compare
 from .tracing import trace
 
 __all__ = ["MutationResult", "mutation_matrix"]
 
 CAUGHT, MISSED = "caught", "missed"
+NOT_RUN = "not run"
 _DTYPE = torch.float64
 _TOLERANCE = 1e-10
 _BATCH, _STEPS = 5, 3
@@ -103,8 +117,8 @@ class MutationResult:
             f"(baseline passed on every path; {self.seconds:.1f} s)"
         )
         lines = [head, self.table()]
-        if any(p in self.paths for p in ("module-native", "fused-native")):
-            lines.append("C++ paths not reached yet: an injected bug patches Python formulas only")
+        not_run = {self.cells[(b, p)] for p in NATIVE_PATHS if p in self.paths for b in self.bugs}
+        lines += [cell for cell in sorted(not_run) if cell.startswith(NOT_RUN)]
         for b, p in self.missed():
             lines.append(f"MISSED {b} on {p}: {CATALOGUE[b].description}")
         lines.append("PASS: every reached bug caught on every path" if self.ok else f"FAIL: {len(self.missed())} missed")
@@ -173,15 +187,60 @@ def _differ(actual: Sequence[Tensor], expected: Sequence[Tensor]) -> bool:
 # --------------------------------------------------------------------------------------------------
 # The checks: True when the check passes (no difference found)
 # --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _native_calls(*names: str) -> Iterator[dict[str, int]]:
+    """``MANUALBP_NATIVE=require`` inside the block, and how often each of the extension's ``names`` ran."""
+    with mock.patch.dict(os.environ, {"MANUALBP_NATIVE": "require"}):
+        module = _native.load()
+        calls = dict.fromkeys(names, 0)
+
+        def counting(name: str) -> Callable:
+            original = getattr(module, name)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                calls[name] += 1
+                return original(*args, **kwargs)
+
+            return call
+
+        with contextlib.ExitStack() as stack:
+            for name in names:
+                stack.enter_context(mock.patch.object(module, name, counting(name)))
+            yield calls
+
+
+def _ran_native(path: str, calls: dict[str, int]) -> None:
+    idle = [name for name, n in calls.items() if n == 0]
+    if idle:
+        raise RuntimeError(f"mutation matrix: the {path} check never called the extension's {', '.join(idle)}")
+
+
+def _module_compare(s: dict, model: MLP, x: Tensor, y: Tensor) -> bool:
+    """``compare`` of the MLP (with a softmax on top for the softmax bugs) against native autograd."""
+    if s["loss"] == "softmax":  # the unfused path: softmax, then cross-entropy on the probabilities
+        nll = lambda p, t: -p.gather(1, t.unsqueeze(1)).log().mean()  # noqa: E731
+        mine, ref = nn.Sequential(model, mnn.Softmax()), nn.Sequential(model.to_torch(), nn.Softmax(-1))
+        return compare(mine, x, y, nll, reference=ref).ok
+    return compare(model, x, y, s["loss"], reduction=s["reduction"]).ok
+
+
+def _check_module_native(s: dict) -> bool:
+    model = _model(s["activation"], 0)
+    x, y = _data(s["loss"], _BATCH)
+    names = ("mlp", "cross_entropy") if s["loss"] == "cross_entropy" else ("mlp",)
+    with _native_calls(*names) as calls:
+        ok = _module_compare(s, model, x, y)
+    _ran_native("module-native", calls)
+    return ok
+
+
 def _check_module(s: dict) -> bool:
     model = _model(s["activation"], 0)
     x, y = _data(s["loss"], _BATCH)
     with python_paths():
-        if s["loss"] == "softmax":  # the unfused path: softmax, then cross-entropy on the probabilities
-            nll = lambda p, t: -p.gather(1, t.unsqueeze(1)).log().mean()  # noqa: E731
-            mine, ref = nn.Sequential(model, mnn.Softmax()), nn.Sequential(model.to_torch(), nn.Softmax(-1))
-            return compare(mine, x, y, nll, reference=ref).ok
-        ok = compare(model, x, y, s["loss"], reduction=s["reduction"]).ok
+        ok = _module_compare(s, model, x, y)
+        if s["loss"] == "softmax":
+            return ok
         ok = trace(model, x, y, s["loss"], reduction=s["reduction"]).ok and ok
         hook = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
         try:  # a global hook: the MLP runs layer by layer, through the per-op Functions
@@ -191,7 +250,8 @@ def _check_module(s: dict) -> bool:
     return ok
 
 
-def _check_fused(s: dict) -> bool:
+def _check_fused(s: dict, native: bool = False) -> bool:
+    """The fused trainer's steps against torch.optim.SGD's: its Python loop, or (``native``) the C++ one."""
     from ..fast import FusedTrainer
 
     configs = [_SGD[s["optim"]]] if s["optim"] != "plain" else [{}, _WITH_STATE]
@@ -201,8 +261,10 @@ def _check_fused(s: dict) -> bool:
         model = _model(s["activation"], 0)
         expected = _reference_steps(model, s, sgd, x, y)
         trainer = FusedTrainer(copy.deepcopy(model), _manual_loss(s["loss"], s["reduction"]), lr=0.1, **sgd)
-        with python_paths():
+        with _native_calls("fused_step_many") if native else python_paths() as calls:
             trainer.step_many(*trainer.prepare(x, y), _BATCH)
+        if native:
+            _ran_native("fused-native", calls)
         ok = ok and not _differ([p.detach() for p in trainer.model.flat_parameters()], expected)
     return ok
 
@@ -224,8 +286,12 @@ def _check_vectorized(s: dict, sgd: dict) -> bool:
 def _check(path: str, s: dict) -> bool:
     if path == "module":
         return _check_module(s)
+    if path == "module-native":
+        return _check_module_native(s)
     if path == "fused":
         return _check_fused(s)
+    if path == "fused-native":
+        return _check_fused(s, native=True)
     if path == "vectorized":
         return _check_vectorized(s, {})
     if path == "vectorized-sgd":
@@ -254,10 +320,11 @@ def mutation_matrix(bugs: Optional[Sequence[str]] = None, paths: Optional[Sequen
     start = time.perf_counter()
     result = MutationResult(bugs, paths)
     baseline: dict[tuple[str, tuple], bool] = {}
+    not_run = _native_not_run() if any(p in NATIVE_PATHS for p in paths) else None
     for name in bugs:
         bug = CATALOGUE[name]
         for path in paths:
-            reason = bug.reach(path)
+            reason = bug.reach(path) or (not_run if path in NATIVE_PATHS else None)
             if reason is not None:
                 result.cells[(name, path)] = reason
                 continue
@@ -275,3 +342,15 @@ def mutation_matrix(bugs: Optional[Sequence[str]] = None, paths: Optional[Sequen
             result.cells[(name, path)] = MISSED if passed else CAUGHT
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _native_not_run() -> Optional[str]:
+    """Why the compiled paths cannot be checked here (None: they can; building the extension if needed)."""
+    if _native.mode() == "off":
+        return f"{NOT_RUN}: MANUALBP_NATIVE=off (the compiled paths were switched off)"
+    try:
+        with mock.patch.dict(os.environ, {"MANUALBP_NATIVE": "require"}):
+            _native.load()
+    except RuntimeError as error:
+        return f"{NOT_RUN}: the C++ extension could not be built here ({str(error)[:200]})"
+    return None
