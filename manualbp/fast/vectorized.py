@@ -100,6 +100,21 @@ class VectorizedTrainer:
         self.blocks_t = [blk.transpose(1, 2) for blk in self.blocks]
         self.widths = [first.in_features] + [w.shape[1] for w in self.weights]
         ref = self.weights[0]
+        self._set_optimizer(optimizer, lr, momentum, weight_decay, nesterov, dampening, betas, eps)
+        self.active = torch.ones(self.K, dtype=torch.bool, device=ref.device)
+        self._all_active = True
+        self.steps = torch.zeros(self.K, dtype=torch.long, device=ref.device)  # steps taken, per model
+        self._grads: Optional[list[Tensor]] = None  # the last step's gradients, where materialized
+        self._last: Optional[tuple[_Buffers, Tensor]] = None  # the fused step's (buffers, [x | 1])
+        self._buffers: dict[tuple[int, bool], _Buffers] = {}
+        self._predict_buffers: dict[tuple[int, bool], _Buffers] = {}  # forward-only, per (rows, shared input)
+
+    def _set_optimizer(
+        self, optimizer: str, lr: Scalars, momentum: Scalars, weight_decay: Scalars,
+        nesterov: Union[bool, Sequence[bool]], dampening: float, betas: Any, eps: Scalars,
+    ) -> None:  # fmt: skip
+        """The optimizer, its per-model hyperparameters (K, 1, 1) and its empty state, each checked."""
+        ref = self.weights[0]
         self.dampening = float(dampening)
         self.lr = self._per_model(lr, "lr")
         self.momentum = self._per_model(momentum, "momentum")
@@ -118,16 +133,9 @@ class VectorizedTrainer:
         self.eps = self._per_model(eps, "eps")
         self.sgd_state = O.SGDState()  # the momentum buffers (SGD)
         self.adam_state = O.AdamState(step=torch.zeros(self.K, 1, 1, dtype=ref.dtype, device=ref.device))
-        self.active = torch.ones(self.K, dtype=torch.bool, device=ref.device)
-        self._all_active = True
         self._any_momentum = bool((self.momentum != 0).any())
         self._any_nesterov = any(nest)
         self._all_nesterov = all(nest)
-        self.steps = torch.zeros(self.K, dtype=torch.long, device=ref.device)  # steps taken, per model
-        self._grads: Optional[list[Tensor]] = None  # the last step's gradients, where materialized
-        self._last: Optional[tuple[_Buffers, Tensor]] = None  # the fused step's (buffers, [x | 1])
-        self._buffers: dict[tuple[int, bool], _Buffers] = {}
-        self._predict_buffers: dict[tuple[int, bool], _Buffers] = {}  # forward-only, per (rows, shared input)
 
     def _per_model(self, value: Scalars, name: str) -> Tensor:
         ref = self.weights[0]
