@@ -69,6 +69,30 @@ def test_trajectory_equals_module_with_torch_sgd(activation, loss, optim):
     assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), init.parameters())) > 1e-3
 
 
+@pytest.mark.parametrize(
+    "optimizer,optim",
+    [
+        ("adam", dict(lr=0.01)),
+        ("adam", dict(lr=0.005, betas=(0.8, 0.99), eps=1e-6, weight_decay=1e-2)),
+        ("adamw", dict(lr=0.01, weight_decay=0.1)),
+        ("adamw", dict(lr=0.02, betas=(0.5, 0.9))),
+    ],
+)
+def test_adam_trajectory_equals_module_with_torch_adam(optimizer, optim):
+    """The Python step's Adam / AdamW (manualbp.optim_steps) against MLP + torch.optim.Adam / AdamW alone."""
+    model, ref = _twins("tanh")
+    x, y = _data(loss="mse")
+    trainer = FusedTrainer(model, "mse", optimizer=optimizer, **optim)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    _run_both(trainer, ref, cls(ref.parameters(), **{"weight_decay": 0.0, **optim}), manualbp.MSELoss(), x, y, epochs=5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert rel_err(p, q) <= 1e-12
+    assert trainer.adam_state.step == trainer.steps == 25 and trainer.momentum_buffers is None
+    torch.manual_seed(1)
+    init = manualbp.MLP(6, [10, 7], 3, activation="tanh", dtype=D)
+    assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), init.parameters())) > 1e-2
+
+
 def test_no_bias_sum_reduction_and_torch_loss_module():
     model, ref = _twins("tanh", bias=False, hidden=(9,))
     x, y = _data()
@@ -117,6 +141,12 @@ def test_bad_arguments():
         FusedTrainer(model, manualbp.CrossEntropyLoss("none"), lr=0.1)
     with pytest.raises(ValueError, match="loss must be one of"):
         FusedTrainer(model, "hinge", lr=0.1)
+    with pytest.raises(ValueError, match="optimizer must be one of 'sgd', 'adam', 'adamw', got 'rmsprop'"):
+        FusedTrainer(model, lr=0.1, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="momentum, dampening and nesterov are SGD's"):
+        FusedTrainer(model, lr=0.1, optimizer="adam", momentum=0.9)
+    with pytest.raises(ValueError, match="betas must be two numbers in"):
+        FusedTrainer(model, lr=0.1, optimizer="adam", betas=(1.0, 0.9))
 
 
 def test_parameters_are_views_of_the_blocks_and_prepare_checks_its_input():

@@ -119,3 +119,11 @@ def test_backends_register_lazily():
 
     with pytest.raises(ValueError, match="a lazy backend is named 'module:Class'"):
         register_backend("broken", "manualbp.fast.backend")
+
+
+def test_the_optimizer_steps_are_pure_math():
+    """optim_steps sits beside functional: it imports nothing of manualbp (no nn, no train, no fast)."""
+    imports = _top_level_imports(PACKAGE / "optim_steps.py")
+    assert imports == set(), imports
+    source = (PACKAGE / "optim_steps.py").read_text()
+    assert "import manualbp" not in source and "from ." not in source

@@ -129,3 +129,43 @@ def test_every_loss_on_every_path(loss):
     task = "classification" if registry.loss_spec(loss).targets == "classes" else "regression"
     data = {"name": "iris"} if task == "classification" else {"name": "diabetes"}
     assert resolve_config({"data": data, "loss": loss})["loss"] == loss
+
+
+_TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def test_the_optimizer_tables_name_the_same_optimizers():
+    from manualbp import optim_steps
+    from manualbp.fast.backend import _ARGUMENTS
+
+    assert set(_TORCH_OPTIMIZERS) == set(optim_steps.OPTIMIZERS) == set(_ARGUMENTS)
+
+
+@pytest.mark.parametrize("optimizer", list(_TORCH_OPTIMIZERS))
+def test_every_optimizer_on_every_fast_path(optimizer, monkeypatch):
+    """Each optimizer of manualbp.optim_steps on the fused trainer (Python step; C++ loop where built) and the
+    vectorized trainer: three steps equal torch.optim's on the module, and the config accepts the name."""
+    kwargs = {"lr": 0.05, "weight_decay": 0.01, **({"momentum": 0.9} if optimizer == "sgd" else {"betas": (0.8, 0.95)})}
+    x = torch.randn(12, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    y = _target("cross_entropy", 12)
+    manual = _model("tanh")
+    opt = _TORCH_OPTIMIZERS[optimizer](manual.parameters(), **kwargs)
+    for xb, yb in zip(x.split(4), y.split(4)):
+        opt.zero_grad()
+        manualbp.CrossEntropyLoss()(manual(xb), yb).backward()
+        opt.step()
+    paths = {}
+    for mode in ("off", "require") if native.load() is not None else ("off",):
+        monkeypatch.setenv("MANUALBP_NATIVE", mode)
+        fused_model = copy.deepcopy(_model("tanh"))
+        trainer = FusedTrainer(fused_model, "cross_entropy", optimizer=optimizer, **kwargs)
+        trainer.step_many(*trainer.prepare(x, y), 4)
+        paths[f"fused-{mode}"] = fused_model
+    vectorized = VectorizedTrainer([copy.deepcopy(_model("tanh"))], "cross_entropy", optimizer=optimizer, **kwargs)
+    for xb, yb in zip(x.split(4), y.split(4)):
+        vectorized.step(xb, yb)
+    paths["vectorized"] = vectorized.model(0)
+    for name, model in paths.items():
+        for a, b in zip(model.parameters(), manual.parameters()):
+            assert torch.allclose(a, b, atol=1e-12, rtol=0), (name, optimizer)
+    assert resolve_config({"optim": {"name": optimizer, "lr": 0.01}})["optim"]["name"] == optimizer

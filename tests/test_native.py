@@ -138,9 +138,13 @@ def test_fused_epoch_in_cpp_equals_the_python_loop_bit_for_bit(monkeypatch, acti
         dict(momentum=0.8, dampening=0.3, weight_decay=1e-2),
         dict(momentum=0.9, nesterov=True),
         dict(weight_decay=0.05),
+        dict(optimizer="adam", betas=(0.8, 0.95)),
+        dict(optimizer="adam", weight_decay=1e-2, eps=1e-6),
+        dict(optimizer="adamw", weight_decay=0.1),
     ],
 )
 def test_fused_epoch_in_cpp_with_momentum_and_weight_decay_equals_the_python_loop(monkeypatch, optim):
+    """SGD with state and Adam / AdamW: csrc/steps.h against manualbp/optim_steps.py, bit for bit."""
     g = torch.Generator().manual_seed(1)
     x, soft = torch.randn(40, 7, generator=g, dtype=torch.float64), torch.rand(40, 4, generator=g, dtype=torch.float64)
     models = []
@@ -157,6 +161,10 @@ def test_fused_epoch_in_cpp_with_momentum_and_weight_decay_equals_the_python_loo
         assert all(torch.equal(a, b) for a, b in zip(cpp.momentum_buffers, python.momentum_buffers))
     else:
         assert cpp.momentum_buffers is None and python.momentum_buffers is None
+    if optim.get("optimizer"):  # Adam's moments and step count come back from C++ as Python's
+        assert cpp.adam_state.step == python.adam_state.step == 9
+        for a, b in zip(cpp.adam_state.exp_avg + cpp.adam_state.exp_avg_sq, python.adam_state.exp_avg + python.adam_state.exp_avg_sq):
+            assert torch.equal(a, b)
     # the optimizer state carries over between the loops: an epoch in C++ after Python's equals Python's
     python.load_state_dict(cpp.state_dict())  # the same start for both again
     mixed = _epochs(python, x, soft, 16, 1, monkeypatch, "off") + _epochs(python, x, soft, 16, 1, monkeypatch, "require")

@@ -153,7 +153,7 @@ def test_other_optimizers_by_name_and_import_path(tmp_path):
     assert run({**adam_cfg, "output_dir": str(tmp_path)}).metrics == adam.metrics  # Adam's state loads weights_only
     with pytest.raises(ValueError, match="optim.momentum is not an argument of torch.optim.adam.Adam"):
         run(cfg(optim={"name": "adam", "momentum": 0.9}))
-    with pytest.raises(ValueError, match="optim.name must be 'sgd', 'adam' or the import path"):
+    with pytest.raises(ValueError, match="optim.name must be 'sgd', 'adam', 'adamw' or the import path"):
         run(cfg(optim={"name": "torch.optim.NoSuch"}))
 
 

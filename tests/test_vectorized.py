@@ -83,6 +83,53 @@ def test_each_model_matches_training_it_alone(activation, loss, plain):
     assert (trainer.weights[0][0] - trainer.weights[0][1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_each_model_matches_training_it_alone_with_adam(optimizer):
+    """K models with their own lr, betas, eps and weight decay (per-model (K, 1, 1) hyperparameters); one
+    stops half-way and stays frozen (parameters and Adam state), the others go on."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 6, dtype=D, generator=g), torch.randint(0, 3, (96,), generator=g)
+    K = 4
+    lrs, betas = [0.01, 0.003, 0.02, 0.005], [(0.9, 0.999), (0.8, 0.99), (0.5, 0.9), (0.95, 0.9999)]
+    eps, wds = [1e-8, 1e-6, 1e-8, 1e-3], [0.0, 1e-2, 0.1, 0.0]
+    models = _models(K, "tanh")
+    refs = [_clone(m) for m in models]
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    opts = [cls(r.parameters(), lr=lr, betas=b, eps=e, weight_decay=w) for r, lr, b, e, w in zip(refs, lrs, betas, eps, wds)]
+    trainer = VectorizedTrainer(models, "cross_entropy", optimizer=optimizer, lr=lrs, betas=betas, eps=eps, weight_decay=wds)
+    for epoch in range(6):
+        if epoch == 3:
+            trainer.stop(2)
+            frozen = [p.clone() for p in trainer.parameters_of(2)] + [t[2].clone() for t in trainer.adam_state.tensors()]
+        for i in range(0, 96, 32):
+            losses = trainer.step(x[i : i + 32], y[i : i + 32])
+            for k, (ref, opt) in enumerate(zip(refs, opts)):
+                if k == 2 and epoch >= 3:
+                    continue
+                opt.zero_grad()
+                ref_loss = manualbp.CrossEntropyLoss()(ref(x[i : i + 32]), y[i : i + 32])
+                ref_loss.backward()
+                opt.step()
+                assert abs(losses[k].item() - ref_loss.item()) <= 1e-10 * max(1.0, abs(ref_loss.item()))
+    for k, ref in enumerate(refs):
+        for p, q in zip(trainer.model(k).parameters(), ref.parameters()):
+            assert rel_err(p, q) <= 1e-10, k
+    now = [p for p in trainer.parameters_of(2)] + [t[2] for t in trainer.adam_state.tensors()]
+    assert all(torch.equal(a, b) for a, b in zip(now, frozen))
+    assert trainer.adam_state.step.view(-1).tolist() == [18, 18, 9, 18] and trainer.steps.tolist() == [18, 18, 9, 18]
+    # a resumed trainer continues with the same moments and step counts
+    state = trainer.state_dict()
+    trainer.step(x[:32], y[:32])
+    after = [p.clone() for p in trainer.params]
+    trainer.load_state_dict(state)
+    trainer.step(x[:32], y[:32])
+    assert all(torch.equal(p, q) for p, q in zip(trainer.params, after))
+    with pytest.raises(ValueError, match="betas: expected one pair"):
+        VectorizedTrainer(_models(K), lr=0.1, optimizer=optimizer, betas=[(0.9, 0.99)] * 3)
+    with pytest.raises(ValueError, match="momentum, dampening and nesterov are SGD's"):
+        VectorizedTrainer(_models(K), lr=0.1, optimizer=optimizer, momentum=0.9)
+
+
 @pytest.mark.parametrize("momentum", [0.9, 0.0])  # 0: the fused step
 def test_per_model_batches_no_bias_and_grad_norms(momentum):
     """Inputs (K, N, in): each model sees its own batch order, as when each seed shuffles differently."""

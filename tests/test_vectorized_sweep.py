@@ -78,14 +78,49 @@ def test_each_run_equals_run_alone(tmp_path, same_seed, plain):
         assert again.metrics["test_accuracy"] == v.metrics["test_accuracy"]
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_runs_equal_autograd_runs_alone(name):
+    """optim=adam / adamw in a vectorized group (per-model lr, betas, eps, weight decay; one model stops
+    early) equals each config trained alone with torch.optim.Adam / AdamW on the autograd backend."""
+    configs = [
+        {**c, "optim": {"name": name, "batch_size": 64, **optim}}
+        for c, optim in zip(
+            CONFIGS[:3],
+            [
+                {"lr": 0.01},
+                {"lr": 0.003, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 1e-2},
+                {"lr": 0.02, "betas": [0.5, 0.9], "weight_decay": 0.1},
+            ],
+        )
+    ]
+    assert len({group_key(c) for c in configs}) == 1
+    results = run_many(configs)
+    for i, (c, v) in enumerate(zip(configs, results)):
+        r = run(dict(c, backend="autograd"))
+        assert (v.status, v.stop_reason, v.metrics["epochs"], v.metrics["steps"]) == (
+            r.status, r.stop_reason, r.metrics["epochs"], r.metrics["steps"]
+        )  # fmt: skip
+        for p, q in zip(v.model.parameters(), r.model.parameters()):
+            assert (p - q).abs().max().item() <= 1e-10 * max(1.0, q.abs().max().item()), i
+        for a, b in zip(v.history, r.history):
+            assert abs(a["train_loss"] - b["train_loss"]) <= 1e-10 * max(1.0, abs(b["train_loss"])), i
+    assert results[2].metrics["epochs"] == 2 and results[0].metrics["epochs"] == 4  # one stopped, the rest went on
+
+
 def test_group_key_and_incompatible_configs():
     assert group_key(CONFIGS[0]) == group_key(CONFIGS[1])
     other = {**CONFIGS[0], "model": {"hidden": [32], "activation": "tanh", "bias": True}}
     assert group_key(other) != group_key(CONFIGS[0])
     with pytest.raises(ValueError, match="differ"):
         run_many([CONFIGS[0], other])
-    with pytest.raises(ValueError, match="SGD only"):
-        run_many([{**CONFIGS[0], "optim": {"name": "adam", "lr": 0.01, "batch_size": 64}}])
+    with pytest.raises(ValueError, match="implements SGD, Adam and AdamW"):
+        run_many([{**CONFIGS[0], "optim": {"name": "torch.optim.RMSprop", "lr": 0.01, "batch_size": 64}}])
+    adam = {**CONFIGS[0], "optim": {"name": "adam", "lr": 0.01, "batch_size": 64}}
+    assert group_key(adam) != group_key(CONFIGS[0])  # one optimizer per group
+    with pytest.raises(ValueError, match="one optimizer per group"):
+        from manualbp.fast.sweep import _trainer
+
+        _trainer([], "cross_entropy", [{"optimizer": "sgd", "lr": 0.1}, {"optimizer": "adam", "lr": 0.1}])
     # a measurement along training is not taken by the vectorized path: refused, never silently dropped
     from manualbp.fast.sweep import unsupported
 

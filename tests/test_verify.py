@@ -520,7 +520,7 @@ def test_the_catalogue_covers_every_formula():
     settings = [bug.setting for bug in V.CATALOGUE.values()]
     assert {s["activation"] for s in settings if "activation" in s} == set(manualbp.functional.ACTIVATIONS)
     assert {"cross_entropy", "mse", "squared_error", "softmax"} <= {s["loss"] for s in settings if "loss" in s}
-    assert {"momentum", "nesterov", "weight_decay"} <= {s["optim"] for s in settings if "optim" in s}
+    assert {"momentum", "nesterov", "weight_decay", "adam"} <= {s["optim"] for s in settings if "optim" in s}
     for bug in V.CATALOGUE.values():
         assert bug.formula and bug.description
         # a compiled path runs the formulas of its Python twin: n/a on one exactly where n/a on the other
@@ -548,14 +548,16 @@ def test_each_optimizer_bug_is_caught_on_the_fused_python_path(name):
 
 
 def test_inject_bug_restores_every_patched_copy_and_leaves_the_native_switch_alone(monkeypatch):
-    from manualbp.fast import _losses, fused, vectorized
+    from manualbp import optim_steps
+    from manualbp.fast import _losses, fused
 
     monkeypatch.delenv("MANUALBP_NATIVE", raising=False)
     from manualbp import registry
 
     tables = [dict(registry.ACTIVATION_REGISTRY), dict(registry.LOSS_REGISTRY), dict(_losses.LOSSES)]
     functions = [manualbp.functional.linear_backward, fused.loss_scales, fused.block_grad_into]
-    methods = [fused.FusedTrainer._momentum_update, vectorized.VectorizedTrainer._nesterov_ahead]
+    steps = ["weight_decayed", "momentum_update_", "nesterov_direction", "bias_corrections"]
+    methods = [getattr(optim_steps, name) for name in steps]
     for name in V.CATALOGUE:
         with V.inject_bug(name):
             assert "MANUALBP_NATIVE" not in __import__("os").environ
@@ -563,7 +565,7 @@ def test_inject_bug_restores_every_patched_copy_and_leaves_the_native_switch_alo
     assert manualbp.native._bug[0] is None
     assert tables == [dict(registry.ACTIVATION_REGISTRY), dict(registry.LOSS_REGISTRY), dict(_losses.LOSSES)]
     assert functions == [manualbp.functional.linear_backward, fused.loss_scales, fused.block_grad_into]
-    assert methods == [fused.FusedTrainer._momentum_update, vectorized.VectorizedTrainer._nesterov_ahead]
+    assert methods == [getattr(optim_steps, name) for name in steps]
 
 
 def test_mutation_matrix_on_a_subset_and_its_errors():

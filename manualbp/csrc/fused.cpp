@@ -1,9 +1,11 @@
-// The FusedTrainer's epoch (manualbp/fast/fused.py: step_many, _step, _sgd_update) as one C++ loop.
+// The FusedTrainer's epoch (manualbp/fast/fused.py: step_many, _step, _update) as one C++ loop.
 //
 // The same ATen kernels with the same arguments in the same order as the Python step, so the result is the
 // same bit for bit; only the per-kernel cost of calling from Python is gone. The formulas and their
-// derivation are documented once, in fused.py; this file only repeats its kernel sequence.
+// derivation are documented once, in fused.py; this file only repeats its kernel sequence. The optimizer
+// steps (SGD, Adam, AdamW) are steps.h's, the C++ twin of manualbp/optim_steps.py.
 #include "native.h"
+#include "steps.h"
 
 #include <utility>
 
@@ -22,35 +24,6 @@ Buffers unpack(const Tensors& z, const Tensors& act, const Tensors& a,
   Buffers buf{z, act, a, grad, {}, out, out.view(-1), grad.back().view(-1), scale};
   for (const auto& g : grad) buf.grad_t.push_back(g.t());
   return buf;
-}
-
-// torch.optim.SGD's settings and state (FusedTrainer's lr, momentum, ..., momentum_buffers, _grad_blocks).
-struct SGD {
-  double lr, momentum, dampening, weight_decay;
-  bool nesterov;
-  Tensors momentum_buffers;  // empty until the first step with momentum
-  Tensors grad_blocks;       // dL/d[W | b] (not used by plain SGD)
-  bool plain() const { return momentum == 0 && weight_decay == 0; }
-};
-
-// FusedTrainer._sgd_update
-void sgd_update(const Tensors& params, SGD& sgd) {
-  Tensors grads = sgd.grad_blocks;
-  if (sgd.weight_decay != 0) {  // g + wd p (the catalogue's weight_decay_sign: g - wd p)
-    grads = at::_foreach_add(grads, params, active_bug() == kWeightDecaySign ? -sgd.weight_decay : sgd.weight_decay);
-  }
-  Tensors direction = grads;
-  if (sgd.momentum != 0) {
-    if (sgd.momentum_buffers.empty()) {
-      for (const auto& g : grads) sgd.momentum_buffers.push_back(g.clone());
-    } else {
-      if (active_bug() != kMomentumNotDecayed) at::_foreach_mul_(sgd.momentum_buffers, sgd.momentum);  // m buf
-      at::_foreach_add_(sgd.momentum_buffers, grads, 1 - sgd.dampening);
-    }
-    const double ahead = active_bug() == kNesterovMissingMomentumFactor ? 1.0 : sgd.momentum;  // bug: g + buf
-    direction = sgd.nesterov ? at::_foreach_add(grads, sgd.momentum_buffers, ahead) : sgd.momentum_buffers;  // g + m buf
-  }
-  at::_foreach_add_(params, direction, -sgd.lr);
 }
 
 // fused.py's output_grad_into for cross-entropy: y - softmax(o) sum_k y_k = -dL/do / |scale| into ``grad``, from
@@ -99,7 +72,7 @@ void block_grad_(const at::Tensor& dest, const at::Tensor& grad_t, const at::Ten
 // One step (FusedTrainer._step); returns the loss / loss_scale.
 at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
                 const Tensors& weights, const std::vector<int64_t>& codes,
-                const std::vector<double>& slopes, bool cross_entropy, SGD& sgd, Buffers& buf, const at::Tensor& input,
+                const std::vector<double>& slopes, bool cross_entropy, SGD& sgd, Adam* adam, Buffers& buf, const at::Tensor& input,
                 const at::Tensor& target, const at::Tensor& target_flat) {
   const size_t layers = blocks.size();
   // forward_into
@@ -121,7 +94,7 @@ at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
     dot = at::dot(buf.go_flat, buf.go_flat);
   }
   // backward, top layer first; plain SGD updates each layer in its gradient's matmul
-  const bool plain = sgd.plain();
+  const bool plain = adam == nullptr && sgd.plain();
   const double alpha = -sgd.lr * buf.scale;
   for (size_t k = layers; k-- > 0;) {
     const at::Tensor& below = k ? buf.act[k - 1] : input;
@@ -140,19 +113,26 @@ at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
       block_grad_(sgd.grad_blocks[k], buf.grad_t[k], below, 0, buf.scale, has_bias);
     }
   }
-  if (!plain) sgd_update(blocks, sgd);
+  if (adam != nullptr) {
+    adam_update(blocks, sgd.grad_blocks, *adam);
+  } else if (!plain) {
+    sgd_update(blocks, sgd);
+  }
   return dot;
 }
 
 }  // namespace
 
-// FusedTrainer.step_many's loop: consecutive SGD steps on the batches of ``batch_size`` rows. ``full`` and
+// FusedTrainer.step_many's loop: consecutive optimizer steps on the batches of ``batch_size`` rows. ``full`` and
 // ``last`` are the buffers of a full and of the (possibly smaller) last batch, as (z, act, a, grad, out,
-// scale). Returns the batch losses / loss_scale, shape (number of batches,), and the momentum buffers.
-std::tuple<at::Tensor, Tensors> fused_step_many(
+// scale). ``optimizer`` "adam" or "adamw" steps with Adam (betas, eps, its moments and step count) instead
+// of SGD. Returns the batch losses / loss_scale, shape (number of batches,), the momentum buffers and the
+// Adam moments m, v.
+std::tuple<at::Tensor, Tensors, Tensors, Tensors> fused_step_many(
     const Tensors& blocks, const Tensors& weights, const Activations& activations, const std::string& loss,
     double lr, double momentum, double dampening, double weight_decay, bool nesterov, Tensors momentum_buffers,
-    Tensors grad_blocks, const at::Tensor& input, const at::Tensor& target, int64_t batch_size, const Tensors& full_z,
+    Tensors grad_blocks, const std::string& optimizer, double beta1, double beta2, double eps, Tensors exp_avg,
+    Tensors exp_avg_sq, int64_t adam_step, const at::Tensor& input, const at::Tensor& target, int64_t batch_size, const Tensors& full_z,
     const Tensors& full_act, const Tensors& full_a, const Tensors& full_grad, const at::Tensor& full_out,
     double full_scale, const Tensors& last_z, const Tensors& last_act, const Tensors& last_a,
     const Tensors& last_grad, const at::Tensor& last_out, double last_scale) {
@@ -163,7 +143,13 @@ std::tuple<at::Tensor, Tensors> fused_step_many(
               "step_many: one activation per hidden layer");
   TORCH_CHECK(batch_size > 0, "step_many: batch_size must be positive");
   SGD sgd{lr, momentum, dampening, weight_decay, nesterov, std::move(momentum_buffers), std::move(grad_blocks)};
-  TORCH_CHECK(sgd.plain() || sgd.grad_blocks.size() == blocks.size(), "step_many: one gradient block per layer");
+  TORCH_CHECK(optimizer == "sgd" || optimizer == "adam" || optimizer == "adamw", "step_many: unknown optimizer ",
+              optimizer);
+  Adam adam{lr, beta1, beta2, eps, weight_decay, optimizer == "adamw", std::move(exp_avg), std::move(exp_avg_sq),
+            adam_step};
+  Adam* adam_or_null = optimizer == "sgd" ? nullptr : &adam;
+  TORCH_CHECK((adam_or_null == nullptr && sgd.plain()) || sgd.grad_blocks.size() == blocks.size(),
+              "step_many: one gradient block per layer");
   c10::NoGradGuard no_grad;
   Tensors blocks_t;
   for (const auto& b : blocks) blocks_t.push_back(b.t());
@@ -177,9 +163,9 @@ std::tuple<at::Tensor, Tensors> fused_step_many(
   dots.reserve(xs.size());
   for (size_t b = 0; b < xs.size(); ++b) {
     Buffers& buf = b + 1 < xs.size() ? full : last;
-    dots.push_back(step(blocks, blocks_t, weights, codes, slopes, cross_entropy, sgd, buf, xs[b], ys[b], ts[b]));
+    dots.push_back(step(blocks, blocks_t, weights, codes, slopes, cross_entropy, sgd, adam_or_null, buf, xs[b], ys[b], ts[b]));
   }
-  return {at::stack(dots), sgd.momentum_buffers};
+  return {at::stack(dots), sgd.momentum_buffers, adam.exp_avg, adam.exp_avg_sq};
 }
 
 }  // namespace manualbp

@@ -61,7 +61,8 @@ inline std::pair<std::vector<int64_t>, std::vector<double>> activation_codes(con
   X(kInputGradWeightTransposed, "input_grad_weight_transposed")                   \
   X(kWeightDecaySign, "weight_decay_sign")                                        \
   X(kMomentumNotDecayed, "momentum_not_decayed")                                  \
-  X(kNesterovMissingMomentumFactor, "nesterov_missing_momentum_factor")
+  X(kNesterovMissingMomentumFactor, "nesterov_missing_momentum_factor")            \
+  X(kAdamBiasCorrectionMissing, "adam_bias_correction_missing")
 
 #define MANUALBP_BUG_CODE(code, name) code,
 enum Bug : int64_t { kNoBug = 0, MANUALBP_BUGS(MANUALBP_BUG_CODE) kBugEnd };
@@ -135,11 +136,13 @@ inline void activation_backward_(int64_t code, double slope, at::Tensor& g, cons
   }
 }
 
-// fused.cpp: FusedTrainer.step_many's loop; returns (the batch losses / loss_scale, the momentum buffers).
-std::tuple<at::Tensor, Tensors> fused_step_many(
+// fused.cpp: FusedTrainer.step_many's loop; returns (the batch losses / loss_scale, the momentum buffers,
+// Adam's m and v). The optimizer steps live in steps.h.
+std::tuple<at::Tensor, Tensors, Tensors, Tensors> fused_step_many(
     const Tensors& blocks, const Tensors& weights, const Activations& activations, const std::string& loss,
     double lr, double momentum, double dampening, double weight_decay, bool nesterov, Tensors momentum_buffers,
-    Tensors grad_blocks, const at::Tensor& input, const at::Tensor& target, int64_t batch_size, const Tensors& full_z,
+    Tensors grad_blocks, const std::string& optimizer, double beta1, double beta2, double eps, Tensors exp_avg,
+    Tensors exp_avg_sq, int64_t adam_step, const at::Tensor& input, const at::Tensor& target, int64_t batch_size, const Tensors& full_z,
     const Tensors& full_act, const Tensors& full_a, const Tensors& full_grad, const at::Tensor& full_out,
     double full_scale, const Tensors& last_z, const Tensors& last_act, const Tensors& last_a,
     const Tensors& last_grad, const at::Tensor& last_out, double last_scale);

@@ -3,6 +3,7 @@ loop's backend interface (``cls(model, loss, optim_cfg)``, step/set_lr/predict/g
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ContextManager, Mapping
 
 import torch
@@ -12,26 +13,55 @@ from ..nn import MLP
 from ..train.backends import check_optim_cfg, register_backend
 from .fused import FusedTrainer, step_flops
 
-__all__ = ["FusedBackend", "sgd_kwargs"]
+__all__ = ["FusedBackend", "sgd_kwargs", "trainer_kwargs"]
+
+#: the trainers' arguments of each optimizer (the rest of torch.optim's only choose an implementation)
+_ARGUMENTS = {
+    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+    "adam": ("lr", "betas", "eps", "weight_decay"),
+    "adamw": ("lr", "betas", "eps", "weight_decay"),
+}
+
+
+def trainer_kwargs(optim_cfg: Mapping[str, Any], backend: str) -> dict[str, Any]:
+    """The fast trainers' optimizer arguments (``optimizer`` and lr, momentum, ... or betas, eps, ...) of an
+    ``optim`` config: SGD, Adam or AdamW (the steps of :mod:`manualbp.optim_steps`); anything else, or an
+    option they do not implement (amsgrad, maximize, differentiable), is a clear error naming the key."""
+    cls, kwargs = check_optim_cfg(optim_cfg)
+    if cls is torch.optim.SGD:
+        name = "sgd"
+    elif cls is torch.optim.AdamW or (cls is torch.optim.Adam and kwargs.get("decoupled_weight_decay")):
+        name = "adamw"
+    elif cls is torch.optim.Adam:
+        name = "adam"
+    else:
+        raise ValueError(
+            f"backend={backend} implements SGD, Adam and AdamW (optim.name=sgd, adam or adamw), "
+            f"got optim.name={optim_cfg.get('name')!r}"
+        )
+    for key in ("amsgrad", "maximize", "differentiable"):
+        if kwargs.get(key):
+            raise ValueError(f"backend={backend}: optim.{key} is not supported")
+    out = {k: kwargs[k] for k in _ARGUMENTS[name] if k in kwargs}
+    if name != "sgd":  # torch.optim's defaults where the config leaves them out (AdamW's weight decay too)
+        defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+        out = {**{k: defaults[k] for k in _ARGUMENTS[name]}, **out}
+        out["betas"] = tuple(float(b) for b in out["betas"])
+    return {"optimizer": name, **out}
 
 
 def sgd_kwargs(optim_cfg: Mapping[str, Any], backend: str) -> dict[str, Any]:
-    """The SGD arguments (lr, momentum, dampening, weight_decay, nesterov) of an ``optim`` config.
-
-    The fast backends implement torch.optim.SGD's update only; another optimizer is a clear error.
-    """
-    cls, kwargs = check_optim_cfg(optim_cfg)
-    if cls is not torch.optim.SGD:
-        raise ValueError(
-            f"backend={backend} implements SGD only (optim.name=sgd), got optim.name={optim_cfg.get('name')!r}"
-        )
-    if kwargs.get("maximize") or kwargs.get("differentiable"):
-        raise ValueError(f"backend={backend}: optim.maximize and optim.differentiable are not supported")
-    return {k: kwargs[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov") if k in kwargs}
+    """The SGD arguments (lr, momentum, dampening, weight_decay, nesterov) of an SGD ``optim`` config (another
+    optimizer is a clear error); :func:`trainer_kwargs` takes Adam and AdamW too."""
+    kwargs = trainer_kwargs(optim_cfg, backend)
+    if kwargs.pop("optimizer") != "sgd":
+        raise ValueError(f"sgd_kwargs: optim.name={optim_cfg.get('name')!r} is not SGD (use trainer_kwargs)")
+    return kwargs
 
 
 class FusedBackend:
-    """Forward, hand-derived backward and the SGD update in one engine-free pass (:class:`FusedTrainer`).
+    """Forward, hand-derived backward and the optimizer step (SGD, Adam or AdamW) in one engine-free pass
+    (:class:`FusedTrainer`).
 
     The same formulas and the same update as ``backend: manual``, so the runs agree (float64: to about
     1e-12; ``tests/test_fused_backend.py``).
@@ -40,7 +70,7 @@ class FusedBackend:
     name = "fused"
 
     def __init__(self, model: MLP, loss: str, optim_cfg: Mapping[str, Any]) -> None:
-        self.trainer = FusedTrainer(model, loss, **sgd_kwargs(optim_cfg, "fused"))
+        self.trainer = FusedTrainer(model, loss, **trainer_kwargs(optim_cfg, "fused"))
         self.model = model
 
     def prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

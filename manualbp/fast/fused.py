@@ -8,10 +8,11 @@ in-place ``addmm_`` that is at once dL/dW = (dL/dz)^T a_prev, dL/db = sum_n dL/d
 The activation derivatives are the kernels of ``manualbp.functional``'s ``*_backward`` (written in place);
 cross-entropy's dL/do is softmax(o) sum_k y_k - y (softmax(o) - y for one-hot or normalized targets; one
 kernel, which yields its negative), the squared errors' o - y, the reduction's 1/N and that sign folded into
-the step size. Momentum, dampening, nesterov and weight decay follow ``torch.optim.SGD`` (``buf = grad`` on
-the first step) with ``torch._foreach_*`` ops over the blocks.
+the step size. Momentum, dampening, nesterov and weight decay (``torch.optim.SGD``, ``buf = grad`` on the first
+step) and Adam / AdamW (``optimizer="adam"`` / ``"adamw"``) are the steps of :mod:`manualbp.optim_steps`, the one
+source of the update formulas, applied to the dL/d[W | b] blocks.
 
-It is the same math as ``MLP`` + ``torch.optim.SGD`` step for step (float64: the trajectories agree to
+It is the same math as ``MLP`` + ``torch.optim.SGD`` (or ``Adam`` / ``AdamW``) step for step (float64: the trajectories agree to
 about 1e-12 after a full run; ``tests/test_fused.py``), without the graph bookkeeping, the Python
 ``Function`` calls, per-step input validation, allocations or the optimizer's per-parameter loop.
 :meth:`FusedTrainer.prepare` appends the ones column and one-hot encodes the targets once per data set;
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .. import optim_steps as O
 from ..autograd import join_params
 from ..native import load as native_kernels
 from ..nn import MLP
@@ -142,14 +144,18 @@ class _Buffers:
 
 
 class FusedTrainer:
-    """Train a :class:`manualbp.MLP` with SGD, engine-free, updating its parameters in place.
+    """Train a :class:`manualbp.MLP` with SGD, Adam or AdamW, engine-free, updating its parameters in place.
 
     Args:
         model: the MLP. Its ``weight``/``bias`` parameters are re-pointed at views of one ``[W | b]``
             block per layer, which every step updates in place (``model`` stays usable as a module;
             after moving the model or replacing its parameters, build a new trainer).
         loss: "cross_entropy", "mse", "squared_error" or a matching loss module (manualbp's or torch's).
-        lr, momentum, dampening, weight_decay, nesterov: as ``torch.optim.SGD``.
+        optimizer: "sgd" (``torch.optim.SGD``), "adam" (``torch.optim.Adam``) or "adamw" (``torch.optim.AdamW``,
+            decoupled weight decay); the steps of :mod:`manualbp.optim_steps`.
+        lr, weight_decay: as the optimizer's (weight decay defaults to 0 for all three).
+        momentum, dampening, nesterov: as ``torch.optim.SGD`` (SGD only).
+        betas, eps: as ``torch.optim.Adam`` (Adam and AdamW only; amsgrad and maximize are not implemented).
 
     Example:
         >>> model = MLP(64, [64], 10)
@@ -171,13 +177,21 @@ class FusedTrainer:
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        optimizer: str = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
     ) -> None:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a manualbp.MLP, got {type(model).__name__}")
+        self.optimizer = O.check_optimizer(optimizer)
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if self.optimizer != "sgd" and (momentum or dampening or nesterov):
+            raise ValueError(f"momentum, dampening and nesterov are SGD's; optimizer={self.optimizer!r} takes betas")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas) or eps < 0:
+            raise ValueError(f"betas must be two numbers in [0, 1) and eps >= 0, got betas={betas!r}, eps={eps!r}")
         self.model = model
         self.loss_name, self.reduction = resolve_loss(loss)
         self.lr = float(lr)
@@ -185,8 +199,11 @@ class FusedTrainer:
         self.dampening = float(dampening)
         self.weight_decay = float(weight_decay)
         self.nesterov = bool(nesterov)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
         self.steps = 0
-        self.momentum_buffers: Optional[list[Tensor]] = None
+        self.sgd_state = O.SGDState()  # the momentum buffers (SGD)
+        self.adam_state = O.AdamState()  # the moments and the step count (Adam, AdamW)
         self._bind()
 
     def _bind(self) -> None:
@@ -247,17 +264,17 @@ class FusedTrainer:
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self, input: Tensor, target: Tensor) -> Tensor:
-        """One SGD step on a batch; returns the batch loss (detached, before the update)."""
+        """One optimizer step on a batch; returns the batch loss (detached, before the update)."""
         return self.step_prepared(*self.prepare(input, target))
 
     def step_prepared(self, input: Tensor, target: Tensor) -> Tensor:
-        """One SGD step on a batch of :meth:`prepare`'s output; returns the batch loss (before the update)."""
+        """One optimizer step on a batch of :meth:`prepare`'s output; returns the batch loss (before the update)."""
         buf = self._buffers_for(input.shape[0])
         with self._threads(buf.flops):
             return self._step(buf, input, target, target.view(-1)).mul_(buf.loss_scale_t)
 
     def step_many(self, input: Tensor, target: Tensor, batch_size: int) -> Tensor:
-        """Consecutive SGD steps on the batches of ``batch_size`` rows of :meth:`prepare`'s output.
+        """Consecutive optimizer steps on the batches of ``batch_size`` rows of :meth:`prepare`'s output.
 
         Rows ``b * batch_size`` to ``(b + 1) * batch_size - 1`` are batch ``b`` (the last one may be smaller),
         as one :meth:`step_prepared` call each would take them, with the same result. Returns the batch
@@ -278,14 +295,18 @@ class FusedTrainer:
         last = self._buffers_for(n - (batches - 1) * batch_size) if n % batch_size else full
         native = native_kernels()
         with self._threads(full.flops):
-            if native is not None and self._compiled():  # the loop below, called from C++: same kernels, same order (manualbp.native)
-                losses, buffers = native.fused_step_many(
+            if native is not None and self._compiled():  # the loop below, called from C++: same kernels, same order
+                adam = self.adam_state
+                losses, buffers, exp_avg, exp_avg_sq = native.fused_step_many(
                     self.blocks, self.weights, self.activations, self.loss_name, self.lr, self.momentum,
                     self.dampening, self.weight_decay, self.nesterov, self.momentum_buffers or [],
-                    [] if self._plain else self._gradient_blocks(), input, target, batch_size,
+                    [] if self._plain else self._gradient_blocks(), self.optimizer, *self.betas, self.eps,
+                    adam.exp_avg or [], adam.exp_avg_sq or [], int(adam.step), input, target, batch_size,
                     *full.native_args(), *last.native_args(),
                 )  # fmt: skip
                 self.momentum_buffers = buffers or None
+                if self.optimizer != "sgd":
+                    self.adam_state = O.AdamState(exp_avg, exp_avg_sq, int(adam.step) + batches)
                 self._last = (last, input[(batches - 1) * batch_size :])
                 self.steps += batches
             else:
@@ -329,7 +350,16 @@ class FusedTrainer:
     @property
     def _plain(self) -> bool:
         """Plain SGD: the step updates [W | b] in its gradient's matmul and never materialises dL/d[W | b]."""
-        return self.momentum == 0 and self.weight_decay == 0
+        return self.optimizer == "sgd" and self.momentum == 0 and self.weight_decay == 0
+
+    @property
+    def momentum_buffers(self) -> Optional[list[Tensor]]:
+        """SGD's momentum buffers, one per [W | b] block (None before the first step with momentum)."""
+        return self.sgd_state.momentum_buffers
+
+    @momentum_buffers.setter
+    def momentum_buffers(self, buffers: Optional[list[Tensor]]) -> None:
+        self.sgd_state.momentum_buffers = buffers
 
     def _gradient_blocks(self) -> list[Tensor]:
         """The dL/d[W | b] buffers a step with momentum or weight decay fills (the C++ loop too), made once."""
@@ -372,37 +402,24 @@ class FusedTrainer:
             else:  # dL/d[W | b] = scale grad^T [a^{l-1} | 1]
                 block_grad_into(grad_blocks[k], buf.grad_t[k], below, scale, 0.0, self.bias)  # type: ignore[index]
         if grad_blocks is not None:
-            self._sgd_update(grad_blocks)
+            self._update(grad_blocks)
         self._last = (buf, input)
         self.steps += 1
         return loss
 
-    def _sgd_update(self, grads: list[Tensor]) -> None:
-        # torch.optim.SGD, per parameter: g = g + wd p; buf = g (first step) or m buf + (1 - d) g;
-        # g = g + m buf (nesterov) or buf; p -= lr g. ``grads`` itself stays the raw dL/dp (for grad_norms).
-        params = self.blocks
-        if self.weight_decay != 0:
-            grads = self._weight_decayed(grads)
-        if self.momentum != 0:
-            if self.momentum_buffers is None:
-                self.momentum_buffers = [g.clone() for g in grads]
-            else:
-                self._momentum_update(grads)
-            direction = self._nesterov_direction(grads) if self.nesterov else self.momentum_buffers
+    def _update(self, grads: list[Tensor]) -> None:
+        """The optimizer step on the blocks from dL/d[W | b] (``grads`` stays the raw gradient, for grad_norms):
+        :func:`manualbp.optim_steps.sgd_step_` or :func:`~manualbp.optim_steps.adam_step_`."""
+        if self.optimizer == "sgd":
+            O.sgd_step_(
+                self.blocks, grads, self.sgd_state, lr=self.lr, momentum=self.momentum, dampening=self.dampening,
+                weight_decay=self.weight_decay, nesterov=self.nesterov,
+            )  # fmt: skip
         else:
-            direction = grads
-        torch._foreach_add_(params, direction, alpha=-self.lr)
-
-    # The update's formulas, one method each (so that manualbp.verify.inject_bug can break each one).
-    def _weight_decayed(self, grads: list[Tensor]) -> list[Tensor]:
-        return torch._foreach_add(grads, self.blocks, alpha=self.weight_decay)  # g + wd p
-
-    def _momentum_update(self, grads: list[Tensor]) -> None:
-        torch._foreach_mul_(self.momentum_buffers, self.momentum)  # buf = m buf
-        torch._foreach_add_(self.momentum_buffers, grads, alpha=1 - self.dampening)  # + (1 - d) g
-
-    def _nesterov_direction(self, grads: list[Tensor]) -> list[Tensor]:
-        return torch._foreach_add(grads, self.momentum_buffers, alpha=self.momentum)  # g + m buf
+            O.adam_step_(
+                self.blocks, grads, self.adam_state, lr=self.lr, betas=self.betas, eps=self.eps,
+                weight_decay=self.weight_decay, decoupled=self.optimizer == "adamw",
+            )  # fmt: skip
 
     # -- the rest of the backend contract ---------------------------------------------------------------
     @property
@@ -443,7 +460,8 @@ class FusedTrainer:
             "model": {k: v.clone() for k, v in self.model.state_dict().items()},
             "lr": self.lr,
             "steps": self.steps,
-            "momentum_buffers": None if self.momentum_buffers is None else [b.clone() for b in self.momentum_buffers],
+            "momentum_buffers": self.sgd_state.state_dict()["momentum_buffers"],
+            "adam_state": self.adam_state.state_dict() if self.optimizer != "sgd" else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -451,5 +469,5 @@ class FusedTrainer:
         self._bind()
         self.lr = float(state["lr"])
         self.steps = int(state["steps"])
-        buffers = state.get("momentum_buffers")
-        self.momentum_buffers = None if buffers is None else [b.clone() for b in buffers]
+        self.sgd_state = O.SGDState.from_state_dict({"momentum_buffers": state.get("momentum_buffers")})
+        self.adam_state = O.AdamState.from_state_dict(state.get("adam_state"))

@@ -1,6 +1,6 @@
 """``run_many``: K run configs trained as one batched model, each reported as its own run.
 
-The configs may differ in ``seed``, ``init``, ``optim`` (lr, momentum, nesterov, weight_decay),
+The configs may differ in ``seed``, ``init``, ``optim`` (lr, momentum, nesterov, weight_decay, betas, eps),
 ``lr_schedule``, ``stopping``, ``output_dir``, ``logger`` and ``progress``; everything else (data, model,
 dtype, device, loss, batch size) must be equal (:func:`group_key`). Each config keeps its own
 initialization (:func:`manualbp.init.initialize` with its seed), data split and batch order (its seed, as
@@ -11,7 +11,7 @@ finished ``checkpoint.pt`` into its own ``output_dir`` in ``run``'s format, so `
 ordinary runs (and ``run`` on the same config returns the stored result).
 
 Each run's logger (W&B) gets its history when that run ends (one W&B run per config, in the configured
-group). Not supported: an optimizer other than SGD (a clear error); resuming a group killed mid-way
+group). Not supported: an optimizer other than SGD, Adam and AdamW (a clear error); resuming a group killed mid-way
 (the finished runs' directories are complete; the rest rerun from the start).
 """
 
@@ -35,7 +35,7 @@ from ..train.loop import build_model, resolve_loss
 from ..train.output import HistoryFile, json_safe, save_atomic, write_json
 from ..train.schedules import build_schedule
 from ..train.stopping import StopContext, build_stopping
-from .backend import sgd_kwargs
+from .backend import trainer_kwargs
 from .vectorized import VectorizedTrainer
 
 __all__ = ["run_many", "group_key", "unsupported", "VARYING_KEYS"]
@@ -45,19 +45,22 @@ VARYING_KEYS = ("seed", "init", "optim", "lr_schedule", "stopping", "output_dir"
 #: history.csv of each run is brought up to date every this many epochs (and when the run ends)
 HISTORY_EVERY = 10
 #: optim keys that may differ (the rest, batch_size and name, must agree)
-VARYING_OPTIM = ("lr", "momentum", "nesterov", "weight_decay", "dampening")
+VARYING_OPTIM = ("lr", "momentum", "nesterov", "weight_decay", "dampening", "betas", "eps")
 
 
 def unsupported(config: Any) -> Optional[str]:
-    """Why a config cannot train in a vectorized group (None when it can): an optimizer other than SGD, or a
-    ``metrics`` measurement (sharpness, activations), which the per-model path takes."""
+    """Why a config cannot train in a vectorized group (None when it can): an optimizer other than SGD, Adam and
+    AdamW (or an option of theirs the trainer lacks: amsgrad, maximize), or a ``metrics`` measurement
+    (sharpness, activations), which the per-model path takes."""
     return _unsupported(resolve_config(config))
 
 
 def _unsupported(cfg: dict) -> Optional[str]:
     """:func:`unsupported` of a resolved config."""
-    if str(cfg["optim"].get("name", "")).lower() != "sgd":
-        return f"optim.name={cfg['optim']['name']!r}: the vectorized trainer runs SGD only (momentum, Nesterov, weight decay)"
+    try:
+        trainer_kwargs(cfg["optim"], "vectorized")
+    except ValueError as error:
+        return f"{error} (the vectorized trainer runs SGD with momentum, Nesterov, weight decay, and Adam / AdamW)"
     on = [name for name, value in cfg["metrics"].items() if value is not None]
     if on:
         return f"metrics.{on[0]} is measured on the ordinary path only"
@@ -144,7 +147,7 @@ class _Group:
             self.stoppings.append(st)
             self.schedules.append(build_schedule(c["lr_schedule"], c["optim"]["lr"], self.steps_per_epoch, st.max_epochs))
             self.shuffles.append(torch.Generator().manual_seed(c["seed"] + 1))
-        self.trainer = _trainer(models, self.loss, [sgd_kwargs(c["optim"], "vectorized") for c in cfgs])
+        self.trainer = _trainer(models, self.loss, [trainer_kwargs(c["optim"], "vectorized") for c in cfgs])
         self.n_layers = len(models[0].linears)
         self.histories: list[list[dict[str, Any]]] = [[] for _ in range(K)]
         self.decisions: list[Optional[tuple[str, str]]] = [None] * K
@@ -387,16 +390,23 @@ class _Group:
 
 
 def _trainer(models: list, loss: str, opts: list[dict[str, Any]]) -> VectorizedTrainer:
-    """One VectorizedTrainer for the K models with each one's SGD settings (dampening must agree)."""
+    """One VectorizedTrainer for the K models with each one's optimizer settings (the optimizer and
+    dampening must agree)."""
     dampening = {o.get("dampening", 0.0) for o in opts}
     if len(dampening) != 1:
         raise ValueError("run_many: optim.dampening must be equal across the group")
+    optimizers = {o["optimizer"] for o in opts}
+    if len(optimizers) != 1:
+        raise ValueError(f"run_many: one optimizer per group, got {sorted(optimizers)}")
     return VectorizedTrainer(
         models,
         loss,
+        optimizer=optimizers.pop(),
         lr=[o["lr"] for o in opts],
         momentum=[o.get("momentum", 0.0) for o in opts],
         weight_decay=[o.get("weight_decay", 0.0) for o in opts],
         nesterov=[bool(o.get("nesterov", False)) for o in opts],
         dampening=dampening.pop(),
+        betas=[o.get("betas", (0.9, 0.999)) for o in opts],
+        eps=[o.get("eps", 1e-8) for o in opts],
     )

@@ -6,9 +6,11 @@ takes :class:`~manualbp.fast.FusedTrainer`'s engine-free step with a model dimen
 matmul forward, one back and one in-place ``baddbmm_`` that is the gradient and the update at once, each
 model's learning rate folded into its output gradient. With momentum or weight decay the formulas of
 ``manualbp.functional`` (``mlp_forward``/``mlp_backward``, the losses' backward) run unchanged on all K
-models with batched matmuls, and torch.optim.SGD's update follows. Each model keeps its own initial
-weights, learning rate, momentum, weight decay, nesterov flag and an active flag: an inactive (stopped)
-model is frozen, its parameters and momentum buffer no longer change, while the others go on. The update is ``torch.optim.SGD``'s, per model, so each model's
+models with batched matmuls, and the optimizer step follows: ``torch.optim.SGD``'s or (``optimizer="adam"`` /
+``"adamw"``) ``torch.optim.Adam``'s / ``AdamW``'s, the steps of :mod:`manualbp.optim_steps` with per-model
+hyperparameters (K, 1, 1). Each model keeps its own initial weights, learning rate, momentum, weight decay,
+nesterov flag, betas, eps and an active flag: an inactive (stopped) model is frozen, its parameters and
+optimizer state no longer change, while the others go on. The update is per model, so each model's
 trajectory equals training it alone (float64: to about 1e-10; ``tests/test_vectorized.py``).
 
 Inputs may be shared, ``x`` (N, in) and ``y`` (N,) for all models, or per model, ``x`` (K, N, in) and
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .. import optim_steps as O
 from ..autograd import join_params
 from ..nn import MLP
 from ..registry import LOSS_REGISTRY
@@ -36,13 +39,16 @@ Scalars = Union[float, Sequence[float], Tensor]
 
 
 class VectorizedTrainer:
-    """Train K same-architecture MLPs with SGD as one batched model (engine-free).
+    """Train K same-architecture MLPs with SGD, Adam or AdamW as one batched model (engine-free).
 
     Args:
         models: K :class:`manualbp.MLP` of one architecture (their weights are copied and stacked).
         loss: "cross_entropy", "mse", "squared_error" or a matching loss module.
         lr, momentum, weight_decay: one value for all models or one per model.
         nesterov: one flag or one per model. dampening: one value (as ``torch.optim.SGD``).
+        optimizer: "sgd", "adam" or "adamw" (one for all models; momentum, dampening and nesterov are SGD's).
+        betas: one pair ``(beta1, beta2)`` for all models or K pairs, one per model (Adam, AdamW).
+        eps: one value or one per model (Adam, AdamW).
 
     Example:
         >>> models = [MLP(64, [64], 10) for _ in range(8)]
@@ -60,6 +66,9 @@ class VectorizedTrainer:
         weight_decay: Scalars = 0.0,
         nesterov: Union[bool, Sequence[bool]] = False,
         dampening: float = 0.0,
+        optimizer: str = "sgd",
+        betas: Union[Sequence[float], Sequence[Sequence[float]], Tensor] = (0.9, 0.999),
+        eps: Scalars = 1e-8,
     ) -> None:
         models = list(models)
         if not models or not all(isinstance(m, MLP) for m in models):
@@ -92,6 +101,21 @@ class VectorizedTrainer:
         self.blocks_t = [blk.transpose(1, 2) for blk in self.blocks]
         self.widths = [first.in_features] + [w.shape[1] for w in self.weights]
         ref = self.weights[0]
+        self._set_optimizer(optimizer, lr, momentum, weight_decay, nesterov, dampening, betas, eps)
+        self.active = torch.ones(self.K, dtype=torch.bool, device=ref.device)
+        self._all_active = True
+        self.steps = torch.zeros(self.K, dtype=torch.long, device=ref.device)  # steps taken, per model
+        self._grads: Optional[list[Tensor]] = None  # the last step's gradients, where materialized
+        self._last: Optional[tuple[_Buffers, Tensor]] = None  # the fused step's (buffers, [x | 1])
+        self._buffers: dict[tuple[int, bool], _Buffers] = {}
+        self._predict_buffers: dict[tuple[int, bool], _Buffers] = {}  # forward-only, per (rows, shared input)
+
+    def _set_optimizer(
+        self, optimizer: str, lr: Scalars, momentum: Scalars, weight_decay: Scalars,
+        nesterov: Union[bool, Sequence[bool]], dampening: float, betas: Any, eps: Scalars,
+    ) -> None:  # fmt: skip
+        """The optimizer, its per-model hyperparameters (K, 1, 1) and its empty state, each checked."""
+        ref = self.weights[0]
         self.dampening = float(dampening)
         self.lr = self._per_model(lr, "lr")
         self.momentum = self._per_model(momentum, "momentum")
@@ -103,17 +127,16 @@ class VectorizedTrainer:
         self.nesterov = torch.tensor(nest, device=ref.device).view(-1, 1, 1)
         if bool((self.nesterov.view(-1) & (self.momentum.view(-1) <= 0)).any()) or (any(nest) and dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        self.active = torch.ones(self.K, dtype=torch.bool, device=ref.device)
-        self._all_active = True
+        self.optimizer = O.check_optimizer(optimizer)
+        if self.optimizer != "sgd" and (bool((self.momentum != 0).any()) or any(nest) or dampening != 0):
+            raise ValueError(f"momentum, dampening and nesterov are SGD's; optimizer={self.optimizer!r} takes betas")
+        self.beta1, self.beta2 = self._betas(betas)
+        self.eps = self._per_model(eps, "eps")
+        self.sgd_state = O.SGDState()  # the momentum buffers (SGD)
+        self.adam_state = O.AdamState(step=torch.zeros(self.K, 1, 1, dtype=ref.dtype, device=ref.device))
         self._any_momentum = bool((self.momentum != 0).any())
         self._any_nesterov = any(nest)
         self._all_nesterov = all(nest)
-        self.steps = torch.zeros(self.K, dtype=torch.long, device=ref.device)  # steps taken, per model
-        self.momentum_buffers: Optional[list[Tensor]] = None
-        self._grads: Optional[list[Tensor]] = None  # the last step's gradients, where materialized
-        self._last: Optional[tuple[_Buffers, Tensor]] = None  # the fused step's (buffers, [x | 1])
-        self._buffers: dict[tuple[int, bool], _Buffers] = {}
-        self._predict_buffers: dict[tuple[int, bool], _Buffers] = {}  # forward-only, per (rows, shared input)
 
     def _per_model(self, value: Scalars, name: str) -> Tensor:
         ref = self.weights[0]
@@ -125,6 +148,25 @@ class VectorizedTrainer:
         if bool((t < 0).any()):
             raise ValueError(f"{name} must be >= 0, got {t.tolist()}")
         return t.view(-1, 1, 1)
+
+    def _betas(self, betas: Any) -> tuple[Tensor, Tensor]:
+        """(beta1, beta2), each (K, 1, 1), from one pair or K pairs; each in [0, 1)."""
+        ref = self.weights[0]
+        t = torch.as_tensor(betas, dtype=ref.dtype).to(ref.device)
+        if t.shape == (2,):
+            t = t.expand(self.K, 2)
+        if t.shape != (self.K, 2):
+            raise ValueError(
+                f"betas: expected one pair (beta1, beta2) or {self.K} pairs (one per model), got shape {tuple(t.shape)}"
+            )
+        if bool(((t < 0) | (t >= 1)).any()):
+            raise ValueError(f"betas must be in [0, 1), got {t.tolist()}")
+        return t[:, 0].reshape(-1, 1, 1).clone(), t[:, 1].reshape(-1, 1, 1).clone()
+
+    @property
+    def momentum_buffers(self) -> Optional[list[Tensor]]:
+        """SGD's momentum buffers, stacked over the models (None before the first step with momentum)."""
+        return self.sgd_state.momentum_buffers
 
     # -- the step ------------------------------------------------------------------------------------
     def _targets(self, output: Tensor, target: Tensor) -> Tensor:
@@ -162,11 +204,12 @@ class VectorizedTrainer:
         return 1.0 / count if self.reduction == "mean" else 1.0
 
     def step(self, input: Tensor, target: Tensor) -> Tensor:
-        """One SGD step of every active model; returns the per-model batch losses (K,) before the update.
+        """One optimizer step of every active model; returns the per-model batch losses (K,) before the update.
 
-        Plain SGD on a loss with fused kernels takes the fused step; anything else (momentum, weight decay, a
-        registered loss) takes :meth:`gradients` (functional's sweep batched over K) and :meth:`_update`."""
-        if not (self._any_momentum or self._has_weight_decay) and LOSS_REGISTRY[self.loss_name].native:
+        Plain SGD on a loss with fused kernels takes the fused step; anything else (momentum, weight decay,
+        Adam, a registered loss) takes :meth:`gradients` (functional's sweep batched over K) and :meth:`_update`."""
+        plain = self.optimizer == "sgd" and not (self._any_momentum or self._has_weight_decay)
+        if plain and LOSS_REGISTRY[self.loss_name].native:
             with torch.no_grad():
                 return self._fused_step(input, target)
         losses, grads = self.gradients(input, target)
@@ -223,49 +266,28 @@ class VectorizedTrainer:
         return dots.mul_(buf.loss_scale)
 
     def _update(self, grads: list[Tensor]) -> None:
-        # torch.optim.SGD per model k: g = g + wd_k p; buf = g (first step) or m_k buf + (1 - d) g;
-        # g = g + m_k buf (nesterov_k) or buf (m_k != 0) or g; p -= lr_k g; nothing moves where inactive.
-        # (For m_k = 0 the buffer is 0 * buf + g = g, so one formula serves every model.)
+        """The optimizer step of :mod:`manualbp.optim_steps` with the per-model hyperparameters (K, 1, 1); a
+        frozen model's parameters and optimizer state are put back after it (nothing of it moves)."""
         self._grads, self._last = grads, None
-        if self._any_momentum and self.momentum_buffers is None:
-            self.momentum_buffers = [torch.empty_like(p) for p in self.params]
-            first = True
+        state: Any = self.sgd_state if self.optimizer == "sgd" else self.adam_state
+        kept = None if self._all_active else [(t, t.clone()) for t in self.params + state.tensors()]
+        decay = self.weight_decay if self._has_weight_decay else 0.0  # 0.0: no model decays, skip it
+        if self.optimizer == "sgd":
+            nesterov = True if self._all_nesterov else self.nesterov if self._any_nesterov else False
+            O.sgd_step_(
+                self.params, grads, state, lr=self.lr, momentum=self.momentum if self._any_momentum else 0.0,
+                dampening=self.dampening, weight_decay=decay, nesterov=nesterov,
+            )  # fmt: skip
         else:
-            first = False
-        all_active = self._all_active
-        neg_lr = -self.lr
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            if self._has_weight_decay:
-                g = self._weight_decayed(g, p)
-            direction = g
-            if self._any_momentum:
-                buf = self.momentum_buffers[i]  # type: ignore[index]
-                if first:
-                    buf.copy_(g)
-                else:
-                    self._momentum_update(buf, g)
-                direction = buf
-                if self._any_nesterov:
-                    ahead = self._nesterov_ahead(g, buf)
-                    direction = ahead if self._all_nesterov else torch.where(self.nesterov, ahead, buf)
-            if all_active:
-                p.addcmul_(direction, neg_lr)  # p - lr g
-            else:
-                p.copy_(torch.where(self.active.view(-1, 1, 1), torch.addcmul(p, direction, neg_lr), p))
+            O.adam_step_(
+                self.params, grads, state, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps,
+                weight_decay=decay, decoupled=self.optimizer == "adamw",
+            )  # fmt: skip
+        if kept is not None:
+            frozen = ~self.active.view(-1, 1, 1)
+            for t, before in kept:
+                t.copy_(torch.where(frozen, before, t))
         self.steps += self.active  # on the device: no host sync per step
-
-    # The update's formulas, one method each (so that manualbp.verify.inject_bug can break each one).
-    def _weight_decayed(self, g: Tensor, p: Tensor) -> Tensor:
-        return torch.addcmul(g, p, self.weight_decay)  # g + wd_k p
-
-    def _momentum_update(self, buf: Tensor, g: Tensor) -> None:
-        if self.dampening:
-            buf.mul_(self.momentum).add_(g, alpha=1 - self.dampening)  # buf = m_k buf + (1 - d) g
-        else:
-            buf.mul_(self.momentum).add_(g)  # buf = m_k buf + g
-
-    def _nesterov_ahead(self, g: Tensor, buf: Tensor) -> Tensor:
-        return torch.addcmul(g, self.momentum, buf)  # g + m_k buf
 
     # -- per-model state -------------------------------------------------------------------------------
     def set_lr(self, lr: Scalars) -> None:
@@ -346,7 +368,8 @@ class VectorizedTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "params": [p.clone() for p in self.params],
-            "momentum_buffers": None if self.momentum_buffers is None else [b.clone() for b in self.momentum_buffers],
+            "momentum_buffers": self.sgd_state.state_dict()["momentum_buffers"],
+            "adam_state": self.adam_state.state_dict() if self.optimizer != "sgd" else None,
             "lr": self.lr.clone(),
             "active": self.active.clone(),
             "steps": self.steps.clone(),
@@ -356,8 +379,9 @@ class VectorizedTrainer:
         with torch.no_grad():
             for p, q in zip(self.params, state["params"]):
                 p.copy_(q)
-        buffers = state["momentum_buffers"]
-        self.momentum_buffers = None if buffers is None else [b.clone() for b in buffers]
+        self.sgd_state = O.SGDState.from_state_dict({"momentum_buffers": state["momentum_buffers"]})
+        if state.get("adam_state") is not None:
+            self.adam_state = O.AdamState.from_state_dict(state["adam_state"])
         self.lr = state["lr"].clone()
         self.active = state["active"].clone()
         self._all_active = bool(self.active.all())

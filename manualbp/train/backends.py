@@ -92,14 +92,14 @@ def register_backend(name: str, cls: Union[type, str]) -> Union[type, str]:
 # --------------------------------------------------------------------------------------------------
 # Optimizers
 # --------------------------------------------------------------------------------------------------
-_ALIASES = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam"}
+_ALIASES = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
 _LOOP_KEYS = ("name", "batch_size")
 
 
 def resolve_optimizer(name: object) -> type:
-    """The ``torch.optim.Optimizer`` subclass that ``optim.name`` names (sgd, adam, or an import path)."""
+    """The ``torch.optim.Optimizer`` subclass that ``optim.name`` names (sgd, adam, adamw, or an import path)."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"optim.name must be 'sgd', 'adam' or an import path like 'torch.optim.RMSprop', got {name!r}")
+        raise ValueError(f"optim.name must be 'sgd', 'adam', 'adamw' or an import path like 'torch.optim.RMSprop', got {name!r}")
     path = _ALIASES.get(name.lower(), name)
     module_name, _, attr = path.replace(":", ".").rpartition(".")
     try:
@@ -108,7 +108,7 @@ def resolve_optimizer(name: object) -> type:
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(
-            f"optim.name must be 'sgd', 'adam' or the import path of a torch.optim.Optimizer "
+            f"optim.name must be 'sgd', 'adam', 'adamw' or the import path of a torch.optim.Optimizer "
             f"(e.g. 'torch.optim.RMSprop'), got {name!r}"
         )
     return cls

@@ -1,8 +1,8 @@
 """Deliberate bugs, to show (and test) that the checks catch them: the mutation catalogue.
 
-:data:`CATALOGUE` holds one :class:`Bug` per formula of the hand-derived backward and the SGD update (every
-activation derivative, every loss gradient and its reduction factor, softmax, dL/dW, dL/db, dL/da_prev,
-momentum, Nesterov, weight decay); :data:`BUGS` is its ``name -> description`` view. :func:`inject_bug`
+:data:`CATALOGUE` holds one :class:`Bug` per formula of the hand-derived backward and the optimizer steps
+(every activation derivative, every loss gradient and its reduction factor, softmax, dL/dW, dL/db, dL/da_prev,
+momentum, Nesterov, weight decay, Adam's bias correction); :data:`BUGS` is its ``name -> description`` view. :func:`inject_bug`
 breaks one formula inside a ``with`` block, on every Python path at once, and restores it on exit. It patches
 the formula where each path reads it:
 
@@ -13,8 +13,10 @@ the formula where each path reads it:
   specs (which call them by name), trace and the vectorized trainer's general step;
 - the fast trainers' fused kernels: ``manualbp.fast.fused`` (``output_grad_into``, ``loss_scales``,
   ``block_grad_into``, ``backprop_into``, ``FusedTrainer``'s update methods: the fused trainer's Python path
-  and the vectorized trainer's plain-SGD step), ``VectorizedTrainer``'s update methods and
-  ``_reduction_factor``.
+  and the vectorized trainer's plain-SGD step) and ``VectorizedTrainer._reduction_factor``;
+- ``manualbp.optim_steps`` (``weight_decayed``, ``momentum_update_``, ``nesterov_direction``,
+  ``bias_corrections``): the one source of the optimizer steps, which the fused trainer's Python path and the
+  vectorized trainer's momentum / weight-decay / Adam step both call.
 
 The compiled paths, ``manualbp/csrc/module.cpp`` (the module's C++ nodes, which ``manualbp.nn`` uses where
 the extension is built and eligible) and ``manualbp/csrc/fused.cpp`` (``FusedTrainer.step_many``'s C++
@@ -25,7 +27,7 @@ table is the extension's (:func:`manualbp.native.bug_codes`, from ``csrc/native.
 :data:`KERNEL_FREE` names the bugs without a C++ site and where the compiled paths read that formula instead
 (the Python loss and softmax modules, ``loss_scales``): the Python patch reaches them there. To see a bug on
 the Python path of the module or the fused trainer, run it explicitly (:func:`python_paths`).
-No path implements Adam by hand (``torch.optim.Adam`` only), so the catalogue has no Adam bug.
+The module trains with ``torch.optim``: the optimizer bugs do not apply to it.
 """
 
 from __future__ import annotations
@@ -52,13 +54,13 @@ PATHS = {
     "fused": "FusedTrainer, Python step (manualbp/fast/fused.py)",
     "fused-native": "FusedTrainer.step_many's C++ loop (manualbp/csrc/fused.cpp)",
     "vectorized": "VectorizedTrainer, plain SGD (the fused step batched over K models)",
-    "vectorized-sgd": "VectorizedTrainer with momentum/weight decay (functional's formulas batched over K)",
+    "vectorized-sgd": "VectorizedTrainer with momentum/weight decay or Adam (functional's formulas batched over K)",
 }
 #: The compiled paths: an injected bug reaches them through the extension's runtime switch.
 NATIVE_PATHS = ("module-native", "fused-native")
 _NO_OPTIMIZER = "n/a: the module has no hand-written optimizer (it trains with torch.optim)"
 _NO_SOFTMAX = "n/a: no separate softmax (cross-entropy's dL/do is fused)"
-_PLAIN_SGD = "n/a: plain SGD only (no momentum or weight decay on this path)"
+_PLAIN_SGD = "n/a: plain SGD only (no momentum, weight decay or Adam on this path)"
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ CATALOGUE: dict[str, Bug] = {
         _bug("weight_decay_sign", "g = dL/dp + wd p", "g = dL/dp - wd p", _OPTIMIZER_NA, optim="weight_decay"),
         _bug("momentum_not_decayed", "buf = m buf + (1 - d) g", "buf = buf + (1 - d) g: the momentum factor m is missing", _OPTIMIZER_NA, optim="momentum"),  # noqa: E501
         _bug("nesterov_missing_momentum_factor", "direction = g + m buf", "direction = g + buf", _OPTIMIZER_NA, optim="nesterov"),  # noqa: E501
+        # the Adam update (torch.optim.Adam's)
+        _bug("adam_bias_correction_missing", "m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)", "m_hat = m, v_hat = v: no 1 - beta^t bias correction", _OPTIMIZER_NA, optim="adam"),  # noqa: E501
     ]
 }
 
@@ -330,12 +334,11 @@ def _mean_rows(grad_bias: Tensor, rows: Tensor) -> Tensor:
     return grad_bias / rows.shape[-2]
 
 
-def _optimizer_patches(fused_method: str, fused_make: Callable, vec_method: str, vec_make: Callable) -> list:
-    fused, vectorized = _fast()[:2]
-    return [
-        _wrap_attr(fused.FusedTrainer, fused_method, fused_make),
-        _wrap_attr(vectorized.VectorizedTrainer, vec_method, vec_make),
-    ]
+def _optim_step_patch(name: str, make: Callable[[Callable], Callable]) -> Any:
+    """``manualbp.optim_steps.<name>`` replaced by ``make(original)``: every path's optimizer step reads it."""
+    from .. import optim_steps
+
+    return _wrap_attr(optim_steps, name, make)
 
 
 def _sign_flipped_ce(loss_name, out, target, grad, dim, original):
@@ -464,24 +467,18 @@ def _patches_for(name: str) -> list:
         return _linear_patches(input_weight=torch.zeros_like)
     if name == "input_grad_weight_transposed":
         return _linear_patches(input_weight=_transposed)
-    if name == "weight_decay_sign":
-        return _optimizer_patches(
-            "_weight_decayed",
-            lambda original: lambda self, grads: [2 * g - d for g, d in zip(grads, original(self, grads))],
-            "_weight_decayed",
-            lambda original: lambda self, g, p: 2 * g - original(self, g, p),
-        )
+    if name == "weight_decay_sign":  # g - wd p = 2 g - (g + wd p)
+        return [_optim_step_patch("weight_decayed", lambda original: lambda g, p, wd: 2 * g - original(g, p, wd))]
     if name == "momentum_not_decayed":
-        return _optimizer_patches("_momentum_update", _fused_not_decayed, "_momentum_update", _vectorized_not_decayed)
-    if name == "nesterov_missing_momentum_factor":
-        return _optimizer_patches(
-            "_nesterov_direction",
-            lambda original: lambda self, grads: [
-                d + (1 - self.momentum) * b for d, b in zip(original(self, grads), self.momentum_buffers)
-            ],
-            "_nesterov_ahead",
-            lambda original: lambda self, g, buf: original(self, g, buf) + (1 - self.momentum) * buf,
-        )
+        return [_optim_step_patch("momentum_update_", _not_decayed)]
+    if name == "nesterov_missing_momentum_factor":  # g + buf = (g + m buf) + (1 - m) buf
+        return [
+            _optim_step_patch(
+                "nesterov_direction", lambda original: lambda g, buf, m: original(g, buf, m) + (1 - m) * buf
+            )
+        ]
+    if name == "adam_bias_correction_missing":
+        return [_optim_step_patch("bias_corrections", lambda original: lambda beta1, beta2, step: (1.0, 1.0))]
     raise AssertionError(f"no patches for {name!r}")  # pragma: no cover (every catalogue name has them)
 
 
@@ -493,20 +490,11 @@ def _probabilities(original: Callable, mean: bool) -> Callable:
     return wrapped
 
 
-def _fused_not_decayed(original: Callable) -> Callable:
-    def update(self, grads):
-        old = [b.clone() for b in self.momentum_buffers]
-        original(self, grads)
-        torch._foreach_add_(self.momentum_buffers, old, alpha=1 - self.momentum)  # + (1 - m) buf: buf + g
-
-    return update
-
-
-def _vectorized_not_decayed(original: Callable) -> Callable:
-    def update(self, buf, g):
+def _not_decayed(original: Callable) -> Callable:
+    def update(buf, g, momentum, dampening):
         old = buf.clone()
-        original(self, buf, g)
-        buf.add_(old * (1 - self.momentum))
+        original(buf, g, momentum, dampening)
+        buf.add_(old * (1 - momentum))  # + (1 - m) buf: buf + (1 - d) g
 
     return update
 

@@ -7,12 +7,13 @@ the path's check; a check that still passes missed the bug, a hole in the suite.
   autograd on its twin, and ``compare`` once more with a global module hook set (so the MLP runs layer by
   layer through the per-op Functions); for softmax, ``compare`` of MLP + :class:`manualbp.nn.Softmax` under
   a cross-entropy on probabilities. Python paths (``MANUALBP_NATIVE=off`` for the check).
-- ``fused``, ``vectorized``, ``vectorized-sgd``: three SGD steps (batches of 5 rows) of the trainer against
-  the same steps of ``torch.optim.SGD`` on ``model.to_torch()`` in float64; the parameters after them must
+- ``fused``, ``vectorized``, ``vectorized-sgd``: three optimizer steps (batches of 5 rows) of the trainer
+  against the same steps of ``torch.optim.SGD`` (``torch.optim.Adam`` for an Adam bug) on ``model.to_torch()``
+  in float64; the parameters after them must
   agree to 1e-10. The fused trainer runs ``step_many`` on its Python path (``MANUALBP_NATIVE=off``), with the
   bug's optimizer settings and, for a bug outside the optimizer, also plain SGD (its one-kernel update) and
   momentum with weight decay (its gradient blocks). The vectorized trainer trains K = 2 models: plain SGD
-  (``vectorized``, its fused step) or with momentum and weight decay (``vectorized-sgd``).
+  (``vectorized``, its fused step) or with momentum and weight decay or Adam (``vectorized-sgd``).
 - ``module-native``: ``compare`` of the MLP on its C++ autograd nodes (``manualbp/csrc/module.cpp``; the
   class-index cross-entropy on its C++ node too) against native autograd, ``MANUALBP_NATIVE=require``; the
   check counts the calls into the extension and raises if the C++ nodes did not run. (``trace`` and the
@@ -55,12 +56,15 @@ NOT_RUN = "not run"
 _DTYPE = torch.float64
 _TOLERANCE = 1e-10
 _BATCH, _STEPS = 5, 3
+#: the trainers' optimizer arguments per setting (``optimizer`` picks the torch.optim reference; default SGD)
 _SGD = {
     "plain": {},
     "momentum": {"momentum": 0.9},
     "nesterov": {"momentum": 0.9, "nesterov": True},
     "weight_decay": {"momentum": 0.9, "weight_decay": 0.1},
+    "adam": {"optimizer": "adam", "betas": (0.8, 0.95)},
 }
+_TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 _WITH_STATE = {"momentum": 0.9, "weight_decay": 0.01}  # momentum and weight decay on, for a bug outside them
 
 
@@ -168,7 +172,8 @@ def _manual_loss(loss: str, reduction: str) -> nn.Module:
 
 def _reference_steps(model: MLP, s: dict, sgd: dict, x: Tensor, y: Tensor) -> list[Tensor]:
     twin = model.to_torch()
-    opt = torch.optim.SGD(twin.parameters(), lr=0.1, **sgd)
+    kwargs = {k: v for k, v in sgd.items() if k != "optimizer"}
+    opt = _TORCH_OPTIMIZERS[sgd.get("optimizer", "sgd")](twin.parameters(), lr=0.1, **kwargs)
     loss_fn = _torch_loss(s["loss"], s["reduction"])
     for xb, yb in zip(x.split(_BATCH), y.split(_BATCH)):
         opt.zero_grad()
