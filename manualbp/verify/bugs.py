@@ -417,6 +417,13 @@ def _ce_batch_softmax(original, grad_output, log_probs, target, reduction, count
 
 
 def _patches_for(name: str) -> list:
+    """The patches of bug ``name``: its formula broken where each Python path reads it."""
+    patches = _activation_and_loss_patches(name)
+    return patches if patches is not None else _layer_and_step_patches(name)
+
+
+def _activation_and_loss_patches(name: str) -> Optional[list]:
+    """The activation derivatives' and the losses' bugs (None for any other name)."""
     if name == "sigmoid_missing_derivative":
         return _activation_patches("sigmoid", lambda g, a, s: g.clone())
     if name == "tanh_derivative_plus":
@@ -457,6 +464,11 @@ def _patches_for(name: str) -> list:
             _loss_scales_patch(_reduction_scale(mean)),
             _reduction_factor_patch(_reduction_vectorized(mean)),
         ]
+    return None
+
+
+def _layer_and_step_patches(name: str) -> list:
+    """The linear layer's and the optimizer steps' bugs."""
     if name == "weight_grad_transposed":
         return _linear_patches(weight=_transposed)
     if name == "bias_grad_not_summed":
