@@ -125,6 +125,7 @@ def test_every_loss_on_every_path(loss):
     _same_step(manual, _model("tanh"), loss, x, y)
     assert compare(_model("tanh"), x, y, loss=loss).ok
     assert trace(_model("tanh"), x, y, loss=loss).ok
+    assert explain([2, 2, 2], activation="tanh", loss=loss).ok
     LOSS_MODULES[loss]()(_model("tanh")(x), y)
     task = "classification" if registry.loss_spec(loss).targets == "classes" else "regression"
     data = {"name": "iris"} if task == "classification" else {"name": "diabetes"}

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..nn import MLP
-from ..registry import ACTIVATION_REGISTRY, View
+from ..registry import ACTIVATION_REGISTRY, LOSS_REGISTRY, View
 from .references import LOSSES
 from .reports import TraceReport
 from .tracing import trace
@@ -186,7 +186,7 @@ def _check_explain_args(widths: Sequence[int], activation: str, loss: str) -> li
     ):
         raise ValueError(f"widths: expected at least two positive integers (input, hidden..., output), got {widths!r}")
     if activation not in F.ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(sorted(F.ACTIVATIONS))}, got {activation!r}")
+        raise ValueError(f"activation must be one of {', '.join(F.ACTIVATIONS)}, got {activation!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     return widths
@@ -204,7 +204,7 @@ def _rounded_example(widths: list[int], activation: str, loss: str, seed: int) -
             p.copy_(torch.round(p * 100) / 100)
     gen = torch.Generator().manual_seed(seed)
     x = torch.round(torch.randn(1, widths[0], generator=gen, dtype=torch.float64) * 100) / 100
-    if loss == "cross_entropy":
+    if LOSS_REGISTRY[loss].targets == "classes":
         y = torch.randint(0, widths[-1], (1,), generator=gen)
         y_vec = TF.one_hot(y, widths[-1]).to(torch.float64)
     else:
@@ -314,11 +314,11 @@ def _forward_steps(activation: str, loss: str, out_features: int, n: _Names, v: 
         if lyr < n.n_layers:
             formula = f"sigma({n.z(lyr)}_{u}),  sigma = {activation}"
             steps.append(ExplainStep("forward", f"{n.a(lyr)}_{u}", formula, v.traced(n.a(lyr), f"a^{lyr}")))
-    loss_formula = {
+    loss_formula = {  # the built-in losses in the worked example's words; any other: the registry's text
         "squared_error": "1/2 sum_k (o_k - y_k)^2",
         "mse": f"1/K sum_k (o_k - y_k)^2,  K = {out_features}",
         "cross_entropy": "sum_k -y_k log yhat_k,  yhat_k = e^(o_k) / sum_j e^(o_j)",
-    }[loss]
+    }.get(loss, LOSS_REGISTRY[loss].formula)
     if loss == "cross_entropy":  # the notes' predicted distribution, softmax of the logits
         o_manual, o_native = v.row("o")
         yhat = v.elements("yhat", F.softmax(o_manual), torch.softmax(o_native, dim=-1))
@@ -330,7 +330,9 @@ def _forward_steps(activation: str, loss: str, out_features: int, n: _Names, v: 
 
 def _backward_steps(activation: str, loss: str, n: _Names, v: _Values) -> list[ExplainStep]:
     """The backward pass: dL/dL, dL/do, then from the last layer down the weight, bias, a and z gradients."""
-    grad_o = {"squared_error": "o_k - y_k", "mse": "2 (o_k - y_k) / K", "cross_entropy": "yhat_k - y_k"}[loss]
+    grad_o = {"squared_error": "o_k - y_k", "mse": "2 (o_k - y_k) / K", "cross_entropy": "yhat_k - y_k"}.get(
+        loss, LOSS_REGISTRY[loss].gradient
+    )
     steps = [
         ExplainStep("backward", "dL/dL", "1  (base case)", v.traced("dL/dL", "dL/dL")),
         ExplainStep("backward", "dL/do_k", f"dL/dL * ({grad_o})", v.traced("dL/do", "dL/do")),
