@@ -104,7 +104,7 @@ at::Tensor step(const Tensors& blocks, const Tensors& blocks_t,
       } else {
         at::mm_out(buf.grad[k - 1], buf.grad[k], weights[k]);  // dL/da^{l-1} = dL/dz^l W^l
       }
-      activation_backward_(codes[k - 1], slopes[k - 1], buf.grad[k - 1], buf.a[k - 1]);
+      activation_backward(codes[k - 1], slopes[k - 1], buf.grad[k - 1], buf.a[k - 1], true);  // g sigma'
     }
     const bool has_bias = blocks[k].size(1) != weights[k].size(1);
     if (plain) {  // [W | b] -= lr scale grad^T [a^{l-1} | 1]

@@ -33,31 +33,6 @@ int64_t reduction_code(const std::string& reduction) {
   TORCH_CHECK_VALUE(false, "reduction must be one of 'mean', 'sum', 'none', got '", reduction, "'");
 }
 
-// functional.activation(name, z, slope, inplace=True): a overwrites z.
-Tensor activation_(int64_t code, double slope, Tensor& z) {
-  switch (code) {
-    case kSigmoid: return at::sigmoid_(z);
-    case kTanh: return at::tanh_(z);
-    case kReLU: return at::relu_(z);
-    case kLeakyReLU: return at::leaky_relu_(z, slope);
-    default: return z;  // identity
-  }
-}
-
-// functional.activation_backward: dL/dz from dL/da and the saved output a.
-Tensor activation_backward(int64_t code, double slope, const Tensor& grad, const Tensor& a) {
-  if (active_bug() != kNoBug) {
-    if (auto broken = broken_activation_backward(code, grad, a)) return *broken;  // the catalogue's bug
-  }
-  switch (code) {
-    case kSigmoid: return at::sigmoid_backward(grad, a);
-    case kTanh: return at::tanh_backward(grad, a);
-    case kReLU: return at::threshold_backward(grad, a, 0);
-    case kLeakyReLU: return at::leaky_relu_backward(grad, a, slope, true);
-    default: return grad;  // identity
-  }
-}
-
 // functional.linear_backward's three products on rows, each with its catalogue bugs (bugs.py's _linear_patches).
 Tensor input_grad(const Tensor& g, const Tensor& weight) {
   if (active_bug() != kNoBug) return g.mm(broken_input_weight(weight));  // the bug's W
@@ -105,7 +80,8 @@ struct MLPNode : public torch::autograd::Function<MLPNode> {
     Tensor a = x;
     for (size_t l = 0; l + 1 < layers; ++l) {
       Tensor z = at::linear(a, params[step * l], bias_of(l));  // z_i = sum_j w_ij a_j + b_i
-      a = activation_(codes[l], slopes[l], z);                 // a_i = sigma(z_i)
+      activation_into(codes[l], slopes[l], z, z);              // a_i = sigma(z_i), over z
+      a = z;
       outputs[l + 1] = a;
     }
     Tensor o = at::linear(a, params[step * (layers - 1)], bias_of(layers - 1));  // o_k = sum_i w_ki a_i + b_k
@@ -211,7 +187,7 @@ struct MLPNode : public torch::autograd::Function<MLPNode> {
       }
       g = Tensor();
       if (any_hidden && grads[layer].defined()) grad_a = grad_a + grads[layer];  // a gradient arriving at a_prev
-      g = activation_backward(codes[layer - 1], slopes[layer - 1], grad_a, a_prev);  // dL/dz = dL/da * sigma'
+      g = activation_backward(codes[layer - 1], slopes[layer - 1], grad_a, a_prev, false);  // dL/dz = dL/da * sigma'
     }
     if (result[0].defined() && input_dim != 2) result[0] = result[0].reshape(ctx->saved_data["shape"].toIntVector());
     return result;

@@ -111,28 +111,31 @@ inline at::Tensor broken_input_weight(const at::Tensor& weight) {
   }
 }
 
-// a = sigma(z) written into ``out``: the kernels of manualbp.functional.activation.
+// The activations: the C++ twin of the registry's built-in specs (manualbp/functional.py), the one place in C++.
+// a = sigma(z) written into ``out`` (``out`` may be ``z``: the module's forward overwrites z in place).
 inline void activation_into(int64_t code, double slope, const at::Tensor& z, at::Tensor& out) {
   switch (code) {
     case kSigmoid: at::sigmoid_out(out, z); break;                // a = 1 / (1 + exp(-z))
     case kTanh: at::tanh_out(out, z); break;                      // a = tanh(z)
     case kReLU: at::clamp_min_out(out, z, 0); break;              // a = max(z, 0)
     case kLeakyReLU: at::leaky_relu_out(out, z, slope); break;    // a = z or slope z
-    default: out.copy_(z);                                        // a = z
+    default: if (!out.is_same(z)) out.copy_(z);                   // a = z
   }
 }
 
-// g <- g * sigma'(z), in place, from the saved output a: the kernels of manualbp.functional.activation_backward.
-inline void activation_backward_(int64_t code, double slope, at::Tensor& g, const at::Tensor& a) {
+// dL/dz = dL/da * sigma'(z) from the saved output a: written into ``g`` (``inplace``: the fused loop) or as a new,
+// differentiable tensor (the module's autograd node, which double backward differentiates again).
+inline at::Tensor activation_backward(int64_t code, double slope, at::Tensor g, const at::Tensor& a, bool inplace) {
   if (active_bug() != kNoBug) {
-    if (auto broken = broken_activation_backward(code, g, a)) return void(g.copy_(*broken));  // the bug's g
+    if (auto broken = broken_activation_backward(code, g, a)) return inplace ? g.copy_(*broken) : *broken;  // bug
   }
   switch (code) {
-    case kSigmoid: at::sigmoid_backward_out(g, g, a); break;                     // g a (1 - a)
-    case kTanh: at::tanh_backward_out(g, g, a); break;                           // g (1 - a^2)
-    case kReLU: at::threshold_backward_out(g, g, a, 0); break;                   // g [a > 0]
-    case kLeakyReLU: at::leaky_relu_backward_out(g, g, a, slope, true); break;   // g (1 or slope)
-    default: break;                                                              // g 1
+    case kSigmoid: return inplace ? at::sigmoid_backward_out(g, g, a) : at::sigmoid_backward(g, a);  // g a (1 - a)
+    case kTanh: return inplace ? at::tanh_backward_out(g, g, a) : at::tanh_backward(g, a);            // g (1 - a^2)
+    case kReLU: return inplace ? at::threshold_backward_out(g, g, a, 0) : at::threshold_backward(g, a, 0);  // g [a > 0]
+    case kLeakyReLU:  // g ([a > 0] + slope [a <= 0])
+      return inplace ? at::leaky_relu_backward_out(g, g, a, slope, true) : at::leaky_relu_backward(g, a, slope, true);
+    default: return g;  // g 1
   }
 }
 
