@@ -690,6 +690,7 @@ def mlp_forward(
     activations: Sequence[tuple[str, float]],
     *,
     return_pre_activations: bool = False,
+    masks: Optional[Sequence[Tensor]] = None,
 ) -> MLPForward:
     """Forward pass: z^l = W^l a^{l-1} + b^l, a^l = sigma_l(z^l), o = W^L a^{L-1} + b^L.
 
@@ -698,6 +699,9 @@ def mlp_forward(
         weights: W^1 .. W^L, each (out, in).
         biases: b^1 .. b^L (entries may be None).
         activations: one ``(name, negative_slope)`` per hidden layer (L - 1 of them).
+        masks: optional 0/1 column masks, one per hidden layer (broadcast against a^l): a^l = m^l sigma_l(z^l).
+            Padded units (zero rows and columns of the weights, mask 0) then add nothing forward and get exactly
+            zero gradients from :func:`mlp_backward` (dL/dW^{l+1}_{:j} = g^T a_j = 0, dL/da_j = g W_{:j} = 0).
     """
     a = input
     hidden: list[Tensor] = []
@@ -706,6 +710,8 @@ def mlp_forward(
     for layer, (name, slope) in enumerate(activations):
         z = linear(a, weights[layer], biases[layer])  # z_i = sum_j w_ij a_j + b_i
         a = activation(name, z, slope, inplace)  # a_i = sigma(z_i)
+        if masks is not None:
+            a = a * masks[layer]  # a_i = m_i sigma(z_i): a padded unit's a_i is 0
         hidden.append(a)
         if return_pre_activations:
             pre.append(z)

@@ -70,13 +70,19 @@ def block_grad_into(dest: Tensor, grad_t: Tensor, below: Tensor, alpha: float, b
         dest.baddbmm_(grad_t, below, beta=beta, alpha=alpha)
 
 
-def forward_into(matmul: Callable[..., Tensor], h: Tensor, blocks_t: list[Tensor], activations: Any, buf: Any) -> None:
+def forward_into(
+    matmul: Callable[..., Tensor], h: Tensor, blocks_t: list[Tensor], activations: Any, buf: Any,
+    masks: Optional[list[Tensor]] = None,
+) -> None:  # fmt: skip
     """The forward pass into ``buf``: z^l = [a^{l-1} | 1] [W^l | b^l]^T, a^l = sigma(z^l) (written into the
     view ``buf.a[l]`` of ``buf.act[l]`` = [a^l | 1]), o = [a^{L-1} | 1] [W^L | b^L]^T. ``h`` is [x | 1];
-    ``matmul`` is ``torch.mm`` for one model, ``torch.bmm`` for K stacked ones."""
+    ``matmul`` is ``torch.mm`` for one model, ``torch.bmm`` for K stacked ones. ``masks``: 0/1 columns per
+    hidden layer, a^l = m^l sigma(z^l) (padded units, as ``functional.mlp_forward``'s ``masks``)."""
     for k, (name, slope) in enumerate(activations):
         matmul(h, blocks_t[k], out=buf.z[k])
         ACTIVATION_REGISTRY[name].forward_into(buf.z[k], buf.a[k], slope)  # a^l = sigma(z^l), the registry's
+        if masks is not None:
+            buf.a[k].mul_(masks[k])  # a^l = m^l sigma(z^l): a padded unit's a is 0
         h = buf.act[k]
     matmul(h, blocks_t[-1], out=buf.out)
 

@@ -28,7 +28,7 @@ from .. import functional as F
 from .. import optim_steps as O
 from ..autograd import join_params
 from ..nn import MLP
-from ..registry import LOSS_REGISTRY
+from ..registry import ACTIVATION_REGISTRY, LOSS_REGISTRY
 from . import fused as _fused
 from ._losses import LOSSES, resolve_loss
 from .fused import forward_into
@@ -74,30 +74,31 @@ class VectorizedTrainer:
         if not models or not all(isinstance(m, MLP) for m in models):
             raise TypeError("models must be a non-empty sequence of manualbp.MLP")
         first = models[0]
-        shapes = [[tuple(p.shape) for p in m.flat_parameters()] for m in models]
+        arch = lambda m: (m.in_features, len(m.linears), m.out_features, m.activation_specs, m.bias)  # noqa: E731
         for k, m in enumerate(models):
-            if shapes[k] != shapes[0] or m.activation_specs != first.activation_specs or m.bias != first.bias:
-                raise ValueError(f"models[{k}] has another architecture than models[0]: {m} vs {first}")
+            if arch(m) != arch(first):
+                raise ValueError(
+                    f"models[{k}] has another architecture than models[0] (only the hidden widths may differ): {m} vs {first}"
+                )
         self.K = len(models)
         self.template = first
         self.bias = first.bias
         self.activations = first.activation_specs
+        self.hidden = [list(m.hidden_features) for m in models]  # each model's own hidden widths
         self.loss_name, self.reduction = resolve_loss(loss)
         self._loss_forward, self._loss_backward = LOSSES[self.loss_name]
-        with torch.no_grad():
-            layers = [m.flat_parameters() for m in models]
-            stacked = [torch.stack([ps[i].detach() for ps in layers]) for i in range(len(layers[0]))]
-        # one (K, out, in + 1) block [W | b] per layer; the weights (K, out, in) and biases (K, 1, out) are views
+        # one (K, out, in + 1) block [W | b] per layer, zero-padded to the widest model; W (K, out, in) and
+        # b (K, 1, out) are views
+        self.blocks = _stack_padded(models)
         if self.bias:
-            self.blocks = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(stacked[0::2], stacked[1::2])]
             self.weights = [blk[:, :, :-1] for blk in self.blocks]
             self.biases: list[Optional[Tensor]] = [blk[:, :, -1].unsqueeze(1) for blk in self.blocks]
             self.params = join_params(self.weights, self.biases, True)
         else:
-            self.blocks = stacked
-            self.weights = stacked
-            self.biases = [None] * len(stacked)
-            self.params = list(stacked)
+            self.weights = list(self.blocks)
+            self.biases = [None] * len(self.blocks)
+            self.params = list(self.blocks)
+        self.masks = _hidden_masks(self.hidden, self.blocks[0])  # None when every model has the same widths
         self.blocks_t = [blk.transpose(1, 2) for blk in self.blocks]
         self.widths = [first.in_features] + [w.shape[1] for w in self.weights]
         ref = self.weights[0]
@@ -109,6 +110,25 @@ class VectorizedTrainer:
         self._last: Optional[tuple[_Buffers, Tensor]] = None  # the fused step's (buffers, [x | 1])
         self._buffers: dict[tuple[int, bool], _Buffers] = {}
         self._predict_buffers: dict[tuple[int, bool], _Buffers] = {}  # forward-only, per (rows, shared input)
+        if self.masks is not None:
+            self._check_padding()
+
+    def _check_padding(self) -> None:
+        """Padded units stay exactly zero only where each step leaves a zero weight with a zero gradient at 0:
+        sigma'(0) read from the masked output a = 0 must be finite (0 * sigma' = 0), and Adam's update
+        m / (sqrt(v) + eps) of a zero gradient is 0 / eps, which needs eps > 0."""
+        zero = self.weights[0].new_zeros(1)
+        for name, slope in self.activations:
+            if not bool(torch.isfinite(ACTIVATION_REGISTRY[name].backward(zero + 1, zero, slope)).all()):
+                raise ValueError(
+                    f"models of different hidden widths: activation {name!r} has no finite derivative at output 0,"
+                    " so its padded units cannot be masked; train the widths in separate trainers"
+                )
+        if self.optimizer != "sgd" and bool((self.eps == 0).any()):
+            raise ValueError(
+                f"eps: models of different hidden widths need eps > 0 with {self.optimizer!r} (a padded entry's "
+                f"update would be 0 / 0), got {self.eps.view(-1).tolist()}"
+            )
 
     def _set_optimizer(
         self, optimizer: str, lr: Scalars, momentum: Scalars, weight_decay: Scalars,
@@ -178,7 +198,7 @@ class VectorizedTrainer:
     def gradients(self, input: Tensor, target: Tensor) -> tuple[Tensor, list[Tensor]]:
         """(per-model losses (K,), [dL/dW1, dL/db1, ...] stacked) for one batch; no graph."""
         with torch.no_grad():
-            fwd = F.mlp_forward(input, self.weights, self.biases, self.activations)  # o: (K, N, out)
+            fwd = F.mlp_forward(input, self.weights, self.biases, self.activations, masks=self.masks)  # (K, N, out)
             out = fwd.output
             y = self._targets(out, target)
             per_item = self._loss_forward(out, y, "none")  # (K, N) or (K, N, C) for mse
@@ -240,7 +260,7 @@ class VectorizedTrainer:
         else:
             buf.y.copy_(target)
         blocks, acts, K = self.blocks, self.activations, self.K
-        forward_into(torch.bmm, buf.x_k, self.blocks_t, acts, buf)
+        forward_into(torch.bmm, buf.x_k, self.blocks_t, acts, buf, self.masks)
         # per-model loss (up to buf.loss_scale) and dL/do (up to buf.scale), as FusedTrainer
         if self.loss_name == "cross_entropy":
             torch.log_softmax(buf.out, -1, out=buf.out)
@@ -320,7 +340,7 @@ class VectorizedTrainer:
             buf = self._predict_buffers[key] = _Buffers(self, *key, forward_only=True)
         with torch.no_grad():
             buf.x_in.copy_(input)
-            forward_into(torch.bmm, buf.x_k, self.blocks_t, self.activations, buf)
+            forward_into(torch.bmm, buf.x_k, self.blocks_t, self.activations, buf, self.masks)
             return buf.out.clone()
 
     @property
@@ -343,15 +363,21 @@ class VectorizedTrainer:
         return {n: g.flatten(1).norm(dim=1) for n, g in zip(names, self.last_grads)}
 
     def parameters_of(self, k: int) -> list[Tensor]:
-        """Model k's parameters (W1, b1, W2, ...), shaped as in the MLP (views into the stacks)."""
-        return [p[k, 0] if self.bias and i % 2 == 1 else p[k] for i, p in enumerate(self.params)]
+        """Model k's parameters (W1, b1, W2, ...), shaped as in its own MLP (views into the padded stacks)."""
+        widths = [self.widths[0], *self.hidden[k], self.widths[-1]]
+        out: list[Tensor] = []
+        for i, w in enumerate(self.weights):
+            out.append(w[k, : widths[i + 1], : widths[i]])
+            if self.bias:
+                out.append(self.biases[i][k, 0, : widths[i + 1]])  # type: ignore[index]
+        return out
 
     def model(self, k: int) -> MLP:
-        """A copy of model k as a standalone :class:`manualbp.MLP` with its current weights."""
+        """A copy of model k as a standalone :class:`manualbp.MLP` with its current weights (its own widths)."""
         t = self.template
         m = MLP(
             t.in_features,
-            t.hidden_features,
+            self.hidden[k],
             t.out_features,
             activation=[a[0] for a in self.activations],
             bias=self.bias,
@@ -366,7 +392,10 @@ class VectorizedTrainer:
         return m
 
     def state_dict(self) -> dict[str, Any]:
+        """The trainer's state: the stacked parameters and optimizer state (padded to the widest model where the
+        widths differ; :meth:`parameters_of` and :meth:`model` give each model's own), rates, flags, steps."""
         return {
+            "hidden": [list(h) for h in self.hidden],
             "params": [p.clone() for p in self.params],
             "momentum_buffers": self.sgd_state.state_dict()["momentum_buffers"],
             "adam_state": self.adam_state.state_dict() if self.optimizer != "sgd" else None,
@@ -376,6 +405,9 @@ class VectorizedTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        hidden = state.get("hidden", self.hidden)
+        if hidden != self.hidden:
+            raise ValueError(f"state: saved for models of hidden widths {hidden}, this trainer's are {self.hidden}")
         with torch.no_grad():
             for p, q in zip(self.params, state["params"]):
                 p.copy_(q)
@@ -386,6 +418,35 @@ class VectorizedTrainer:
         self.active = state["active"].clone()
         self._all_active = bool(self.active.all())
         self.steps = state["steps"].clone()
+
+
+def _stack_padded(models: list[MLP]) -> list[Tensor]:
+    """Per layer one (K, out, in [+ 1]) block [W | b] of the K models, each zero-padded to the widest model's
+    out and in (the bias column last): a narrower model's extra rows and columns are exact zeros."""
+    blocks = []
+    with torch.no_grad():
+        for i in range(len(models[0].linears)):
+            lins = [m.linears[i] for m in models]
+            rows, cols = max(lin.out_features for lin in lins), max(lin.in_features for lin in lins)
+            block = lins[0].weight.new_zeros(len(lins), rows, cols + int(models[0].bias))
+            for k, lin in enumerate(lins):
+                block[k, : lin.out_features, : lin.in_features] = lin.weight.detach()
+                if lin.bias is not None:
+                    block[k, : lin.out_features, -1] = lin.bias.detach()
+            blocks.append(block)
+    return blocks
+
+
+def _hidden_masks(hidden: list[list[int]], like: Tensor) -> Optional[list[Tensor]]:
+    """Per hidden layer a (K, 1, width) 0/1 mask of each model's own units (None if all widths agree)."""
+    if all(h == hidden[0] for h in hidden):
+        return None
+    masks = []
+    for layer in range(len(hidden[0])):
+        widths = torch.tensor([h[layer] for h in hidden], device=like.device)
+        units = torch.arange(max(widths.tolist()), device=like.device)
+        masks.append((units < widths.view(-1, 1)).to(like.dtype).unsqueeze(1))
+    return masks
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
