@@ -4,6 +4,10 @@ run_many, hydra/sweeper=vectorized): each equals training it alone (float64), th
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +15,9 @@ from helpers import rel_err
 
 import manualbp
 from manualbp.fast import VectorizedTrainer
+from manualbp.fast.sweep import group_key, run_many
 from manualbp.registry import ACTIVATION_REGISTRY
+from manualbp.train import run
 
 D = torch.float64
 HIDDEN = [[8, 4], [16, 7], [5, 9], [16, 9]]  # the widest model per layer differs: every layer is padded somewhere
@@ -159,3 +165,84 @@ def test_padding_errors_name_the_argument():
             VectorizedTrainer(_models(activation="tanh"), lr=0.1)
     finally:
         ACTIVATION_REGISTRY.swap(old)
+
+
+# -- run_many and the sweeper -------------------------------------------------------------------------------
+BASE = {"data": {"name": "digits"}, "dtype": "float64", "progress": False, "init": {"name": "xavier_uniform"}}
+RUN_OPTIM = {
+    "sgd": {"name": "sgd", "lr": 0.2, "batch_size": 64},  # plain: the fused step
+    "adam": {"name": "adam", "lr": 0.01, "batch_size": 64, "weight_decay": 1e-3},
+}
+
+
+def _run_cfg(hidden, seed, optim, stopping):
+    return {**BASE, "model": {"hidden": hidden, "activation": "sigmoid", "bias": True}, "seed": seed,
+            "optim": RUN_OPTIM[optim], "stopping": stopping}  # fmt: skip
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_run_many_over_widths_equals_each_run_alone(tmp_path, optim):
+    """hidden [8] and [16], two seeds each, one early-stopped: one group; each equals run() alone (float64)."""
+    configs = [
+        _run_cfg([8], 0, optim, {"max_epochs": 4}),
+        _run_cfg([16], 0, optim, {"max_epochs": 4}),
+        _run_cfg(8, 1, optim, {"max_epochs": 2}),  # an int is one hidden layer
+        _run_cfg([16], 1, optim, {"max_epochs": 4, "early_stopping": {"patience": 1}}),
+    ]
+    assert len({group_key(c) for c in configs}) == 1
+    results = run_many([dict(c, output_dir=str(tmp_path / f"v{i}")) for i, c in enumerate(configs)])
+    for i, (c, v) in enumerate(zip(configs, results)):
+        r = run(dict(c, backend="manual" if optim == "sgd" else "autograd"))
+        assert (v.status, v.stop_reason, v.metrics["epochs"], v.metrics["steps"]) == (
+            r.status, r.stop_reason, r.metrics["epochs"], r.metrics["steps"]
+        )  # fmt: skip
+        assert v.model.hidden_features == r.model.hidden_features
+        for p, q in zip(v.model.parameters(), r.model.parameters()):
+            assert p.shape == q.shape and (p - q).abs().max().item() <= 1e-10 * max(1.0, q.abs().max().item()), i
+        assert len(v.history) == len(r.history)
+        for a, b in zip(v.history, r.history):
+            for key in ("train_loss", "val_loss", "train_accuracy", "grad_norm", "train_loss_running"):
+                assert abs(a[key] - b[key]) <= 1e-10 * max(1.0, abs(b[key])), (i, key)
+        for key in ("test_loss", "test_accuracy", "train_loss", "val_loss"):
+            assert abs(v.metrics[key] - r.metrics[key]) <= 1e-10 * max(1.0, abs(r.metrics[key])), (i, key)
+        assert v.metrics["vectorized_group_size"] == 4
+        stored = json.loads((tmp_path / f"v{i}" / "config.json").read_text())
+        assert stored["model"]["hidden"] == c["model"]["hidden"]  # its own widths, as given
+    assert results[2].metrics["epochs"] == 2 and results[0].metrics["epochs"] == 4
+
+
+def test_group_key_groups_widths_not_depths_activations_or_optimizers():
+    base = _run_cfg([8], 0, "sgd", {"max_epochs": 2})
+    with_model = lambda **m: {**base, "model": {**base["model"], **m}}  # noqa: E731
+    assert group_key(base) == group_key(with_model(hidden=[64])) == group_key(with_model(activation=["sigmoid"]))
+    assert group_key(with_model(hidden=[8, 8])) == group_key(with_model(hidden=[32, 4]))
+    for other in (with_model(hidden=[8, 8]), with_model(hidden=[]), with_model(activation="tanh"),
+                  with_model(bias=False), {**base, "optim": RUN_OPTIM["adam"]}):  # fmt: skip
+        assert group_key(other) != group_key(base)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_sweeper_groups_optimizers_by_widths_with_no_fallback(tmp_path):
+    """optim=sgd,adam x model.hidden=[8],[16] x seed=0,1 through the CLI: two vectorized groups of 4 (one per
+    optimizer), no ordinary job, each job's metrics equal to the ordinary sweep's."""
+    common = ["logger=none", "progress=false", "stopping.max_epochs=2", "dtype=float64", "optim=sgd,adam",
+              "model.hidden=[8],[16]", "seed=0,1"]  # fmt: skip
+
+    def sweep(name, extra):
+        out = tmp_path / name
+        cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "-m", *common, *extra, f"hydra.sweep.dir={out}"]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out, proc.stdout + proc.stderr
+
+    fast, log = sweep("vectorized", ["hydra/sweeper=vectorized"])
+    assert log.count("vectorized group of 4 jobs") == 2 and "ordinary job" not in log, log[-3000:]
+    ref, _ = sweep("ordinary", [])
+    for job in range(8):
+        a = json.loads((fast / str(job) / "metrics.json").read_text())
+        b = json.loads((ref / str(job) / "metrics.json").read_text())
+        assert a["backend"] == "vectorized" and a["vectorized_group_size"] == 4
+        assert a["status"] == b["status"] and a["epochs"] == b["epochs"]
+        assert abs(a["test_loss"] - b["test_loss"]) <= 1e-10 * max(1.0, abs(b["test_loss"])), job

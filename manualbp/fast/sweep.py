@@ -1,8 +1,10 @@
 """``run_many``: K run configs trained as one batched model, each reported as its own run.
 
 The configs may differ in ``seed``, ``init``, ``optim`` (lr, momentum, nesterov, weight_decay, betas, eps),
-``lr_schedule``, ``stopping``, ``output_dir``, ``logger`` and ``progress``; everything else (data, model,
-dtype, device, loss, batch size) must be equal (:func:`group_key`). Each config keeps its own
+``lr_schedule``, ``stopping``, ``output_dir``, ``logger``, ``progress`` and the hidden widths ``model.hidden``
+(at one depth: the trainer pads each layer to the widest model and masks the padded units, which change
+nothing); everything else (data, depth, activations, bias, dtype, device, loss, optimizer, batch size) must be
+equal (:func:`group_key`). Each config keeps its own
 initialization (:func:`manualbp.init.initialize` with its seed), data split and batch order (its seed, as
 :func:`manualbp.train.run` draws them), learning-rate schedule and stopping rules
 (``manualbp.train.schedules``/``stopping``, the very objects ``run`` uses); a model whose rules fire is
@@ -73,9 +75,16 @@ def group_key(config: Any) -> str:
 
 
 def _group_key(cfg: dict) -> str:
-    """:func:`group_key` of a resolved config."""
+    """:func:`group_key` of a resolved config. The hidden widths are not in it, their number (the depth) is:
+    models of one depth but other widths train together, padded to the widest (:class:`VectorizedTrainer`)."""
     fixed = {k: v for k, v in cfg.items() if k not in VARYING_KEYS}
     fixed["optim"] = {k: v for k, v in cfg["optim"].items() if k not in VARYING_OPTIM}
+    model = dict(cfg["model"])
+    hidden = model.pop("hidden")
+    depth = len(hidden) if isinstance(hidden, (list, tuple)) else 1  # an int is one hidden layer
+    act = model["activation"]
+    model["activation"] = [act] * depth if isinstance(act, str) else list(act)  # "tanh" = ["tanh"] * depth
+    fixed["model"] = {**model, "depth": depth}
     return json.dumps(json_safe(fixed), sort_keys=True, default=str)
 
 
@@ -117,7 +126,7 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
     if len({_group_key(c) for c in cfgs}) != 1:
         raise ValueError(
             "run_many: the configs differ in more than seed/init/optim lr-momentum-weight_decay/"
-            "lr_schedule/stopping; group them with manualbp.fast.sweep.group_key"
+            "lr_schedule/stopping/hidden widths; group them with manualbp.fast.sweep.group_key"
         )
     group = _Group(cfgs)
     while not all(group.finished):
@@ -140,7 +149,7 @@ class _Group:
         self.steps_per_epoch = math.ceil(n / bs)
         models, self.stoppings, self.schedules, self.shuffles = [], [], [], []
         for c in cfgs:
-            model = build_model(first["model"], data0.in_features, data0.out_features, dtype, c["init"], c["seed"])
+            model = build_model(c["model"], data0.in_features, data0.out_features, dtype, c["init"], c["seed"])
             models.append(model.to(device))
             st = build_stopping(c["stopping"])
             st.device_type = device.type
