@@ -4,8 +4,9 @@
 
 The sweep is expanded like Hydra's basic sweeper (the cartesian product of the sweep overrides, the same
 job numbers and directories). Each job's config is composed and grouped with
-:func:`manualbp.fast.sweep.group_key`: jobs that differ only in seed, init, SGD learning rate / momentum /
-weight decay, lr_schedule and stopping train together as one batched model
+:func:`manualbp.fast.sweep.group_key`: jobs that differ only in seed, init, optimizer hyperparameters (lr,
+momentum, weight decay, betas, eps; one optimizer per group), hidden widths (at one depth, padded to the
+widest), lr_schedule and stopping train together as one batched model
 (:func:`manualbp.fast.sweep.run_many`), each written to its own job directory (``.hydra/config.yaml``,
 ``.hydra/overrides.yaml``, ``config.json``, ``history.csv``, ``metrics.json``) so ``report.py`` reads the
 sweep unchanged. Groups smaller than ``min_group_size`` and jobs that cannot be vectorized (another
