@@ -1,7 +1,11 @@
-"""K models that share an architecture, trained at once as one batched model.
+"""K models that share an architecture (their hidden widths may differ), trained at once as one batched model.
 
 Each layer's weights and biases are stacked into one (K, out, in + 1) block ``[W | b]``, with the weights
-(K, out, in) and biases (K, 1, out) as views of it. Plain SGD (no momentum or weight decay in the group)
+(K, out, in) and biases (K, 1, out) as views of it. Models of one depth but different hidden widths are
+zero-padded to the widest model per layer, and each hidden activation is multiplied by a per-model 0/1
+column mask after the activation (a = m sigma(z); sigmoid(0) is 1/2, not 0): a padded unit then adds
+nothing forward, and its gradients (dL/dW_{:j} = g^T a_j = 0, dL/da_j = g W_{:j} = 0), momentum buffers
+and Adam moments stay exactly 0, so a padded model trains as it would alone. Plain SGD (no momentum or weight decay in the group)
 takes :class:`~manualbp.fast.FusedTrainer`'s engine-free step with a model dimension: per layer one batched
 matmul forward, one back and one in-place ``baddbmm_`` that is the gradient and the update at once, each
 model's learning rate folded into its output gradient. With momentum or weight decay the formulas of
@@ -39,10 +43,11 @@ Scalars = Union[float, Sequence[float], Tensor]
 
 
 class VectorizedTrainer:
-    """Train K same-architecture MLPs with SGD, Adam or AdamW as one batched model (engine-free).
+    """Train K MLPs of one architecture with SGD, Adam or AdamW as one batched model (engine-free).
 
     Args:
-        models: K :class:`manualbp.MLP` of one architecture (their weights are copied and stacked).
+        models: K :class:`manualbp.MLP` of one depth, activations, bias, in and out features; their hidden
+            widths may differ (the weights are copied and stacked, zero-padded to the widest per layer).
         loss: "cross_entropy", "mse", "squared_error" or a matching loss module.
         lr, momentum, weight_decay: one value for all models or one per model.
         nesterov: one flag or one per model. dampening: one value (as ``torch.optim.SGD``).
