@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMON = ["logger=none", "progress=false", "stopping.max_epochs=3", "dtype=float64", "init=xavier_uniform,normal"]
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import native_loss
+from helpers import README, native_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -380,10 +380,9 @@ def test_default_matrix_passes():
 
 
 def test_readme_verify_example_runs(capsys):
-    import pathlib
     import re
 
-    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = README.read_text()
     block = re.search(r"<!-- verify-example -->\s*```python\n(.*?)```", text, re.S)
     assert block, "README lost its Verify example"
     exec(compile(block.group(1), "README.md", "exec"), {})
@@ -561,7 +560,7 @@ def test_inject_bug_restores_every_patched_copy_and_leaves_the_native_switch_alo
     for name in V.CATALOGUE:
         with V.inject_bug(name):
             assert "MANUALBP_NATIVE" not in __import__("os").environ
-            assert manualbp.native._bug[0] == name  # the extension's switch (tests/test_native_bugs.py)
+            assert manualbp.native._bug[0] == name  # the extension's switch (tests/native/test_native_bugs.py)
     assert manualbp.native._bug[0] is None
     assert tables == [dict(registry.ACTIVATION_REGISTRY), dict(registry.LOSS_REGISTRY), dict(_losses.LOSSES)]
     assert functions == [manualbp.functional.linear_backward, fused.loss_scales, fused.block_grad_into]
