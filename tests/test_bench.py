@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pathlib
 
 import pytest
+from helpers import ROOT
 
 import manualbp
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_bench():
