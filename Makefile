@@ -35,7 +35,9 @@ test-all: install
 lint: install
 	$(PY) -m ruff check .
 
-# BENCH_ARGS: e.g. --quick, --compile, --device cuda, --out docs/bench
+# BENCH_ARGS: e.g. --quick, --compile, --threads 1, --no-anchors, --device cuda, --out docs/bench
+# The JAX anchors need the optional extra: `$(PY) -m pip install -e .[bench]` (jax[cpu]); without it their rows
+# read "n/a: jax not installed" and everything else runs (`make test` never needs jax).
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 

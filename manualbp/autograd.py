@@ -202,15 +202,15 @@ LeakyReLUFunction = ACTIVATION_FUNCTIONS["leaky_relu"]
 IdentityFunction = ACTIVATION_FUNCTIONS["identity"]
 
 
-def _loss_function(forward_fn, backward_fn, jvp_fn, class_name: str, doc: str) -> type[Function]:
-    """A loss Function ``apply(input, target, reduction)`` from a functional forward/backward/jvp triple.
+def _loss_function(rules: Callable[[], tuple[Callable, Callable, Optional[Callable]]], class_name: str, doc: str) -> type[Function]:
+    """A loss Function ``apply(input, target, reduction)`` from ``rules() -> (forward, backward, jvp)``.
 
-    The backward is looked up on ``manualbp.functional`` by name at each call, so that a formula patched there
-    (``manualbp.verify.inject_bug``) reaches this Function too."""
-    backward_name = backward_fn.__name__
+    ``rules`` is called at each use, so that a formula patched where it is looked up (the registry's spec, or
+    ``manualbp.functional``: ``manualbp.verify.inject_bug``) reaches this Function too. ``backward(dL/dL, o, y,
+    reduction)`` returns (dL/do, dL/dy); a None ``jvp`` means no forward-mode rule."""
 
     def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return forward_fn(input, target, reduction)
+        return rules()[0](input, target, reduction)
 
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         input, target, reduction = inputs
@@ -219,7 +219,7 @@ def _loss_function(forward_fn, backward_fn, jvp_fn, class_name: str, doc: str) -
 
     def backward(ctx: Any, grad_output: Tensor):
         input, target = ctx.saved_tensors
-        grad_input, grad_target = getattr(F, backward_name)(grad_output, input, target, ctx.reduction)
+        grad_input, grad_target = rules()[1](grad_output, input, target, ctx.reduction)
         return (
             grad_input if ctx.needs_input_grad[0] else None,
             grad_target if ctx.needs_input_grad[1] else None,
@@ -227,60 +227,30 @@ def _loss_function(forward_fn, backward_fn, jvp_fn, class_name: str, doc: str) -
         )
 
     def jvp(ctx: Any, input_t: Optional[Tensor], target_t: Optional[Tensor], _: None) -> Optional[Tensor]:
+        rule = rules()[2]
+        if rule is None:
+            raise NotImplementedError(f"{class_name}: this loss has no jvp rule (forward-mode AD)")
         input, target = ctx.saved_tensors
-        return jvp_fn(input, target, input_t, target_t, ctx.reduction)  # dL
+        return rule(input, target, input_t, target_t, ctx.reduction)  # dL
 
     return _make_function(class_name, doc, forward, setup_context, backward, jvp)
 
 
-SquaredErrorLossFunction = _loss_function(
-    F.squared_error_loss,
-    F.squared_error_loss_backward,
-    F.squared_error_loss_jvp,
-    "SquaredErrorLossFunction",
-    "The notes' L = 1/2 sum_k (o_k - y_k)^2 per example. ``apply(input, target, reduction)``.",
-)
-MSELossFunction = _loss_function(
-    F.mse_loss,
-    F.mse_loss_backward,
-    F.mse_loss_jvp,
-    "MSELossFunction",
-    "PyTorch's mse_loss. ``apply(input, target, reduction)``.",
-)
-
-
-def _registered_loss_function(name: str) -> type[Function]:
-    """The Function of a registered loss: its spec's forward, backward and (if given) jvp, read from the
-    registry at each call. ``apply(input, target, reduction)``."""
-
-    def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
-        return LOSS_REGISTRY[name].forward(input, target, reduction)
-
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        input, target, reduction = inputs
-        _save(ctx, input, target)
-        ctx.reduction = reduction
-
-    def backward(ctx: Any, grad_output: Tensor):
-        input, target = ctx.saved_tensors
-        grad_input, grad_target = LOSS_REGISTRY[name].backward(grad_output, input, target, ctx.reduction)
-        return (
-            grad_input if ctx.needs_input_grad[0] else None,
-            grad_target if ctx.needs_input_grad[1] else None,
-            None,
-        )
-
-    def jvp(ctx: Any, input_t: Optional[Tensor], target_t: Optional[Tensor], _: None) -> Optional[Tensor]:
-        rule = LOSS_REGISTRY[name].jvp
-        if rule is None:
-            raise NotImplementedError(f"loss {name!r} was registered without a jvp (forward-mode AD)")
-        input, target = ctx.saved_tensors
-        return rule(input, target, input_t, target_t, ctx.reduction)  # dL
-
+def _registered_loss_function(name: str, class_name: Optional[str] = None) -> type[Function]:
+    """The Function of the registered loss ``name``: its spec's forward, backward and jvp, read from the registry
+    at each call. ``apply(input, target, reduction)``."""
     spec = LOSS_REGISTRY[name]
-    doc = f"The registered loss L = {spec.formula}, dL/do = {spec.gradient}. ``apply(input, target, reduction)``."
-    return _make_function(_activation_class_name(name).replace("Function", "LossFunction"), doc, forward,
-                          setup_context, backward, jvp)  # fmt: skip
+    doc = f"L = {spec.formula}, dL/do = {spec.gradient}. ``apply(input, target, reduction)``."
+
+    def rules() -> tuple[Callable, Callable, Optional[Callable]]:
+        current = LOSS_REGISTRY[name]
+        return current.forward, current.backward, current.jvp
+
+    return _loss_function(rules, class_name or _activation_class_name(name).replace("Function", "LossFunction"), doc)
+
+
+SquaredErrorLossFunction = _registered_loss_function("squared_error", "SquaredErrorLossFunction")
+MSELossFunction = _registered_loss_function("mse", "MSELossFunction")
 
 
 _CE_SAVED = "_manualbp_cross_entropy"  # forward -> setup_context, on the loss tensor for an instant
@@ -344,9 +314,7 @@ class CrossEntropyFunction(Function):
 
 
 CrossEntropyOnProbabilitiesFunction = _loss_function(
-    F.cross_entropy_on_probabilities,
-    F.cross_entropy_on_probabilities_backward,
-    F.cross_entropy_on_probabilities_jvp,
+    lambda: (F.cross_entropy_on_probabilities, F.cross_entropy_on_probabilities_backward, F.cross_entropy_on_probabilities_jvp),
     "CrossEntropyOnProbabilitiesFunction",
     "The notes' unfused L = sum_k -y_k log yhat_k on probabilities. ``apply(input, target, reduction)``.",
 )

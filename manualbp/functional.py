@@ -19,7 +19,7 @@ sigmoid' = a (1 - a), tanh' = 1 - a^2, relu' = [a > 0], leaky_relu' = [a > 0] + 
 Each such product is one fused ATen kernel (``aten.sigmoid_backward`` computes exactly
 dL/da * (1 - a) * a, and so on): one pass over the activation instead of two or three, the very kernels
 native autograd runs, differentiable again for double backward. The formula is in the comment on the
-line; ``tests/test_gradcheck.py`` pins every kernel against the plain formula.
+line; ``tests/functional/test_gradcheck.py`` pins every kernel against the plain formula.
 """
 
 from __future__ import annotations
@@ -504,7 +504,7 @@ def cross_entropy_backward_from_log_probs(
     ``_log_softmax_backward_data(g, log yhat)``; for class indices g itself is ``nll_loss_backward``'s one
     kernel (zero, and -scale at each target class), and dL/do comes as rows (N, K). ``count`` is the number
     of examples N as a 0-d tensor of log_probs' dtype (:func:`class_cross_entropy` returns it; made here
-    when None). ``tests/test_gradcheck.py`` pins both kernels against the plain formula.
+    when None). ``tests/functional/test_gradcheck.py`` pins both kernels against the plain formula.
     """
     if not target.is_floating_point():
         index = target if target.dtype == torch.int64 else target.long()

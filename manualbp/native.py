@@ -5,7 +5,7 @@ calling each one from Python costs as much again. ``manualbp/csrc`` holds the ho
 module's autograd nodes (``module.cpp``: ``MLPFunction`` and class-index ``CrossEntropyFunction``, which
 ``manualbp.nn`` uses in plain eager mode) and the fused trainer's whole epoch (``fused.cpp``). They call the
 same ATen kernels with the same arguments in the same order as the Python code, so both give the same
-numbers bit for bit (``tests/test_native_module.py``, ``tests/test_native.py``).
+numbers bit for bit (``tests/native/test_native.py``).
 
 The extension is compiled once per machine, Python and torch version with
 ``torch.utils.cpp_extension.load`` (g++ and the Python headers; about a minute on 2 cores), on first use

@@ -656,7 +656,7 @@ class MLP(nn.Module):
         registered (forward, forward pre-, full backward hooks; Opacus, pruning, old-style spectral_norm).
 
         Each layer is its hand-derived per-op Function (LinearFunction, the activation's Function); the
-        numbers equal the one-Function path's (``tests/test_interop.py`` pins them).
+        numbers equal the one-Function path's (``tests/nn/test_interop.py`` pins them).
         """
         from . import _opacus
 

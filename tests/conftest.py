@@ -1,13 +1,23 @@
-"""Shared test set-up: hypothesis profiles, devices, and the native twin helpers."""
+"""Shared test set-up for the whole tree: hypothesis profiles, threads, the data cache, devices.
+
+``tests/`` mirrors the package (``tests/nn``, ``tests/train``, ...); this file and ``helpers.py`` stay at its root
+and serve every folder. The test folders have no ``__init__.py``, so every test file's name is unique in the tree.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# ``from helpers import ...`` from any folder of the tree (pytest puts a test file's own folder on sys.path)
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 # CI: derandomized, no deadline, so a slow shared machine never turns a correct test red.
 settings.register_profile(

@@ -1,15 +1,24 @@
-"""Reference computations for the tests: the native nn.Sequential twin and relative errors."""
+"""What several test files share: the repository's paths, the native reference losses and relative errors,
+fake sweep jobs, scripts/results.py as a module, and formulas registered from outside the package.
+
+Every test file, in whichever folder of ``tests/`` it lives, imports it as ``helpers`` (``tests/conftest.py``
+puts ``tests/`` on ``sys.path``)."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import pathlib
 
 import torch
 import torch.nn.functional as TF
 
 import manualbp
 from manualbp import registry
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent  # the repository
+README = ROOT / "README.md"
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -50,8 +59,16 @@ def fake_job(root, num: int, overrides: list, config: dict, metrics: dict, histo
     (d / "history.csv").write_text(",".join(keys) + "\n" + "".join(rows))
 
 
+def results_script():
+    """scripts/results.py loaded as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 # --------------------------------------------------------------------------------------------------
-# Formulas registered from outside the package, as a user would (tests/test_registry.py, test_name_coverage.py)
+# Formulas registered from outside the package, as a user would (tests/test_registry.py, tests/test_name_coverage.py)
 # --------------------------------------------------------------------------------------------------
 EXTRA_ACTIVATION = "softplus"
 EXTRA_LOSS = "log_cosh"

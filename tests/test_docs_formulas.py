@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pathlib
 import re
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import ROOT
 
 
 def _cited() -> list[tuple[str, str]]:

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from manualbp.train.config import resolve_config
 
-ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 GROUPS = ["data", "model", "init", "optim", "lr_schedule", "stopping", "backend", "logger", "metrics"]
 

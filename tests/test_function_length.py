@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "manualbp"
+from helpers import ROOT
+
+PACKAGE = ROOT / "manualbp"
 LIMIT = 60
 
 #: "path/in/manualbp.py::Qualified.name" -> why it may be longer than LIMIT

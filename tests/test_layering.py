@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "manualbp"
+from helpers import ROOT
+
+PACKAGE = ROOT / "manualbp"
 
 
 def _private_uses(path: pathlib.Path, module: str) -> list[str]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pathlib
 import re
 import subprocess
 import sys
 
-import manualbp
+from helpers import README
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+import manualbp
 
 
 def test_readme_example_runs():

@@ -81,7 +81,7 @@ class JobComposer:
     applied on top. A sweep of 64 jobs over 8 inits and 8 learning rates thus needs 8 compositions, not 64
     (each costs a few hundred milliseconds of YAML loading and merging). The second part is done per job
     exactly as Hydra does it. A job this cannot handle (an override of ``hydra.searchpath``, an error of
-    any kind) is composed by Hydra itself, which then raises its own error. ``tests/test_vectorized_sweeper``
+    any kind) is composed by Hydra itself, which then raises its own error. ``tests/fast/test_vectorized_sweep``
     checks the result equals ``load_sweep_config``'s.
     """
 

@@ -64,7 +64,7 @@ class FusedBackend:
     (:class:`FusedTrainer`).
 
     The same formulas and the same update as ``backend: manual``, so the runs agree (float64: to about
-    1e-12; ``tests/test_fused_backend.py``).
+    1e-12; ``tests/fast/test_fused.py``).
     """
 
     name = "fused"

@@ -13,7 +13,7 @@ step) and Adam / AdamW (``optimizer="adam"`` / ``"adamw"``) are the steps of :mo
 source of the update formulas, applied to the dL/d[W | b] blocks.
 
 It is the same math as ``MLP`` + ``torch.optim.SGD`` (or ``Adam`` / ``AdamW``) step for step (float64: the trajectories agree to
-about 1e-12 after a full run; ``tests/test_fused.py``), without the graph bookkeeping, the Python
+about 1e-12 after a full run; ``tests/fast/test_fused.py``), without the graph bookkeeping, the Python
 ``Function`` calls, per-step input validation, allocations or the optimizer's per-parameter loop.
 :meth:`FusedTrainer.prepare` appends the ones column and one-hot encodes the targets once per data set;
 :meth:`FusedTrainer.step_prepared` then trains on slices of the result, and :meth:`FusedTrainer.step_many`

@@ -15,7 +15,7 @@ models with batched matmuls, and the optimizer step follows: ``torch.optim.SGD``
 hyperparameters (K, 1, 1). Each model keeps its own initial weights, learning rate, momentum, weight decay,
 nesterov flag, betas, eps and an active flag: an inactive (stopped) model is frozen, its parameters and
 optimizer state no longer change, while the others go on. The update is per model, so each model's
-trajectory equals training it alone (float64: to about 1e-10; ``tests/test_vectorized.py``).
+trajectory equals training it alone (float64: to about 1e-10; ``tests/fast/test_vectorized.py``).
 
 Inputs may be shared, ``x`` (N, in) and ``y`` (N,) for all models, or per model, ``x`` (K, N, in) and
 ``y`` (K, N) (for example when each model's seed picks its own batch order).

@@ -3,16 +3,13 @@ numbers are chosen so that each verdict can be worked out by hand (and flips whe
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-from helpers import fake_job
+from helpers import fake_job, results_script
 
 from manualbp import dynamics as D
 from manualbp import studies as S
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _job(root: Path, num: int, overrides: list[str], config: dict, metrics: dict, history: list[dict]) -> None:
@@ -49,7 +46,7 @@ def test_eos_table_and_findings_from_a_known_trajectory(tmp_path):
     assert fast.loss_rises(35, 100) == pytest.approx(6 / 65)  # steps 50, 60, ..., 100 rose
     slow = next(r for r in sec.runs if r.lr == 0.1)
     assert slow.first_reach() is None and D.window(slow) is None
-    results = _results_script()
+    results = results_script()
     text = results.eos_findings(sec, jobs)
     assert fast.sharpening() == (5, 3.0, 50, 10.5)  # the largest rise: from step 5 to step 50
     assert "Progressive sharpening (the sharpness rises by 25% or more during training): **reproduced** (2 of 2" in text
@@ -105,16 +102,9 @@ def test_saturation_section_and_findings(tmp_path):
     sec = D.saturation_section(jobs, tmp_path / "img")
     row = next(line for line in sec.markdown.splitlines() if line.startswith("| sigmoid    | standard   | 2"))
     assert "0.020 (5)" in row and "0.030" in row  # lowest mean at epoch 5; 98th percentile at the end
-    text = _results_script().saturation_findings(sec, jobs)
+    text = results_script().saturation_findings(sec, jobs)
     assert "driven to saturation at 0 under the standard init and not under the normalized one: **reproduced**" in text
     assert "layers 1-2: 10, 20" in text and "one after the other from the first" in text and "**reproduced**; under the normalized init they reach it together (epochs 5, 5)" in text
-
-
-def _results_script():
-    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_results_only_eos_study_writes_its_section(tmp_path):
@@ -123,7 +113,7 @@ def test_results_only_eos_study_writes_its_section(tmp_path):
     out = tmp_path / "docs" / "results.md"
     out.parent.mkdir()
     out.write_text("# Results\n\n## 1. Initialization x activation\n\nkept\n")
-    assert _results_script().main(["--multirun", str(multirun), "--out", str(out), "--only", "eos_study"]) == 0
+    assert results_script().main(["--multirun", str(multirun), "--out", str(out), "--only", "eos_study"]) == 0
     text = out.read_text()
     assert "## 6. Sharpness and the edge of stability" in text and "kept" in text
     assert "*Not run yet: no finished jobs in" in text and "eos_study_mse" in text  # the parts not run say so

@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from helpers import README
 from omegaconf import OmegaConf
 
 import manualbp
@@ -404,10 +405,9 @@ def test_cuda_run_matches_cpu_start():
 
 
 def test_readme_training_example_runs(capsys):
-    import pathlib
     import re
 
-    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = README.read_text()
     block = re.search(r"<!-- readme-train-example -->\s*```python\n(.*?)```", text, re.S)
     assert block, "README lost its training example"
     exec(compile(block.group(1), "README.md", "exec"), {})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import math
 import re
 import subprocess
@@ -12,14 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fake_job
+from helpers import ROOT, fake_job, results_script
 from torch.func import functional_call
 
 import manualbp
 from manualbp import studies as S
 from manualbp.train import run
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _exact_hessian_eigs(model, x, y, loss_fn):
@@ -111,13 +108,6 @@ def test_saturation_counts_flat_units():
     assert S.saturation(model, x) == [pytest.approx(1 / 3)]
 
 
-def _load_results_script():
-    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_results_script_regenerates_the_document_from_a_tiny_fake_sweep(tmp_path):
     base = {"data": {"name": "iris"}, "model": {"hidden": [4], "activation": "sigmoid"}, "seed": 0}
     sweep = tmp_path / "multirun" / "batch_study"
@@ -148,7 +138,7 @@ def test_results_script_regenerates_the_document_from_a_tiny_fake_sweep(tmp_path
             hist,
         )
     out = tmp_path / "docs" / "results.md"
-    mod = _load_results_script()
+    mod = results_script()
     assert mod.main(["--multirun", str(tmp_path / "multirun"), "--out", str(out)]) == 0
     text = out.read_text()
     assert "## 4. Single-example SGD vs mini-batch vs full-batch gradient descent" in text
@@ -172,7 +162,7 @@ def test_results_script_regenerates_the_document_from_a_tiny_fake_sweep(tmp_path
 def test_every_study_preset_composes():
     from hydra import compose, initialize_config_dir
 
-    mod = _load_results_script()
+    mod = results_script()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for presets in mod.PRESETS.values():
             for p in presets:
@@ -219,7 +209,7 @@ def test_lr_section_reports_the_observed_boundary_next_to_two_over_lambda_max(tm
 def test_stopping_section_tabulates_prechelts_criteria_and_the_trade_off(tmp_path):
     """Fake clean and noisy sweeps: criteria named as Prechelt names them, per-criterion means over seeds relative to
     the fastest, and the findings' verdicts computed from those numbers."""
-    mod = _load_results_script()
+    mod = results_script()
     # (rule config, epochs, test accuracy per seed); a slower criterion buys 0.02 of accuracy for 4x the epochs
     rules = {
         "max_epochs": ({}, 20, (0.50, 0.52)),
@@ -349,7 +339,7 @@ def test_every_name_the_scripts_and_tests_use_is_reexported():
     from manualbp import dynamics as D
 
     used = {"S": set(), "D": set()}
-    for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")]:
+    for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("tests/**/*.py")]:
         text = path.read_text()
         if "import studies as S" in text:
             used["S"] |= set(re.findall(r"\bS\.(\w+)", text))

@@ -39,6 +39,7 @@ def test_dtype_mismatch(model):
         model(torch.randn(2, 4, dtype=torch.float64))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_device_mismatch(model):
     with pytest.raises(ValueError, match=r"input is on cuda:0 but the weights are on cpu"):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import pathlib
 from importlib.metadata import entry_points
 
 import pytest
+from helpers import ROOT
 
 from manualbp.verify import available_devices
 
@@ -17,7 +17,6 @@ except ModuleNotFoundError:  # Python 3.10
 
 pytest_plugins = ["pytester"]
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 USES_FIXTURE = "def test_uses(manualbp_verify):\n    assert manualbp_verify.devices\n"
 
 USER_TESTS = """

@@ -1,13 +1,22 @@
-"""The compiled autograd nodes of manualbp/csrc/module.cpp equal the Python Functions bit for bit.
+"""manualbp.native and the compiled code of manualbp/csrc against the Python paths, bit for bit.
 
-``manualbp.MLP`` and ``manualbp.CrossEntropyLoss`` (class indices) run C++ nodes in plain eager mode and the
-Python ``MLPFunction``/``CrossEntropyFunction`` elsewhere (``MANUALBP_NATIVE=off``, torch.func, autocast,
-...). Both must give the same outputs, losses, gradients, saved tensors and errors.
+The extension: it builds here, reads ``MANUALBP_NATIVE`` on each call, switches off cleanly, warns once and falls
+back when a build fails, rebuilds on a changed header, and its fused epoch (csrc/fused.cpp, steps.h) equals the
+Python loop for every activation, loss, SGD option and Adam / AdamW.
+
+The compiled autograd nodes of csrc/module.cpp: ``manualbp.MLP`` and ``manualbp.CrossEntropyLoss`` (class
+indices) run C++ nodes in plain eager mode and the Python ``MLPFunction``/``CrossEntropyFunction`` elsewhere
+(``MANUALBP_NATIVE=off``, torch.func, autocast, ...). Both must give the same outputs, losses, gradients, saved
+tensors and errors; those tests (``@compiled_nodes``) skip where the kernels are off or could not be built.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -15,12 +24,193 @@ from torch import nn
 
 import manualbp
 from manualbp import native
+from manualbp.fast import FusedTrainer
 
-pytestmark = pytest.mark.skipif(
+requires_native = pytest.mark.skipif(
+    shutil.which("c++") is None, reason="no C++ compiler: manualbp runs its Python paths only"
+)
+# the tests of the compiled autograd nodes: nothing to compare where the kernels are off or did not build
+compiled_nodes = pytest.mark.skipif(
     native.mode() == "off" or native.load() is None,
     reason="manualbp's compiled kernels are off (MANUALBP_NATIVE=off) or could not be built: nothing to compare",
 )
 
+
+@requires_native
+def test_the_extension_builds_where_a_compiler_is():
+    # a broken build must fail here, not quietly slow everything down
+    if native.mode() == "off":
+        pytest.skip("MANUALBP_NATIVE=off: the Python paths were asked for")
+    module = native.load()
+    assert module is not None
+    assert hasattr(module, "fused_step_many")
+
+
+def test_mode_reads_the_environment_each_call(monkeypatch):
+    monkeypatch.setenv("MANUALBP_NATIVE", "off")
+    assert native.mode() == "off" and native.load() is None and not native.available()
+    for spelling, meaning in (("0", "off"), ("False", "off"), ("1", "require"), ("", "auto"), (" AUTO ", "auto")):
+        monkeypatch.setenv("MANUALBP_NATIVE", spelling)
+        assert native.mode() == meaning
+    monkeypatch.setenv("MANUALBP_NATIVE", "sometimes")
+    with pytest.raises(ValueError, match="MANUALBP_NATIVE must be one of auto, off, require, got 'sometimes'"):
+        native.load()
+
+
+def test_a_failed_build_warns_once_and_falls_back_or_raises_when_required(monkeypatch):
+    monkeypatch.setattr(native, "_built", lambda: (None, OSError("no compiler here")))
+    monkeypatch.setattr(native, "_warned", [])
+    monkeypatch.setattr(native, "_last", [object(), None])  # forget the answer remembered for "auto"
+    monkeypatch.setenv("MANUALBP_NATIVE", "auto")
+    with pytest.warns(RuntimeWarning, match="compiled kernels are unavailable.*no compiler here.*MANUALBP_NATIVE=off"):
+        assert native.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert native.load() is None
+    # the trainers still train, on the Python paths
+    model = manualbp.MLP(5, [4], 3)
+    trainer = FusedTrainer(model, lr=0.1)
+    x, y = trainer.prepare(torch.randn(10, 5), torch.randint(0, 3, (10,)))
+    assert trainer.step_many(x, y, 4).shape == (3,)
+    monkeypatch.setenv("MANUALBP_NATIVE", "require")
+    with pytest.raises(RuntimeError, match="MANUALBP_NATIVE=require but manualbp's extension could not be built"):
+        native.load()
+
+
+def test_build_directory_is_per_torch_and_python_version(monkeypatch, tmp_path):
+    monkeypatch.delenv("MANUALBP_NATIVE_DIR", raising=False)
+    default = native.build_directory()
+    assert torch.__version__.replace("+", "-") in str(default) and f"py{sys.version_info[0]}" in default.name
+    monkeypatch.setenv("MANUALBP_NATIVE_DIR", str(tmp_path))
+    assert native.build_directory() == tmp_path
+    assert {p.name for p in native.sources()} >= {"bindings.cpp", "fused.cpp", "module.cpp"}
+
+
+def test_a_changed_header_rebuilds(monkeypatch, tmp_path):
+    # torch's loader rebuilds when a listed source or a flag changes; a header reaches it through the flag
+    from torch.utils import cpp_extension
+
+    flags = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, **kw: flags.append(kw["extra_cflags"]) or "module")
+    source = tmp_path / "csrc"
+    source.mkdir()
+    for name in ("native.h", "fused.cpp"):
+        (source / name).write_text("// " + name)
+    monkeypatch.setattr(native, "_SOURCE_DIR", source)
+    monkeypatch.setenv("MANUALBP_NATIVE_DIR", str(tmp_path / "build"))
+    native._build(verbose=False)
+    (source / "native.h").write_text("// changed")
+    native._build(verbose=False)
+    assert len(flags) == 2 and flags[0] != flags[1]
+    assert [f for f in flags[1] if f.startswith("-DMANUALBP_SOURCES=")] == [f"-DMANUALBP_SOURCES={native.sources_hash()}"]
+
+
+def test_command_line_reports_off_without_building():
+    env = {**__import__("os").environ, "MANUALBP_NATIVE": "off"}
+    out = subprocess.run([sys.executable, "-m", "manualbp.native"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "MANUALBP_NATIVE=off, nothing to build" in out.stdout
+
+
+def _twin_trainers(activation, loss, dtype, bias, hidden):
+    torch.manual_seed(3)
+    a = manualbp.MLP(7, list(hidden), 4, activation=activation, bias=bias, negative_slope=0.2, dtype=dtype)
+    b = manualbp.MLP(7, list(hidden), 4, activation=activation, bias=bias, negative_slope=0.2, dtype=dtype)
+    b.load_state_dict(a.state_dict())
+    return FusedTrainer(a, loss, lr=0.3), FusedTrainer(b, loss, lr=0.3)
+
+
+def _epochs(trainer, x, y, batch, epochs, monkeypatch, mode):
+    monkeypatch.setenv("MANUALBP_NATIVE", mode)
+    x, y = trainer.prepare(x, y)
+    return [trainer.step_many(x, y, batch) for _ in range(epochs)]
+
+
+@requires_native
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "leaky_relu", "identity"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "squared_error"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_fused_epoch_in_cpp_equals_the_python_loop_bit_for_bit(monkeypatch, activation, loss, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(53, 7, generator=g, dtype=dtype)
+    y = torch.randint(0, 4, (53,), generator=g) if loss == "cross_entropy" else torch.randn(53, 4, generator=g, dtype=dtype)
+    for bias, hidden, batch in ((True, (9, 6), 8), (False, (5,), 53), (True, (), 16)):  # 7 batches + 5 rows, 1 batch
+        cpp, python = _twin_trainers(activation, loss, dtype, bias, hidden)
+        cpp_losses = _epochs(cpp, x, y, batch, 3, monkeypatch, "require")
+        python_losses = _epochs(python, x, y, batch, 3, monkeypatch, "off")
+        for a, b in zip(cpp_losses, python_losses):
+            assert torch.equal(a, b)
+        for (name, a), b in zip(cpp.model.state_dict().items(), python.model.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert all(torch.equal(a, b) for a, b in zip(cpp.last_grads, python.last_grads))
+        assert cpp.steps == python.steps == 3 * -(-53 // batch)
+        # and the weights moved: the comparison is not of two untouched models
+        assert not torch.equal(cpp.blocks[0], _twin_trainers(activation, loss, dtype, bias, hidden)[0].blocks[0])
+
+
+@requires_native
+@pytest.mark.parametrize(
+    "optim",
+    [
+        dict(momentum=0.9),
+        dict(momentum=0.8, dampening=0.3, weight_decay=1e-2),
+        dict(momentum=0.9, nesterov=True),
+        dict(weight_decay=0.05),
+        dict(optimizer="adam", betas=(0.8, 0.95)),
+        dict(optimizer="adam", weight_decay=1e-2, eps=1e-6),
+        dict(optimizer="adamw", weight_decay=0.1),
+    ],
+)
+def test_fused_epoch_in_cpp_with_momentum_and_weight_decay_equals_the_python_loop(monkeypatch, optim):
+    """SGD with state and Adam / AdamW: csrc/steps.h against manualbp/optim_steps.py, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x, soft = torch.randn(40, 7, generator=g, dtype=torch.float64), torch.rand(40, 4, generator=g, dtype=torch.float64)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        models.append(manualbp.MLP(7, [6, 5], 4, activation="tanh", dtype=torch.float64))
+    cpp, python = (FusedTrainer(m, "cross_entropy", lr=0.2, **optim) for m in models)
+    # soft targets whose rows need not sum to 1; 3 epochs: the momentum buffers start, then carry over
+    for a, b in zip(_epochs(cpp, x, soft, 16, 3, monkeypatch, "require"), _epochs(python, x, soft, 16, 3, monkeypatch, "off")):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(cpp.blocks, python.blocks))
+    assert all(torch.equal(a, b) for a, b in zip(cpp.last_grads, python.last_grads))
+    if optim.get("momentum"):
+        assert all(torch.equal(a, b) for a, b in zip(cpp.momentum_buffers, python.momentum_buffers))
+    else:
+        assert cpp.momentum_buffers is None and python.momentum_buffers is None
+    if optim.get("optimizer"):  # Adam's moments and step count come back from C++ as Python's
+        assert cpp.adam_state.step == python.adam_state.step == 9
+        for a, b in zip(cpp.adam_state.exp_avg + cpp.adam_state.exp_avg_sq, python.adam_state.exp_avg + python.adam_state.exp_avg_sq):
+            assert torch.equal(a, b)
+    # the optimizer state carries over between the loops: an epoch in C++ after Python's equals Python's
+    python.load_state_dict(cpp.state_dict())  # the same start for both again
+    mixed = _epochs(python, x, soft, 16, 1, monkeypatch, "off") + _epochs(python, x, soft, 16, 1, monkeypatch, "require")
+    pure = _epochs(cpp, x, soft, 16, 2, monkeypatch, "off")
+    assert all(torch.equal(a, b) for a, b in zip(mixed, pure))
+    assert all(torch.equal(a, b) for a, b in zip(cpp.blocks, python.blocks))
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_one_kept(monkeypatch, tmp_path):
+    import os
+
+    from torch.utils import cpp_extension
+
+    loaded = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, sources, **kw: loaded.append(kw["build_directory"]) or "module")
+    monkeypatch.setenv("MANUALBP_NATIVE_DIR", str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert native._build(verbose=False) == "module" and lock.exists()  # a build in progress elsewhere: wait for it
+    old = lock.stat().st_mtime - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="removing a stale build lock"):
+        native._build(verbose=False)
+    assert not lock.exists() and loaded == [str(tmp_path)] * 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The compiled autograd nodes of csrc/module.cpp against the Python Functions
+# --------------------------------------------------------------------------------------------------
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "identity"]
 DEPTHS = {0: [], 1: [5], 2: [5, 4]}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -63,6 +253,7 @@ def _assert_bitwise(actual, expected):
         assert torch.equal(a, e), f"tensor {k} differs: max |diff| {(a - e).abs().max().item()}"
 
 
+@compiled_nodes
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -82,6 +273,7 @@ def test_bitwise_equal_to_python_path(monkeypatch, activation, bias, depth, dtyp
             _assert_bitwise(native_out, python_out)
 
 
+@compiled_nodes
 @pytest.mark.parametrize("frozen", ["input", "first", "last", "biases", "weights", "all-but-input"])
 def test_partial_requires_grad_bitwise(monkeypatch, frozen):
     """What is saved and computed depends on which inputs need a gradient (MLPFunction.setup_context's rule)."""
@@ -117,6 +309,7 @@ def test_partial_requires_grad_bitwise(monkeypatch, frozen):
     assert native_saved == python_saved
 
 
+@compiled_nodes
 def test_saved_tensors_hooks_see_the_same_bytes(monkeypatch):
     def run():
         model = _model("sigmoid", True, (5, 4), torch.float32)
@@ -134,6 +327,7 @@ def test_saved_tensors_hooks_see_the_same_bytes(monkeypatch):
     assert len(native_packed) == 9  # x, W2, W3, a1, a2; logits, target, log yhat, count
 
 
+@compiled_nodes
 def test_hidden_outputs_and_undefined_grads_bitwise(monkeypatch):
     """Gradients arriving at the hidden activations (forward_with_hidden), and at them alone."""
 
@@ -155,6 +349,7 @@ def test_hidden_outputs_and_undefined_grads_bitwise(monkeypatch):
         _assert_bitwise(native_out, python_out)
 
 
+@compiled_nodes
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_double_backward_against_native_autograd(monkeypatch, activation):
     """Hessian-vector products through the C++ nodes: equal to native autograd, and to the Python path."""
@@ -180,6 +375,7 @@ def test_double_backward_against_native_autograd(monkeypatch, activation):
     _assert_bitwise(list(manual), list(python_hvp))
 
 
+@compiled_nodes
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradgradcheck_through_the_compiled_nodes(reduction):
     model = _model("tanh", True, (4,))
@@ -211,6 +407,7 @@ def _spy(monkeypatch):
     return calls
 
 
+@compiled_nodes
 def test_python_path_under_torch_func(monkeypatch):
     model = _model("sigmoid", True, (5,))
     params = dict(model.named_parameters())
@@ -245,6 +442,7 @@ class _PassThroughMode(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@compiled_nodes
 @pytest.mark.parametrize("context", ["off", "autocast", "forward_ad", "subclass", "torch_function_mode"])
 def test_ineligible_contexts_use_the_python_functions(monkeypatch, context):
     model = _model("tanh", True, (5,), torch.float32)
@@ -270,6 +468,7 @@ def test_ineligible_contexts_use_the_python_functions(monkeypatch, context):
     assert all(p.grad is not None for p in model.parameters())
 
 
+@compiled_nodes
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("bad", [3, 17, -1, -100])
@@ -288,6 +487,7 @@ def test_bad_class_index_same_error(monkeypatch, reduction, bad, dtype):
         assert error() == message
 
 
+@compiled_nodes
 @pytest.mark.parametrize(
     "case",
     ["wrong-features", "integer-input", "dtype-mismatch", "target-shape", "target-float-dtype", "bool-target"],
@@ -316,6 +516,7 @@ def test_bad_input_same_error(monkeypatch, case):
         assert error() == expected
 
 
+@compiled_nodes
 def test_sgd_training_bitwise(monkeypatch):
     def train():
         model = _model("sigmoid", True, (8,), torch.float32)
@@ -338,6 +539,7 @@ def test_sgd_training_bitwise(monkeypatch):
     _assert_bitwise(native_run, python_run)
 
 
+@compiled_nodes
 def test_switching_at_runtime(monkeypatch):
     model = _model()
     x = torch.randn(3, 6, dtype=torch.float64)
@@ -347,12 +549,14 @@ def test_switching_at_runtime(monkeypatch):
     assert MLP_NODE in model(x).grad_fn.name()
 
 
+@compiled_nodes
 def test_soft_targets_stay_on_the_python_function():
     logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     target = torch.softmax(torch.randn(4, 3, dtype=torch.float64), -1)
     assert manualbp.CrossEntropyLoss()(logits, target).grad_fn.name() == "CrossEntropyFunctionBackward"
 
 
+@compiled_nodes
 @pytest.mark.parametrize("case", ["empty-sum", "empty-none", "non-contiguous", "checkpoint", "no-grad"])
 def test_edge_cases_bitwise(monkeypatch, case):
     def run():
@@ -382,6 +586,7 @@ def test_edge_cases_bitwise(monkeypatch, case):
     _assert_bitwise(native_out, python_out)
 
 
+@compiled_nodes
 @pytest.mark.slow
 def test_torch_compile_runs_the_python_functions(monkeypatch):
     model = _model("tanh", True, (5,))

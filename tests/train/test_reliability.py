@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 from manualbp.train import run
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = {
     "data": {"name": "iris"},
     "model": {"hidden": [8]},

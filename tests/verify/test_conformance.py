@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from helpers import README
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
@@ -588,10 +589,9 @@ def test_conformance_from_a_plain_pytest_run(pytester, monkeypatch):
 
 
 def test_readme_check_function_example_runs(capsys):
-    import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = README.read_text()
     block = re.search(r"<!-- check-function-example -->\s*```python\n(.*?)```", readme, re.S)
     assert block, "README lost its check_function example"
     exec(compile(block.group(1), "README.md", "exec"), {})

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import README
 
 from manualbp.cli import main
 from manualbp.train import lr_find
@@ -251,9 +252,8 @@ def test_cli_bad_input_exits_2_with_one_line(argv, match, capsys):
 
 def test_readme_recipe_runs(tmp_path, monkeypatch, capsys):
     import re
-    from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = README.read_text()
     block = re.search(r"<!-- readme-lr-find -->\s*```python\n(.*?)```", text, re.S)
     assert block, "README's lr_find recipe is missing"
     monkeypatch.chdir(tmp_path)

@@ -7,12 +7,12 @@ manual backward is the exercise's, with bugs seeded one step at a time.
 
 from __future__ import annotations
 
-import pathlib
 import re
 
 import pytest
 import torch
 import torch.nn.functional as TF
+from helpers import README
 
 from manualbp.verify.intermediates import IntermediateReport, assert_intermediates_match, record
 
@@ -438,7 +438,6 @@ def test_float32_tolerances():
     assert rec.compare(loss, locals()).first_wrong == "x"
 
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_readme_example_runs(capsys):

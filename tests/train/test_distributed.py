@@ -6,15 +6,14 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import ROOT
 
 from manualbp.train import run
 
-ROOT = Path(__file__).resolve().parent.parent
 BATCH = 16  # per process; the single-process twin trains on batches of 2 x 16
 
 
