@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import ROOT, rel_err
 
 import manualbp
 from manualbp.fast import VectorizedTrainer
@@ -221,7 +220,6 @@ def test_group_key_groups_widths_not_depths_activations_or_optimizers():
         assert group_key(other) != group_key(base)
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_sweeper_groups_optimizers_by_widths_with_no_fallback(tmp_path):
