@@ -577,18 +577,26 @@ for _spec in (
         "-sum_k y_k log softmax(o)_k", "softmax(o) - y", targets="classes", mean_over="examples",
         reference=_torch_cross_entropy,
         jvp=lambda o, y, do, dy, r: cross_entropy_jvp(o, y, do, dy, r), native=True,
+        # in place, from out = log softmax(o): y - softmax(o) sum_k y_k = -dL/do (torch's log-softmax backward
+        # kernel on dL/d log softmax = y); the loss is -(sum y log softmax(o)): both scales -1
+        grad_into=lambda out, y, grad, dim: torch._log_softmax_backward_data(y, out, dim, out.dtype, out=grad),
+        fused_scales=(-1.0, -1.0),
     ),
     _registry.Loss(
         "squared_error", lambda o, y, r: squared_error_loss(o, y, r),
         lambda g, o, y, r: squared_error_loss_backward(g, o, y, r),
         "1/2 sum_k (o_k - y_k)^2", "o - y", targets="values", mean_over="examples",
         jvp=lambda o, y, do, dy, r: squared_error_loss_jvp(o, y, do, dy, r), native=True,
+        grad_into=lambda out, y, grad, dim: torch.sub(out, y, out=grad),  # o - y; L = 1/2 |o - y|^2: (0.5, 1)
+        fused_scales=(0.5, 1.0),
     ),
     _registry.Loss(
         "mse", lambda o, y, r: mse_loss(o, y, r), lambda g, o, y, r: mse_loss_backward(g, o, y, r),
         "mean over all elements of (o - y)^2", "2 (o - y) / numel", targets="values", mean_over="elements",
         reference=lambda o, y, r: torch.nn.functional.mse_loss(o, y, reduction=r),
         jvp=lambda o, y, do, dy, r: mse_loss_jvp(o, y, do, dy, r), native=True,
+        grad_into=lambda out, y, grad, dim: torch.sub(out, y, out=grad),  # o - y; L = |o - y|^2, dL/do = 2 (o - y)
+        fused_scales=(1.0, 2.0),
     ),
 ):  # fmt: skip
     _registry.add_builtin_loss(_spec)

@@ -94,7 +94,11 @@ class Loss:
     every "element"; ``reference(o, y, reduction)``: the same loss written with PyTorch's own ops, for the
     autograd twin and ``verify`` (for a registered loss its forward, which autograd then differentiates);
     ``jvp(o, y, do, dy, reduction)`` the forward-mode rule, or None; ``native``: the fast trainers' kernels
-    (``fast/fused.py`` ``output_grad_into`` and the C++ loop) have it, else they take the spec's backward."""
+    (the C++ loop) have it, else they take the spec's backward. ``grad_into(out, y, grad, dim)`` is the fast
+    trainers' in-place form: dL/do, up to ``fused_scales``' scale and the reduction's factor, written into ``grad``
+    (``dim`` the class dimension; for cross-entropy ``out`` holds log softmax(o)); ``fused_scales`` =
+    ``(loss_scale, scale)``: the batch loss is loss_scale times the trainers' dot product, dL/do is scale times
+    ``grad`` (``fast.fused.loss_scales``). Both None: the fast trainers take ``backward``."""
 
     name: str
     forward: Callable[[Tensor, Tensor, str], Tensor]
@@ -106,6 +110,8 @@ class Loss:
     reference: Optional[Callable[[Tensor, Tensor, str], Tensor]] = None
     jvp: Optional[Callable[..., Optional[Tensor]]] = None
     native: bool = False
+    grad_into: Optional[Callable[[Tensor, Tensor, Tensor, int], Any]] = None
+    fused_scales: Optional[tuple[float, float]] = None
 
     def torch_reference(self) -> Callable[[Tensor, Tensor, str], Tensor]:
         """The reference (PyTorch ops): ``reference``, else ``forward`` (autograd differentiates the formula)."""

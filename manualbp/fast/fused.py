@@ -43,17 +43,14 @@ __all__ = ["FusedTrainer", "step_flops"]
 _aten = torch.ops.aten
 
 def output_grad_into(loss_name: str, out: Tensor, target: Tensor, grad: Tensor, dim: int) -> None:
-    """dL/do up to the step's ``scale`` (:func:`loss_scales`) into ``grad``: for cross-entropy ``out`` holds
-    log softmax(o) and ``grad`` gets y - softmax(o) sum_k y_k (torch's log-softmax backward kernel on
-    dL/d log softmax = y); for the squared errors ``grad`` gets o - y. ``dim`` is the class dimension."""
-    if loss_name == "cross_entropy":
-        torch._log_softmax_backward_data(target, out, dim, out.dtype, out=grad)  # y - softmax(o) sum_k y_k
-    else:
-        torch.sub(out, target, out=grad)  # o - y
+    """dL/do up to the step's ``scale`` (:func:`loss_scales`) into ``grad``: the loss spec's in-place form
+    (``Loss.grad_into``: for cross-entropy ``out`` holds log softmax(o) and ``grad`` gets y - softmax(o) sum_k y_k;
+    for the squared errors o - y). ``dim`` is the class dimension."""
+    LOSS_REGISTRY[loss_name].grad_into(out, target, grad, dim)
 
 
 def spec_loss_into(loss_name: str, reduction: str, out: Tensor, target: Tensor, grad: Tensor) -> Tensor:
-    """A loss without fused kernels (``Loss.native`` False: a registered one), from its registry spec: returns L
+    """A loss without fused kernels (no ``Loss.grad_into``: a registered one), from its registry spec: returns L
     and writes dL/do (its backward, the reduction's factor included; :func:`loss_scales` is then (1, 1))."""
     spec = LOSS_REGISTRY[loss_name]
     grad.copy_(spec.backward(out.new_ones(()), out, target, reduction)[0])  # dL/do, (n, out)
@@ -106,12 +103,9 @@ def loss_scales(loss_name: str, reduction: str, n: int, classes: int) -> tuple[f
     over the reduction: "mean" divides by the rows (mse: by the elements, the spec's ``mean_over``). A loss
     without fused kernels (:func:`spec_loss_into`) has (1, 1)."""
     spec = LOSS_REGISTRY[loss_name]
-    if not spec.native:
+    if spec.fused_scales is None:
         return 1.0, 1.0
-    if loss_name == "cross_entropy":
-        loss_scale, scale = -1.0, -1.0
-    else:
-        loss_scale, scale = (0.5, 1.0) if loss_name == "squared_error" else (1.0, 2.0)
+    loss_scale, scale = spec.fused_scales  # the spec's: cross-entropy (-1, -1), squared error (0.5, 1), mse (1, 2)
     if reduction == "mean":
         count = n if spec.mean_over == "examples" else n * classes
         loss_scale, scale = loss_scale / count, scale / count
@@ -347,11 +341,13 @@ class FusedTrainer:
     def _compiled(self) -> bool:
         """May the C++ loop run this model? Only for the formulas it has (the registry's ``native`` specs);
         anything else (a registered activation or loss) runs the Python loop, the documented fallback."""
-        return self._native_loss and all(ACTIVATION_REGISTRY[n].native for n, _ in self.activations)
+        loss = LOSS_REGISTRY[self.loss_name]
+        return loss.native and loss.grad_into is not None and all(ACTIVATION_REGISTRY[n].native for n, _ in self.activations)
 
     @property
-    def _native_loss(self) -> bool:
-        return LOSS_REGISTRY[self.loss_name].native
+    def _fused_loss(self) -> bool:
+        """Has the loss its in-place form (``Loss.grad_into``)? Else the step takes the spec's backward."""
+        return LOSS_REGISTRY[self.loss_name].grad_into is not None
 
     @property
     def _plain(self) -> bool:
@@ -390,7 +386,7 @@ class FusedTrainer:
             loss = torch.dot(buf.out_flat, target_flat)
             # y - softmax(o) sum_k y_k = -dL/do (torch's log-softmax backward kernel, on dL/d log softmax = y)
             output_grad_into(self.loss_name, buf.out, target, buf.grad[-1], 1)
-        elif self._native_loss:  # squared errors: dL/do = o - y (notes: 1/2 sum_k) or 2 (o - y) (mse), over the reduction
+        elif self._fused_loss:  # squared errors: dL/do = o - y (notes: 1/2 sum_k) or 2 (o - y) (mse), over the reduction
             output_grad_into(self.loss_name, buf.out, target, buf.grad[-1], 1)
             loss = torch.dot(buf.go_flat, buf.go_flat)
         else:  # a registered loss: its spec's forward and backward

@@ -234,7 +234,7 @@ class VectorizedTrainer:
         Plain SGD on a loss with fused kernels takes the fused step; anything else (momentum, weight decay,
         Adam, a registered loss) takes :meth:`gradients` (functional's sweep batched over K) and :meth:`_update`."""
         plain = self.optimizer == "sgd" and not (self._any_momentum or self._has_weight_decay)
-        if plain and LOSS_REGISTRY[self.loss_name].native:
+        if plain and LOSS_REGISTRY[self.loss_name].grad_into is not None:  # the loss has its in-place form
             with torch.no_grad():
                 return self._fused_step(input, target)
         losses, grads = self.gradients(input, target)
