@@ -25,7 +25,7 @@ numbers bit for bit), else in Python.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -110,6 +110,27 @@ def loss_scales(loss_name: str, reduction: str, n: int, classes: int) -> tuple[f
         count = n if spec.mean_over == "examples" else n * classes
         loss_scale, scale = loss_scale / count, scale / count
     return loss_scale, scale
+
+
+@contextlib.contextmanager
+def single_threaded(flops: float, threshold: float, device: torch.device) -> Iterator[None]:
+    """One CPU thread for work of ``flops`` a step below ``threshold``, the caller's thread count back after.
+
+    A small step's GEMMs are microseconds long; splitting them over threads costs more than it saves
+    (64-64-10 batch 32 on 2 cores: 113 us a step on one thread, 178 us on two; the two cross between
+    7 and 39 MFLOP a step), and on a loaded machine idle OpenMP threads stall far worse. ``torch.set_num_threads``
+    is process-wide: while the step runs, other Python threads of the process see one thread too. Both fast
+    trainers use it (``single_thread_flops``).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1 or flops >= threshold or device.type != "cpu":
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def step_flops(n: int, widths: list[int], bias: bool) -> int:
@@ -319,24 +340,9 @@ class FusedTrainer:
             return losses.mul_(full.loss_scale_t)
         return losses.mul_(torch.stack([full.loss_scale_t] * (batches - 1) + [last.loss_scale_t]))
 
-    @contextlib.contextmanager
-    def _threads(self, flops: float) -> Iterator[None]:
-        """One CPU thread for work below :attr:`single_thread_flops`, the caller's thread count back after.
-
-        A small step's GEMMs are microseconds long; splitting them over threads costs more than it saves
-        (64-64-10 batch 32 on 2 cores: 113 us a step on one thread, 178 us on two; the two cross between
-        7 and 39 MFLOP a step). ``torch.set_num_threads`` is process-wide: while the step runs, other Python
-        threads of the process see one thread too.
-        """
-        threads = torch.get_num_threads()
-        if threads == 1 or flops >= self.single_thread_flops or self.blocks[0].device.type != "cpu":
-            yield
-            return
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+    def _threads(self, flops: float) -> ContextManager[None]:
+        """One CPU thread for work below :attr:`single_thread_flops` (:func:`single_threaded`)."""
+        return single_threaded(flops, self.single_thread_flops, self.blocks[0].device)
 
     def _compiled(self) -> bool:
         """May the C++ loop run this model? Only for the formulas it has (the registry's ``native`` specs);

@@ -129,8 +129,9 @@ def run_many(configs: Sequence[Any]) -> list[_loop.RunResult]:
             "lr_schedule/stopping/hidden widths; group them with manualbp.fast.sweep.group_key"
         )
     group = _Group(cfgs)
-    while not all(group.finished):
-        group.epoch()
+    with group.trainer.threads(group.bs):  # small groups on one CPU thread, as backend=fused runs
+        while not all(group.finished):
+            group.epoch()
     return group.results  # type: ignore[return-value]
 
 

@@ -23,7 +23,7 @@ Inputs may be shared, ``x`` (N, in) and ``y`` (N,) for all models, or per model,
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ContextManager, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -315,6 +315,16 @@ class VectorizedTrainer:
         self.steps += self.active  # on the device: no host sync per step
 
     # -- per-model state -------------------------------------------------------------------------------
+    #: steps of fewer FLOPs than this (all K models together) run on one CPU thread (:meth:`threads`), as the
+    #: fused trainer's; 0 keeps torch's thread count.
+    single_thread_flops: float = _fused.FusedTrainer.single_thread_flops
+
+    def threads(self, batch_size: int) -> ContextManager[None]:
+        """One CPU thread while a step of ``batch_size`` rows (K models) is under :attr:`single_thread_flops`
+        (``fast.fused.single_threaded``): ``run_many`` holds it for the whole group run."""
+        flops = self.K * _fused.step_flops(batch_size, self.widths, self.bias)
+        return _fused.single_threaded(flops, self.single_thread_flops, self.blocks[0].device)
+
     def set_lr(self, lr: Scalars) -> None:
         """Set every model's learning rate (one value or one per model)."""
         self.lr = self._per_model(lr, "lr")

@@ -247,3 +247,21 @@ def test_predict_reuses_its_buffers_but_never_hands_them_out():
         with torch.no_grad():
             assert torch.allclose(first[k], model(a), rtol=0, atol=1e-12)
             assert torch.allclose(second[k], model(b), rtol=0, atol=1e-12)
+
+
+def test_small_groups_run_on_one_thread_and_the_count_comes_back():
+    """VectorizedTrainer.threads: one CPU thread while K steps are under single_thread_flops (as the fused
+    trainer's guard), torch's count kept above it, and the caller's count back after."""
+    models = [manualbp.MLP(8, [8], 3) for _ in range(2)]
+    trainer = VectorizedTrainer(models, "cross_entropy", lr=0.1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with trainer.threads(16):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        trainer.single_thread_flops = 1.0  # every step "large": torch's count stays
+        with trainer.threads(16):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
