@@ -111,3 +111,19 @@ def test_registration_errors_name_the_argument(extra):
 def test_a_loss_that_does_not_fit_the_data_is_refused(extra):
     with pytest.raises(ValueError, match="loss 'log_cosh' needs regression targets; data set 'iris'"):
         run(_cfg("manual", data={"name": "iris"}))
+
+
+def test_a_registered_class_label_loss_is_refused_by_the_fast_trainers_with_the_reason(extra):
+    nll = lambda o, y, r: torch.nn.functional.cross_entropy(o, y, reduction=r)  # noqa: E731
+    manualbp.register_loss(
+        "my_ce", nll, lambda g, o, y, r: g * (torch.softmax(o, -1) - torch.nn.functional.one_hot(y, o.shape[-1])) / len(o),
+        formula="-log softmax(o)_y", gradient="softmax(o) - y", targets="classes",
+    )
+    try:
+        from manualbp.fast import FusedTrainer
+
+        with pytest.raises(ValueError, match="loss 'my_ce' takes class labels: the fast trainers run a registered"):
+            FusedTrainer(manualbp.MLP(3, [4], 2), "my_ce", lr=0.1)
+        assert run({"data": {"name": "iris"}, "loss": "my_ce", "progress": False, "stopping": {"max_epochs": 1}}).status
+    finally:
+        registry.LOSS_REGISTRY.remove("my_ce")

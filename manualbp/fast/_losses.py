@@ -43,6 +43,12 @@ def resolve_loss(loss: Union[str, nn.Module], reduction: str = "mean") -> tuple[
         raise TypeError(f"loss must be one of {list(LOSSES)} or a matching loss module, got {type(loss).__name__}")
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {list(LOSSES)}, got {name!r}")
+    spec = LOSS_REGISTRY[name]
+    if spec.targets == "classes" and spec.grad_into is None:
+        raise ValueError(
+            f"loss {name!r} takes class labels: the fast trainers run a registered loss with targets='values' "
+            "only (through its backward); train it with backend manual, autograd or both"
+        )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"loss reduction must be 'mean' or 'sum' for training, got {reduction!r}")
     return name, reduction
