@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from . import __version__
 
@@ -194,10 +194,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.bugs:
         mutation = mutation_matrix()
         print(mutation)
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(mutation.to_dict(), f, indent=2)
-            print(f"full results: {args.json}")
+        _write_results(args.json, mutation)
         return 0 if mutation.ok else 1
 
     devices = args.devices or available_devices()
@@ -222,11 +219,16 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.inject_bug:
         print(f"(testing hook: injected bug {args.inject_bug!r}; the checks are expected to fail)")
     print(result)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=2)
-        print(f"full results: {args.json}")
+    _write_results(args.json, result)
     return 0 if result.ok else 1
+
+
+def _write_results(path: Optional[str], result: Any) -> None:
+    """``--json PATH``: the whole result (``to_dict()``) as JSON, and where it went."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result.to_dict(), f, indent=2)
+        print(f"full results: {path}")
 
 
 def _can_encode(text: str) -> bool:
