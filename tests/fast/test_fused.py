@@ -297,10 +297,11 @@ def test_fused_run_equals_manual_run(optim):
     assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]
 
 
-def test_fused_run_resumes_after_a_kill(tmp_path, monkeypatch):
+def _killed_and_resumed(cfg: dict, tmp_path, monkeypatch):
+    """(the run of ``cfg`` killed in its third epoch and run again, the same run uninterrupted)."""
     from manualbp.fast.backend import FusedBackend
 
-    cfg = {**_cfg("fused", momentum=0.9), "output_dir": str(tmp_path / "killed")}
+    cfg = {**cfg, "output_dir": str(tmp_path / "killed")}
     full = run({**cfg, "output_dir": str(tmp_path / "full")})
     original, calls = FusedBackend.step_many, {"n": 0}
 
@@ -314,7 +315,11 @@ def test_fused_run_resumes_after_a_kill(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     monkeypatch.setattr(FusedBackend, "step_many", original)
-    resumed = run(cfg)
+    return run(cfg), full
+
+
+def test_fused_run_resumes_after_a_kill(tmp_path, monkeypatch):
+    resumed, full = _killed_and_resumed(_cfg("fused", momentum=0.9), tmp_path, monkeypatch)
     assert resumed.metrics["epochs"] == full.metrics["epochs"] == 4
     for p, q in zip(resumed.model.parameters(), full.model.parameters()):
         assert (p - q).abs().max().item() == 0.0
@@ -352,24 +357,8 @@ def test_fused_rejects_what_it_does_not_implement():
 
 def test_fused_adam_run_resumes_after_a_kill(tmp_path, monkeypatch):
     """Adam's moments and step count go through the checkpoint: a killed run resumes to the same numbers."""
-    from manualbp.fast.backend import FusedBackend
-
     optim = {"name": "adamw", "lr": 0.01, "batch_size": 64, "weight_decay": 0.1}
-    cfg = {**_cfg("fused"), "optim": optim, "output_dir": str(tmp_path / "killed")}
-    full = run({**cfg, "output_dir": str(tmp_path / "full")})
-    original, calls = FusedBackend.step_many, {"n": 0}
-
-    def dying_epoch(self, x, y, batch_size):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise KeyboardInterrupt
-        return original(self, x, y, batch_size)
-
-    monkeypatch.setattr(FusedBackend, "step_many", dying_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg)
-    monkeypatch.setattr(FusedBackend, "step_many", original)
-    resumed = run(cfg)
+    resumed, full = _killed_and_resumed({**_cfg("fused"), "optim": optim}, tmp_path, monkeypatch)
     for p, q in zip(resumed.model.parameters(), full.model.parameters()):
         assert (p - q).abs().max().item() == 0.0
 
