@@ -16,19 +16,12 @@ from torch import Tensor
 
 from .. import functional as F
 from ..nn import MLP
-from ..registry import ACTIVATION_REGISTRY, LOSS_REGISTRY, View
+from ..registry import ACTIVATION_REGISTRY, LOSS_REGISTRY
 from .references import LOSSES
 from .reports import TraceReport
 from .tracing import trace
 
 __all__ = ["ExplainStep", "ExplainValue", "Explanation", "explain"]
-
-#: sigma'(z) from the output, a ``str.format`` template with ``{a}`` (the registry's ``Activation.derivative``).
-_SIGMA_PRIME = View(
-    ACTIVATION_REGISTRY,
-    lambda spec: spec.sigma_prime("\0").replace("{", "{{").replace("}", "}}").replace("\0", "{a}"),
-)
-
 
 @dataclass
 class ExplainValue:
@@ -353,7 +346,7 @@ def _hidden_backward_steps(activation: str, lyr: int, n: _Names, v: _Values) -> 
     u, p, lower = n.unit(lyr), n.prev(lyr), lyr - 1
     g = f"dL/d{n.z(lyr)}_{u}"
     a_sym = f"{n.a(lower)}_{p}"
-    deriv = _SIGMA_PRIME[activation].format(a=f"({a_sym})" if "^" in a_sym else a_sym)
+    deriv = ACTIVATION_REGISTRY[activation].sigma_prime(f"({a_sym})" if "^" in a_sym else a_sym)  # sigma' from a
     zl = "z" if n.notes_style else f"z^{lower}"
     return [
         ExplainStep(

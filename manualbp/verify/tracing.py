@@ -21,10 +21,7 @@ from .reports import Row, TraceReport, compare_tensors, default_tolerances
 
 __all__ = ["ACTIVATION_DERIVATIVES", "trace"]
 
-#: The registry's texts and formulas (live views of ``manualbp.registry``): L and dL/do per loss, the loss's
-#: backward, and sigma'(z) written from the saved output a, as functional.py computes it.
-_LOSS_FORMULAS = View(LOSS_REGISTRY, lambda spec: (spec.formula, spec.gradient))
-_LOSS_BACKWARD = View(LOSS_REGISTRY, lambda spec: spec.backward)
+#: sigma'(z) written from the saved output a, as functional.py computes it (a live view of the registry's specs).
 ACTIVATION_DERIVATIVES = View(ACTIVATION_REGISTRY, lambda spec: spec.sigma_prime("a"))
 
 
@@ -101,7 +98,7 @@ def _manual_pass(model: MLP, x: Tensor, y: Tensor, loss: LossArg, manual_loss: A
         with torch.no_grad():
             m_loss = manual_loss(o, y)  # validates o and y, then the functional forward
             base = torch.ones_like(m_loss)  # dL/dL = 1, the base case
-            grad_o = _LOSS_BACKWARD[loss](base, o, y, reduction)[0]
+            grad_o = LOSS_REGISTRY[loss].backward(base, o, y, reduction)[0]
     else:
         o_leaf = o.detach().requires_grad_(True)
         m_loss = loss(o_leaf, y)
@@ -215,7 +212,8 @@ def trace(
         return compare_tensors(name, actual, expected, rtol, atol, formula, relative_to_max)
 
     lname = loss if isinstance(loss, str) else "callable"
-    loss_formula, grad_o_formula = _LOSS_FORMULAS.get(lname, ("loss(o, y)", "autograd of the given loss"))
+    spec = LOSS_REGISTRY.get(lname)  # a callable loss: no spec
+    loss_formula, grad_o_formula = (spec.formula, spec.gradient) if spec else ("loss(o, y)", "autograd of the given loss")
     note = _reduction_note(lname, reduction) if isinstance(loss, str) else ""
     rows = _forward_rows(model, m, r, cmp, loss_formula + note)
     rows.append(cmp("dL/dL", m.base, r.loss.grad, "1 (base case)"))
