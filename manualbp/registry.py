@@ -172,7 +172,7 @@ class _Registry(Mapping[str, Any]):
     def swap(self, spec: Any) -> Any:
         """Replace the spec of an already registered name; returns the old one (``verify.inject_bug``)."""
         old = self[spec.name]
-        self._specs[spec.name] = spec
+        self[spec.name] = spec
         return old
 
 
@@ -223,15 +223,17 @@ def loss_names() -> tuple[str, ...]:
     return tuple(LOSS_REGISTRY)
 
 
-def _check_name(name: object, what: str) -> str:
+def _check_registration(name: object, forward: object, backward: object, texts: dict[str, object]) -> None:
+    """What both registrations check: the name, the two callables and the formulas' texts (each error names
+    its argument)."""
     if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"{what}: expected a name made of letters, digits and underscores, got {name!r}")
-    return name
-
-
-def _check_callable(value: object, what: str) -> None:
-    if not callable(value):
-        raise TypeError(f"{what} must be callable, got {type(value).__name__}")
+        raise ValueError(f"name: expected a name made of letters, digits and underscores, got {name!r}")
+    for value, what in ((forward, "forward"), (backward, "backward")):
+        if not callable(value):
+            raise TypeError(f"{what} must be callable, got {type(value).__name__}")
+    for what, text in texts.items():
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{what}: expected the formula as text, got {text!r}")
 
 
 def _with_slope(fn: Callable[..., Any], takes_slope: bool) -> Callable[..., Any]:
@@ -272,12 +274,7 @@ def register_activation(
             ``MLP.to_torch()`` (default: a module running ``forward`` under autograd).
         replace: redefine an already registered name.
     """
-    _check_name(name, "name")
-    for value, what in ((forward, "forward"), (backward, "backward")):
-        _check_callable(value, what)
-    for text, what in ((formula, "formula"), (derivative, "derivative")):
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"{what}: expected the formula as text, got {text!r}")
+    _check_registration(name, forward, backward, {"formula": formula, "derivative": derivative})
     if not (isinstance(gain, (int, float)) and not isinstance(gain, bool) and gain > 0):
         raise ValueError(f"gain must be a positive number, got {gain!r}")
     fwd, bwd = _with_slope(forward, takes_slope), _with_slope(backward, takes_slope)
@@ -327,17 +324,12 @@ def register_loss(
         formula, gradient: L and dL/do as text in the notes' notation.
         targets: "values" (regression targets shaped like o) or "classes" (class indices). The fast trainers
             run registered "values" losses through ``backward``; a "classes" loss trains on ``backend:
-            manual`` / ``autograd`` / ``lockstep``.
+            manual`` / ``autograd`` / ``both``.
         mean_over: "examples" or "elements": what reduction "mean" divides by.
         reference: the loss with PyTorch's own ops, if different from ``forward``.
         jvp: ``jvp(o, y, do, dy, reduction) -> dL`` for forward-mode AD (optional).
     """
-    _check_name(name, "name")
-    for value, what in ((forward, "forward"), (backward, "backward")):
-        _check_callable(value, what)
-    for text, what in ((formula, "formula"), (gradient, "gradient")):
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"{what}: expected the formula as text, got {text!r}")
+    _check_registration(name, forward, backward, {"formula": formula, "gradient": gradient})
     if targets not in LOSS_TARGETS:
         raise ValueError(f"targets must be one of {', '.join(LOSS_TARGETS)}, got {targets!r}")
     if mean_over not in MEAN_OVER:
